@@ -1,0 +1,332 @@
+"""Typed view of params.yaml.
+
+Each section becomes a frozen dataclass. Unknown keys, wrong types and cross-field
+problems are collected and raised as one ParamsError that lists every problem with the
+param to fix (``train.lora`` style names), before any data or model is touched.
+
+    from stages.params import load_params
+    params = load_params()          # params.yaml in the current directory
+    params.lora.r
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Ranks vLLM can serve (vllm/config/lora.py); any other rank trains fine and then fails
+# at serving time, so it is rejected up front.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ParamsError(ValueError):
+    """One or more params are invalid; the message lists each with its fix."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_dir: str
+    processed_dir: str
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    base_url: str
+    out_dir: str
+    files: dict[str, str]
+    timeout_s: float = 60
+
+    def problems(self) -> list[str]:
+        return [
+            f"download.files.{name}: {blob!r} is not a 40-hex git blob id"
+            for name, blob in self.files.items()
+            if len(str(blob)) != 40 or any(c not in "0123456789abcdef" for c in str(blob))
+        ]
+
+
+@dataclass(frozen=True)
+class ProcessParams:
+    system_prompt: str
+    limit: int = 0
+    min_question_chars: int = 4
+    max_question_chars: int = 1000
+    min_answer_chars: int = 4
+    max_answer_chars: int = 2000
+    mask_pii: bool = True
+    answers_per_question: str = "all"
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    seed: int = 42
+    metrics_file: str = "metrics/process.json"
+    num_negatives: int = 9
+    max_candidate_questions: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.answers_per_question not in ("all", "first"):
+            out.append(f"process.answers_per_question: {self.answers_per_question!r} must be 'all' or 'first'")
+        if self.limit < 0:
+            out.append("process.limit: must be >= 0 (0 = all rows)")
+        if not 0 <= self.val_ratio < 1 or not 0 <= self.test_ratio < 1 or self.val_ratio + self.test_ratio >= 1:
+            out.append("process.val_ratio/test_ratio: each in [0, 1) and their sum below 1")
+        if self.min_question_chars > self.max_question_chars:
+            out.append("process.min_question_chars: larger than process.max_question_chars")
+        if self.min_answer_chars > self.max_answer_chars:
+            out.append("process.min_answer_chars: larger than process.max_answer_chars")
+        if self.num_negatives < 1:
+            out.append("process.num_negatives: must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    base: str
+    dir: str
+    revision: str = "main"
+    source: str = "huggingface"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def path(self) -> Path:
+        """Where the base model lives: <model.dir>/<model.base> (the `base` stage's out)."""
+        return Path(self.dir) / self.base
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.base != "tiny" and (self.base.startswith(("/", ".")) or ".." in self.base):
+            out.append(
+                f"model.base: {self.base!r} must be 'tiny' or a hub id like 'Qwen/Qwen3-8B'; "
+                f"put a local copy under {self.dir}/<org>/<name> and name it by that id"
+            )
+        if self.source not in ("huggingface", "modelscope"):
+            out.append(f"model.source: {self.source!r} must be 'huggingface' or 'modelscope'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            out.append(f"model.dtype: {self.dtype!r} must be auto, float32, bfloat16 or float16")
+        return out
+
+
+@dataclass(frozen=True)
+class TinyParams:
+    num_hidden_layers: int = 2
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        if self.num_attention_heads % self.num_key_value_heads:
+            return ["tiny.num_key_value_heads: must divide tiny.num_attention_heads"]
+        return []
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """Maps 1:1 onto peft.LoraConfig (task_type is always CAUSAL_LM)."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    bias: str = "none"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r not in VLLM_LORA_RANKS:
+            out.append(
+                f"lora.r: {self.r} cannot be served by vLLM; use one of {', '.join(map(str, VLLM_LORA_RANKS))}"
+            )
+        if not self.target_modules:
+            out.append("lora.target_modules: must name at least one module (e.g. q_proj)")
+        if self.bias not in ("none", "all", "lora_only"):
+            out.append(f"lora.bias: {self.bias!r} must be none, all or lora_only")
+        if not 0 <= self.lora_dropout < 1:
+            out.append("lora.lora_dropout: must be in [0, 1)")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Names follow transformers.TrainingArguments where one exists."""
+
+    output_dir: str
+    checkpoint_dir: str
+    max_seq_length: int = 512
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    eval_steps: int = 20
+    save_steps: int = 20
+    save_total_limit: int = 2
+    group_by_length: bool = True
+    max_eval_examples: int = 200
+    metrics_file: str = "metrics/train.json"
+    dvclive_dir: str = "dvclive/train"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_seq_length < 16:
+            out.append("train.max_seq_length: must be >= 16 tokens")
+        if self.learning_rate <= 0:
+            out.append("train.learning_rate: must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            out.append("train.max_steps / train.num_train_epochs: one must be > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}: must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    output_dir: str
+    parity_prompts: int = 4
+    tolerance: float = 1e-3
+    metrics_file: str = "metrics/merge.json"
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    backend: str = "auto"
+    max_questions: int = 40
+    max_generations: int = 8
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    seed: int = 42
+    metrics_file: str = "metrics/eval.json"
+    samples_path: str = "eval/samples.jsonl"
+    plots_dir: str = "eval/plots"
+
+    def problems(self) -> list[str]:
+        if self.backend not in ("auto", "vllm", "hf"):
+            return [f"eval.backend: {self.backend!r} must be auto, vllm or hf"]
+        return []
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    alias: str = "medqa"
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    download: DownloadParams
+    process: ProcessParams
+    model: ModelParams
+    tiny: TinyParams
+    lora: LoraParams
+    train: TrainParams
+    merge: MergeParams
+    eval: EvalParams
+    serve: ServeParams
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    """Check one YAML value against a dataclass field type (ints are accepted as floats)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{where}: expected a list of strings, got {value!r}")
+            return value
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(hint, lambda v: True)
+    if not ok(value):
+        problems.append(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, section: str, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: expected a mapping of params, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{section}.{key}: unknown param (known: {', '.join(fields)})")
+    kwargs, type_problems = {}, []
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{section}.{name}", type_problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            type_problems.append(f"{section}.{name}: missing required param")
+    problems.extend(type_problems)
+    if type_problems:  # cross-field checks would only repeat them
+        return None
+    obj = cls(**kwargs)
+    problems.extend(getattr(obj, "problems", lambda: [])())
+    return obj
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Build Params from a parsed YAML mapping; raise one ParamsError listing every problem."""
+    problems: list[str] = []
+    sections = {}
+    hints = typing.get_type_hints(Params)
+    for f in dataclasses.fields(Params):
+        if f.name not in raw:
+            problems.append(f"{f.name}: missing section")
+            continue
+        sections[f.name] = _build(hints[f.name], f.name, raw[f.name], problems)
+    for key in raw:
+        if key not in hints:
+            problems.append(f"{key}: unknown section (known: {', '.join(hints)})")
+    if problems:
+        raise ParamsError(f"invalid params in {source}:\n  - " + "\n  - ".join(problems))
+    return Params(**sections)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
+    with path.open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    return parse_params(raw, str(path))
+
+
+def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
+    """A copy of params with some fields replaced, re-validated (tests and benchmarks)."""
+    raw = params.to_dict()
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values}
+    return parse_params(raw, "overrides")
+
