@@ -201,7 +201,16 @@ class MergeParams:
     output_dir: str
     parity_prompts: int = 4
     tolerance: float = 1e-3
+    max_shard_size: str = "5GB"  # safetensors shard size (transformers' save_pretrained)
     metrics_file: str = "metrics/merge.json"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.parity_prompts < 1:
+            out.append("merge.parity_prompts: must be >= 1 (the parity check needs a sequence)")
+        if not self.tolerance > 0:
+            out.append("merge.tolerance: must be > 0")
+        return out
 
 
 @dataclass(frozen=True)

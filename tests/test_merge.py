@@ -1,0 +1,139 @@
+"""The `merge` stage on the tiny base with a non-zero LoRA and real held-out data.
+
+Parity must hold for a correct merge and fail for a tampered one (without touching a
+previous merged model); the merged model must reload on its own, tied, with the training
+chat template and the adapter's lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import merge
+from stages.base import load_model, load_tokenizer
+from stages.chatml import render_prompt
+from stages.fileio import md5_dir
+from stages.params import with_overrides
+from tests.adapter_kit import write_adapter, write_processed
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_sample, tiny_base):
+    """Processed sample data and a non-zero adapter on the tiny base, shared by the tests."""
+    root = tmp_path_factory.mktemp("merge")
+    write_processed(shared_sample, root / "processed", n_train=4, n_val=2, n_test=4, negatives=3)
+    write_adapter(tiny_base, root / "adapter")
+    return root
+
+
+def stage_params(repo_params, tiny_base: Path, root: Path, **merge_overrides):
+    return with_overrides(
+        repo_params,
+        data={"processed_dir": str(root / "processed")},
+        model={"dir": str(tiny_base.parent), "base": "tiny"},
+        train={"output_dir": str(root / "adapter")},
+        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
+               "parity_prompts": 2, **merge_overrides},
+    )
+
+
+@pytest.fixture(scope="module")
+def merged(repo_params, tiny_base, workdir):
+    """One real run of the stage; returns its params."""
+    params = stage_params(repo_params, tiny_base, workdir)
+    merge.main(params)
+    return params
+
+
+def test_merge_parity_tied_reload_and_lineage(tiny_base, workdir, merged):
+    params, out = merged, workdir / "merged"
+    metrics = json.loads((workdir / "metrics" / "merge.json").read_text())
+    assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "prompts", "tokens", "tolerance"}
+    assert metrics["prompts"] == 2 and metrics["tokens"] > 40
+    assert metrics["max_abs_diff"] <= params.merge.tolerance
+
+    # The merge really changed the model (non-vacuous): merged logits differ from the base.
+    seqs = merge.parity_sequences(workdir / "processed", load_tokenizer(out), 2)
+    base = load_model(tiny_base, params.model, torch.float32)
+    reloaded = load_model(out, params.model, torch.float32)
+    base_logits, merged_logits = merge.sequence_logits(base, seqs), merge.sequence_logits(reloaded, seqs)
+    assert merge.logits_parity(base_logits, merged_logits)["max_abs_diff"] > 100 * params.merge.tolerance
+
+    # Standalone artifact: tied embeddings intact, no LoRA left, same dtype, template, lineage.
+    assert reloaded.config.tie_word_embeddings
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(reloaded.lm_head.weight, base.lm_head.weight)  # LoRA never touches embeddings
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "lineage.json"} <= names
+    assert not any(n.endswith((".bin", ".pt")) for n in names)
+    tok = load_tokenizer(out)
+    msgs = [{"role": "system", "content": "系统"}, {"role": "user", "content": "头疼怎么办？"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt("系统", "头疼怎么办？")
+    lineage = json.loads((out / "lineage.json").read_text())
+    adapter_lineage = json.loads((workdir / "adapter" / "lineage.json").read_text())
+    assert {k: v for k, v in lineage.items() if k != "merge"} == adapter_lineage
+    assert lineage["merge"]["dtype"] == "float32" and len(lineage["merge"]["adapter_md5"]) == 32
+
+
+def test_rerun_same_bytes_and_tampered_merge_fails_atomically(repo_params, tiny_base, workdir, merged):
+    params = stage_params(repo_params, tiny_base, workdir, output_dir=str(workdir / "merged_again"))
+    merge.main(params)
+    before = md5_dir(workdir / "merged_again")
+    assert before == md5_dir(workdir / "merged")  # same inputs, same bytes
+    metrics_before = (workdir / "metrics" / "merge.json").read_bytes()
+
+    def tamper(model):  # one weight of one layer nudged by 1%: a "slightly wrong" merge
+        with torch.no_grad():
+            w = model.model.layers[0].self_attn.q_proj.weight
+            w[0, 0] += 0.01 * w.abs().max()
+
+    with pytest.raises(merge.ParityError, match="merge.tolerance"):
+        merge.main(params, after_reload=tamper)
+    assert md5_dir(workdir / "merged_again") == before  # the previous out survives
+    assert (workdir / "metrics" / "merge.json").read_bytes() == metrics_before
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".merged_again")]  # no temp dirs left
+
+
+def test_missing_adapter_names_train(repo_params, tiny_base, tmp_path, workdir):
+    params = with_overrides(
+        stage_params(repo_params, tiny_base, workdir, output_dir=str(tmp_path / "merged")),
+        train={"output_dir": str(tmp_path / "no_adapter")},
+    )
+    with pytest.raises(merge.MergeError, match="dvc repro train"):
+        merge.main(params)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adapter_from_another_base_is_refused(repo_params, tiny_base, tmp_path, workdir):
+    other = shutil.copytree(workdir / "adapter", tmp_path / "adapter")
+    lineage = json.loads((other / "lineage.json").read_text())
+    (other / "lineage.json").write_text(json.dumps({**lineage, "base": {**lineage["base"], "id": "Qwen/Qwen3-8B"}}))
+    params = with_overrides(
+        stage_params(repo_params, tiny_base, workdir, output_dir=str(tmp_path / "merged")),
+        train={"output_dir": str(other)},
+    )
+    with pytest.raises(merge.MergeError, match=r"model.base=Qwen/Qwen3-8B"):
+        merge.main(params)
+
+    # Same id, other bytes (e.g. other tiny params): the config md5 catches it.
+    lineage = json.loads((other / "lineage.json").read_text())
+    lineage["base"] = {**lineage["base"], "id": "tiny", "config_md5": "0" * 32}
+    (other / "lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(merge.MergeError, match="config.json md5"):
+        merge.main(params)
+
+
+def test_quantized_base_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(merge.MergeError, match="quantized"):
+        merge.base_dtype(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert merge.base_dtype(tmp_path) == torch.bfloat16
