@@ -1,0 +1,172 @@
+"""`make data` against a loopback HTTP server serving the real official dev_candidates.zip.
+
+The real download code runs end to end (HTTP, progress, blob-id check, unzip); only the
+base URL points at 127.0.0.1 instead of GitHub.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from stages.download import DownloadError, git_blob_id, main
+from stages.params import with_overrides
+
+DEV = "dev_candidates.zip"
+TEST = "test_candidates.zip"
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves state["files"] (name -> bytes), honours Range, can drop the first response."""
+
+    state: dict = {}
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        name = self.path.lstrip("/")
+        self.state["requests"].append((name, self.headers.get("Range")))
+        data = self.state["files"].get(name)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if self.state.get("drop_first") and len(self.state["requests"]) == 1:
+            body = body[: len(body) // 2]  # promise everything, send half, hang up
+            self.close_connection = True
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    state = {"files": {}, "requests": []}
+    handler = type("Handler", (_Files,), {"state": state})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/cMedQA2/pinned"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _serve(state: dict, name: str, data: bytes) -> None:
+    # The handler sees the whole path, base URL's included.
+    state["files"][f"cMedQA2/pinned/{name}"] = data
+
+
+def _params(repo_params, state: dict, out_dir: Path, names: list[str]):
+    blobs = {n: repo_params.download.files[n] for n in names}
+    return with_overrides(repo_params, download={"base_url": state["url"], "out_dir": str(out_dir), "files": blobs})
+
+
+def test_download_verifies_blob_and_unzips(tmp_path, shared_candidates, repo_params, server):
+    real = (shared_candidates / DEV).read_bytes()
+    _serve(server, DEV, real)
+    out = tmp_path / "raw"
+    main(_params(repo_params, server, out, [DEV]))
+
+    assert sorted(p.name for p in out.iterdir()) == ["dev_candidates.txt", DEV]
+    assert git_blob_id(out / DEV) == repo_params.download.files[DEV]
+    # The same id git itself computes.
+    git = subprocess.run(["git", "hash-object", str(out / DEV)], capture_output=True, text=True, check=True)
+    assert git.stdout.strip() == repo_params.download.files[DEV]
+    with zipfile.ZipFile(shared_candidates / DEV) as zf:
+        assert (out / "dev_candidates.txt").read_bytes() == zf.read("dev_candidates.txt")
+    with (out / "dev_candidates.txt").open() as fh:
+        assert fh.readline().strip() == "question_id,ans_id,cnt,label"
+        assert sum(1 for _ in fh) == 400_000
+    assert server["requests"] == [(f"cMedQA2/pinned/{DEV}", None)]
+
+    # Rerun: verified files are skipped, nothing is fetched or rewritten.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    main(_params(repo_params, server, out, [DEV]))
+    assert len(server["requests"]) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_corrupted_download_is_rejected_and_leaves_nothing(tmp_path, shared_candidates, repo_params, server):
+    bad = bytearray((shared_candidates / DEV).read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    _serve(server, DEV, bytes(bad))
+    out = tmp_path / "raw"
+    with pytest.raises(DownloadError) as err:
+        main(_params(repo_params, server, out, [DEV]))
+    msg = str(err.value)
+    assert "checksum mismatch" in msg and repo_params.download.files[DEV] in msg and DEV in msg
+    assert list(out.iterdir()) == []  # no zip, no partial file, nothing unzipped
+
+
+def test_good_files_in_place_are_kept(tmp_path, shared_candidates, repo_params, server):
+    out = tmp_path / "raw"
+    out.mkdir()
+    shutil.copy(shared_candidates / DEV, out / DEV)
+    good = (out / DEV).read_bytes()
+    # The server only has damaged copies: the good file must be used as is, never replaced.
+    bad_dev = bytearray(good)
+    bad_dev[100] ^= 0xFF
+    _serve(server, DEV, bytes(bad_dev))
+    main(_params(repo_params, server, out, [DEV]))
+    assert server["requests"] == []
+    assert (out / DEV).read_bytes() == good
+
+    bad_test = bytearray((shared_candidates / TEST).read_bytes())
+    bad_test[-100] ^= 0xFF
+    _serve(server, TEST, bytes(bad_test))
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        main(_params(repo_params, server, out, [DEV, TEST]))
+    assert (out / DEV).read_bytes() == good
+    assert sorted(p.name for p in out.iterdir()) == ["dev_candidates.txt", DEV]  # no test_candidates.*
+
+
+def test_dropped_connection_resumes_with_range(tmp_path, shared_candidates, repo_params, server):
+    real = (shared_candidates / DEV).read_bytes()
+    _serve(server, DEV, real)
+    server["drop_first"] = True
+    out = tmp_path / "raw"
+    main(_params(repo_params, server, out, [DEV]))
+    assert (out / DEV).read_bytes() == real
+    (first, r1), (second, r2) = server["requests"]
+    assert r1 is None and r2 == f"bytes={len(real) // 2}-"
+
+
+def test_offline_says_what_to_copy(tmp_path, repo_params):
+    out = tmp_path / "raw"
+    # A port nothing listens on: the connection is refused, as when offline.
+    params = with_overrides(repo_params, download={"base_url": "http://127.0.0.1:9/x", "out_dir": str(out)})
+    with pytest.raises(DownloadError) as err:
+        main(params)
+    msg = str(err.value)
+    assert "could not reach" in msg and f"copy these files by hand into {out}/" in msg
+    for name, blob in repo_params.download.files.items():
+        assert name in msg and blob in msg
+    assert list(out.iterdir()) == []
+
+
+def test_tracks_out_dir_with_dvc_inside_a_repo(tmp_path, shared_candidates, repo_params, server, capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    _serve(server, DEV, (shared_candidates / DEV).read_bytes())
+    main(_params(repo_params, server, repo / "data" / "raw", [DEV]))
+    pointer = (repo / "data" / "raw.dvc").read_text()
+    assert "path: raw" in pointer and "nfiles: 2" in pointer
+    assert "git add data/raw.dvc data/.gitignore" in capsys.readouterr().out
