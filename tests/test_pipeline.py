@@ -1,0 +1,92 @@
+"""The whole pipeline through real DVC in a temporary git repo.
+
+`dvc repro` runs process -> base -> train -> merge -> evaluate on the embedded default;
+a second `dvc repro` runs nothing; `dvc exp run -S lora.r=32` reruns train and what
+depends on it but not process; `dvc exp show` lists both experiments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import copy_repo
+
+STAGES = ["process", "base", "train", "merge", "evaluate"]
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-4000:]}"
+    return out
+
+
+def _ran(output: str) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
+
+
+def _shrink(repo: Path) -> None:
+    """Keep the tiny default but fewer steps, so the test costs about a minute per run."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    params["train"].update(max_steps=8, eval_steps=4, save_steps=4, logging_steps=2, max_seq_length=160)
+    params["eval"].update(max_questions=6, max_generations=2, max_new_tokens=8, backend="hf")
+    params["merge"].update(parity_prompts=2)
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def test_repro_then_experiment(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    _shrink(repo)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "init"], repo, env)
+
+    first = _run(dvc + ["repro"], repo, env)
+    assert _ran(first) == set(STAGES)
+    processed = repo / "data" / "processed"
+    assert sorted(p.name for p in processed.iterdir()) == [
+        "test.jsonl", "test_candidates.jsonl", "train.jsonl", "val.jsonl",
+    ]
+    lineage = json.loads((repo / "models" / "adapter" / "lineage.json").read_text())
+    assert lineage["params"]["lora"]["r"] == 16
+    assert (repo / "models" / "merged" / "lineage.json").is_file()
+    for name in ("process", "train", "merge", "eval"):
+        assert (repo / "metrics" / f"{name}.json").is_file()
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert {"base", "tuned"} <= set(evaluation)
+
+    again = _run(dvc + ["repro"], repo, env)
+    assert _ran(again) == set(), again
+
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "baseline"], repo, env)
+    exp = _run(dvc + ["exp", "run", "-S", "lora.r=32"], repo, env)
+    assert _ran(exp) == {"train", "merge", "evaluate"}, exp
+    config = json.loads((repo / "models" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 32
+
+    shown = json.loads(_run(dvc + ["exp", "show", "--json"], repo, env))
+    ranks = set()
+    for commit in shown:
+        for exp_entry in [commit] + [e for e in (commit.get("experiments") or [])]:
+            for rev in exp_entry.get("revs", [exp_entry]):
+                data = rev.get("data") or {}
+                lora = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("lora")
+                if lora:
+                    ranks.add(lora["r"])
+    assert ranks >= {16, 32}, shown
