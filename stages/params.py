@@ -237,6 +237,21 @@ class ServeParams:
     port: int = 8000
     alias: str = "medqa"
     max_model_len: int = 2048
+    base_name: str = "base"  # the base model's name in /v1/models (adapters are named by lineage)
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU-only machines
+    startup_timeout_s: float = 600  # give up if vLLM is not healthy by then
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.port < 65536:
+            out.append(f"serve.port: {self.port} must be in 1..65535")
+        if self.max_model_len < 16:
+            out.append("serve.max_model_len: must be >= 16 tokens")
+        if self.cpu_kv_cache_gib < 1:
+            out.append("serve.cpu_kv_cache_gib: must be >= 1")
+        if not self.alias or self.alias == self.base_name:
+            out.append(f"serve.alias: {self.alias!r} must be non-empty and differ from serve.base_name")
+        return out
 
 
 @dataclass(frozen=True)
