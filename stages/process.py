@@ -168,18 +168,19 @@ def detect_encoding(data: bytes, path: str = "input") -> str:
             else:
                 log.warning("%s: chardet guessed %r; trying UTF-8, GBK, GB18030", path, guess or None)
                 candidates = ["utf-8", "gbk", "gb18030"]
-    first_error: tuple[str, UnicodeDecodeError] | None = None
+    errors: list[tuple[str, UnicodeDecodeError]] = []
     for enc in candidates:
         if enc == "utf-8" and _is_utf8(data):
             return enc
         try:
             data.decode(enc)
         except UnicodeDecodeError as e:
-            first_error = first_error or (enc, e)
+            errors.append((enc, e))
             continue
         return enc
-    assert first_error is not None
-    raise _decode_error(path, data, *first_error)
+    # Report the codec that read furthest: its first failure is most likely the real damage.
+    enc, err = max(errors, key=lambda item: item[1].start)
+    raise _decode_error(path, data, enc, err)
 
 
 def to_utf8(data: bytes, encoding: str) -> bytes:
