@@ -8,6 +8,7 @@ and the pure command-building functions run without vLLM.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -39,6 +40,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # ---------------------------------------------------------------- helpers shared with test_infer
 
 
+@functools.cache  # one import check per session (test_infer shares it)
 def vllm_skip_reason() -> str | None:
     """None when vLLM imports in the project's python; else why the vLLM tests skip."""
     if importlib.util.find_spec("vllm") is None:
