@@ -148,8 +148,8 @@ class LoraParams:
             )
         if not self.target_modules:
             out.append("lora.target_modules: must name at least one module (e.g. q_proj)")
-        if self.bias not in ("none", "all", "lora_only"):
-            out.append(f"lora.bias: {self.bias!r} must be none, all or lora_only")
+        if self.bias != "none":  # peft would train bias vectors, which vLLM's LoRA cannot serve
+            out.append(f"lora.bias: {self.bias!r} cannot be served by vLLM; use none")
         if not 0 <= self.lora_dropout < 1:
             out.append("lora.lora_dropout: must be in [0, 1)")
         return out
@@ -190,9 +190,16 @@ class TrainParams:
             out.append("train.learning_rate: must be > 0")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             out.append("train.max_steps / train.num_train_epochs: one must be > 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples"):
             if getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 1")
+        paths = {"output_dir": self.output_dir, "checkpoint_dir": self.checkpoint_dir, "dvclive_dir": self.dvclive_dir}
+        for a, b in ((a, b) for a in paths for b in paths if a < b):
+            pa, pb = Path(paths[a]), Path(paths[b])
+            if pa == pb or pa in pb.parents or pb in pa.parents:
+                # the adapter is a DVC out, checkpoints are scratch: nesting would mix them
+                out.append(f"train.{a} / train.{b}: must be separate folders, not {paths[a]!r} and {paths[b]!r}")
         return out
 
 

@@ -1,0 +1,257 @@
+"""The `train` stage on the tiny Qwen3 base and real cMedQA2 examples, on CPU.
+
+Each test runs in its own working directory laid out like the repository (params paths
+are relative): models/base/tiny links to the session's tiny base, data/processed holds
+train/val examples in the process stage's format built from the shared real sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from stages.base import BaseModelError, load_tokenizer
+from stages.chatml import IM_END, encode_example
+from stages.fileio import md5_dir
+from stages.params import Params, ParamsError, with_overrides
+from stages.train import encode_split, main
+from tests.conftest import ROOT
+
+ADAPTER_FILES = [
+    "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+    "lineage.json", "tokenizer.json", "tokenizer_config.json",
+]
+METRIC_KEYS = {
+    "train_loss", "eval_loss", "eval_loss_step0", "steps", "trainable_params", "total_params",
+    "train_examples", "train_truncated", "train_dropped", "val_examples", "val_truncated",
+    "val_dropped", "nonpad_fraction",
+}
+# Small but real: short sequences and few steps keep each run to seconds on two cores.
+SMALL = dict(max_seq_length=128, per_device_train_batch_size=4, per_device_eval_batch_size=16,
+             max_eval_examples=32, logging_steps=2, eval_steps=4, save_steps=4, warmup_steps=1)
+
+
+def write_processed(sample: Path, out_dir: Path, system_prompt: str, n_train: int = 400, n_val: int = 100) -> None:
+    """train/val jsonl in the process stage's contract from the shared question/answer CSVs."""
+    questions = pd.read_csv(sample / "question.csv", encoding="utf-8")
+    answers = pd.read_csv(sample / "answer.csv", encoding="utf-8")
+    rows = questions.merge(answers, on="question_id", suffixes=("_q", "_a")).sort_values("question_id")
+    examples = [
+        {
+            "messages": [
+                {"role": "system", "content": system_prompt},
+                {"role": "user", "content": r.content_q},
+                {"role": "assistant", "content": r.content_a},
+            ],
+            "question_id": int(r.question_id),
+            "ans_id": int(r.ans_id),
+        }
+        for r in rows.itertuples()
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", examples[:n_train]), ("val", examples[n_train:n_train + n_val])):
+        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in part)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_base, shared_sample, repo_params) -> Path:
+    """A repository-shaped working directory (the stage resolves params paths from CWD)."""
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "tiny").symlink_to(tiny_base, target_is_directory=True)
+    write_processed(shared_sample, tmp_path / "data" / "processed", repo_params.process.system_prompt)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def small(params: Params, lora: dict | None = None, **train) -> Params:
+    return with_overrides(params, lora=lora or {}, train={**SMALL, **train})
+
+
+def write_params(params: Params, path: Path) -> None:
+    raw = json.loads(json.dumps(dataclasses.asdict(params)))  # tuples -> lists for YAML
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def stage_env() -> dict:
+    # one thread each: the machine's cores are shared with the other test processes
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def test_labels_cover_exactly_the_answer(workdir, tiny_base):
+    tok = load_tokenizer(tiny_base)
+    rows = [json.loads(line) for line in (workdir / "data/processed/train.jsonl").read_text(encoding="utf-8").splitlines()]
+    messages = rows[0]["messages"]
+    enc = encode_example(tok, messages, max_length=4096)
+    learned = [i for i, label in zip(enc.input_ids, enc.labels) if label != -100]
+    assert learned == [label for label in enc.labels if label != -100]  # labels are the ids themselves
+    assert tok.decode(learned) == messages[2]["content"] + IM_END
+    n_prompt = enc.labels.index(next(label for label in enc.labels if label != -100))
+    prompt = tok.decode(enc.input_ids[:n_prompt])
+    assert prompt == tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert all(label == -100 for label in enc.labels[:n_prompt]) and not enc.truncated
+
+    # Cut to a short length: the answer's tail goes (counted); with no answer left, dropped.
+    limit = n_prompt + 3
+    full = [encode_example(tok, r["messages"], max_length=4096) for r in rows[:50]]
+    prompt_lens = [e.labels.count(-100) for e in full]
+    feats, stats = encode_split(tok, rows[:50], max_length=limit, source="train.jsonl")
+    assert stats.dropped == sum(p >= limit for p in prompt_lens) > 0
+    assert stats.truncated == sum(p < limit < len(e.input_ids) for p, e in zip(prompt_lens, full)) > 0
+    assert stats.examples == len(feats) == 50 - stats.dropped
+    assert all(len(f["input_ids"]) <= limit and any(x != -100 for x in f["labels"]) for f in feats)
+
+
+def test_training_lowers_heldout_loss(workdir, repo_params):
+    # The tiny base's frozen, tied embeddings cap what LoRA can learn at ~0.25 nats; a high
+    # learning rate reaches most of it in a dozen steps.
+    params = small(repo_params, max_steps=8, learning_rate=0.03, eval_steps=4, save_steps=4)
+    main(params)
+
+    metrics = read_json("metrics/train.json")
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["eval_loss"] < metrics["eval_loss_step0"] - 0.1, metrics
+    assert metrics["steps"] == 8 and metrics["val_examples"] + metrics["val_dropped"] == 32
+    # 128 tokens: some long questions leave no room for the answer, many answers lose a tail
+    assert metrics["train_examples"] + metrics["train_dropped"] == 400 and metrics["train_dropped"] < 20
+    assert metrics["train_truncated"] > 50
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] / 50
+    assert metrics["nonpad_fraction"] > 0.9  # length-grouped batches carry little padding
+
+    adapter = Path("models/adapter")
+    assert sorted(p.name for p in adapter.iterdir()) == ADAPTER_FILES
+    config = read_json(adapter / "adapter_config.json")
+    assert config["r"] == 16 and config["base_model_name_or_path"] == "models/base/tiny"
+    assert sorted(config["target_modules"]) == sorted(repo_params.lora.target_modules)
+    assert not config.get("modules_to_save")
+    lineage = read_json(adapter / "lineage.json")
+    assert set(lineage) == {"name", "base", "data", "params", "git_commit", "versions", "metrics"}
+    assert lineage["name"].startswith("medqa-" + lineage["data"]["train_md5"][:8] + "-")
+    assert lineage["base"]["id"] == "tiny" and lineage["params"]["lora"]["r"] == 16
+    assert lineage["metrics"] == {"train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]}
+
+    # dvclive curves at the trainer's steps: eval loss before training, mid-way and at the end
+    eval_curve = pd.read_csv("dvclive/train/plots/metrics/eval/loss.tsv", sep="\t")
+    assert eval_curve["step"].tolist() == [0, 4, 8]
+    assert eval_curve["loss"].iloc[-1] == pytest.approx(metrics["eval_loss"])
+    assert pd.read_csv("dvclive/train/plots/metrics/loss.tsv", sep="\t")["step"].tolist() == list(range(2, 9, 2))
+    assert not Path("models/checkpoints").exists()  # scratch removed after success
+
+
+def test_same_seed_same_bytes_other_rank_other_adapter(workdir, repo_params):
+    def run(params: Params) -> tuple[bytes, str]:
+        main(params)
+        return Path("models/adapter/adapter_model.safetensors").read_bytes(), md5_dir("models/adapter")
+
+    params = small(repo_params, max_steps=2, max_eval_examples=8)
+    first = run(params)
+    second = run(params)
+    assert first[0] == second[0]
+    assert first[1] == second[1]
+    other = run(small(repo_params, lora={"r": 8}, max_steps=2, max_eval_examples=8))
+    assert other[0] != first[0] and len(other[0]) < len(first[0])  # rank 8: half the LoRA weights
+    assert read_json("models/adapter/adapter_config.json")["r"] == 8
+
+
+def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
+    params = small(repo_params, max_steps=8, save_steps=2, eval_steps=8, max_eval_examples=8)
+    write_params(params, workdir / "params.yaml")
+    cmd = [sys.executable, "-m", "stages.train"]
+    with open(workdir / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=stage_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while not list(workdir.glob("models/checkpoints/checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, (workdir / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = sorted(int(p.parent.name.split("-")[1]) for p in workdir.glob("models/checkpoints/checkpoint-*/trainer_state.json"))
+    assert saved and saved[-1] < 8 and not Path("models/adapter").exists()
+
+    rerun = subprocess.run(cmd, cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert f"resuming from checkpoint-{saved[-1]} " in out, out[-3000:]
+    metrics = read_json("metrics/train.json")
+    assert metrics["steps"] == 8  # as many optimizer steps as an uninterrupted run
+    assert metrics["eval_loss_step0"] > metrics["eval_loss"]
+    assert Path("models/adapter/adapter_model.safetensors").is_file()
+    assert not Path("models/checkpoints").exists()
+
+
+def test_checkpoints_of_other_params_are_discarded(workdir, repo_params, caplog):
+    from stages.train import RUN_FILE
+
+    caplog.set_level("INFO", logger="stages.train")
+
+    stale = Path("models/checkpoints/checkpoint-2")
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")
+    Path("models/checkpoints", RUN_FILE).write_text(json.dumps({"fingerprint": "other", "eval_loss_step0": 1.0}))
+    main(small(repo_params, max_steps=1, max_eval_examples=8))
+    metrics = read_json("metrics/train.json")
+    assert metrics["steps"] == 1 and metrics["eval_loss_step0"] > 5  # measured afresh, not taken over
+    assert "discarding old checkpoints in models/checkpoints: they come from other params or data" in caplog.text
+
+
+def test_bad_params_fail_early_with_clear_messages(workdir, repo_params):
+    with pytest.raises(ParamsError) as err:
+        small(repo_params, lora={"r": 24, "alpha": 16})
+    assert "lora.r: 24 cannot be served by vLLM" in str(err.value)
+    assert "lora.alpha: unknown param" in str(err.value)
+
+    with pytest.raises(ParamsError) as err:
+        main(small(repo_params, lora={"target_modules": ["q_proj", "qkv_proj", "lm_head"]}))
+    msg = str(err.value)
+    assert "'qkv_proj' matches no linear layer" in msg and "q_proj, up_proj, v_proj" in msg
+    assert "'lm_head' would train embeddings/the LM head" in msg
+    assert "'q_proj'" not in msg
+
+    with pytest.raises(BaseModelError, match="make base"):
+        main(with_overrides(repo_params, model={"dir": "nowhere"}))
+    with pytest.raises(FileNotFoundError, match="dvc repro process"):
+        main(with_overrides(repo_params, data={"processed_dir": "data/none"}))
+    # nothing was written by the failed runs
+    assert not any(Path(p).exists() for p in ("models/adapter", "models/checkpoints", "metrics", "dvclive"))
+
+
+def test_two_process_ddp_writes_a_loadable_adapter(workdir, repo_params, tiny_base):
+    params = small(repo_params, max_steps=3, per_device_train_batch_size=2, max_eval_examples=8)
+    write_params(params, workdir / "params.yaml")
+    # accelerate's `--cpu` flag starts one process unless run under MPI; its torchrun-based
+    # launcher with ACCELERATE_USE_CPU gives two real processes with gloo DDP on CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.train"]
+    env = {**stage_env(), "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(launch, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert '"world_size": 2' in proc.stderr
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert sorted(p.name for p in Path("models/adapter").iterdir()) == ADAPTER_FILES
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, "models/adapter").eval()
+    ids = load_tokenizer("models/adapter")("头疼怎么办？", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], base.config.vocab_size) and torch.isfinite(logits).all()
+    assert read_json("metrics/train.json")["steps"] == 3
+    assert proc.stderr.count("adapter written to") == 1  # only the main process publishes
