@@ -226,16 +226,28 @@ class EvalParams:
     max_questions: int = 40
     max_generations: int = 8
     max_new_tokens: int = 48
+    max_seq_length: int = 512  # prompt + answer tokens scored (loss, answer selection)
     batch_size: int = 16
     seed: int = 42
     metrics_file: str = "metrics/eval.json"
+    report_path: str = "eval/report.json"  # backend, serve-readiness reasons (not metrics: strings)
     samples_path: str = "eval/samples.jsonl"
     plots_dir: str = "eval/plots"
 
     def problems(self) -> list[str]:
+        out = []
         if self.backend not in ("auto", "vllm", "hf"):
-            return [f"eval.backend: {self.backend!r} must be auto, vllm or hf"]
-        return []
+            out.append(f"eval.backend: {self.backend!r} must be auto, vllm or hf")
+        if self.max_questions < 0:
+            out.append("eval.max_questions: must be >= 0 (0 = the whole test split)")
+        if self.max_generations < 1:
+            out.append("eval.max_generations: must be >= 1 (BLEU/ROUGE need an answer)")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"eval.{name}: must be >= 1")
+        if self.max_seq_length < 16:
+            out.append("eval.max_seq_length: must be >= 16 tokens")
+        return out
 
 
 @dataclass(frozen=True)

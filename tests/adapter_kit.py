@@ -72,14 +72,13 @@ def write_processed(sample_dir: Path, out: Path, n_train: int = 24, n_val: int =
 
 
 def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
-                  seed: int = 0, base_id: str = "tiny", modules_to_save=None) -> Path:
+                  seed: int = 0, base_id: str = "tiny", modules_to_save=None, save_tokenizer: bool = True) -> Path:
     """A random non-zero LoRA on ``base_dir`` saved like the `train` stage saves adapters."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from stages.base import load_tokenizer
+    from stages.base import load_model, load_tokenizer
     from stages.params import ModelParams
-    from stages.base import load_model
 
     torch.manual_seed(seed)
     model = load_model(base_dir, ModelParams(base=base_id, dir=str(base_dir.parent)), torch.float32)
@@ -89,7 +88,8 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out)
-    load_tokenizer(base_dir).save_pretrained(out)
+    if save_tokenizer:  # the base's tokenizer carries the project's chat template
+        load_tokenizer(base_dir).save_pretrained(out)
     lineage = {
         "name": "medqa-test0000-test0000",
         "base": {"id": base_id, "revision": "main", "config_md5": md5_file(base_dir / "config.json")},

@@ -1,0 +1,244 @@
+"""The `evaluate` stage: metric maths on known tables, the scorer against a naive one, a
+real trained adapter that must beat chance, and the stage's outputs and input checks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages import evaluate as ev
+from stages import merge
+from stages.base import load_model, load_tokenizer
+from stages.chatml import encode_prompt
+from stages.params import with_overrides
+from tests.adapter_kit import SYSTEM, candidates, sample_pairs, write_adapter, write_processed
+
+MODEL_KEYS = {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "distinct_2",
+              "mean_length", "empty_share", "think_share"}
+SERVE_KEYS = {"rank_servable", "targets_matched", "no_modules_to_save", "vllm_parity", "lora_modules", "ready"}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base):
+    return load_tokenizer(tiny_base)  # seconds to load: once per module
+
+
+# ---------------------------------------------------------------- metric maths (pure)
+
+
+def test_selection_metrics_on_a_hand_built_table():
+    scores = [
+        [0.9, 0.1, 0.5],        # positive ranked 1st: RR 1, AP 1
+        [0.2, 0.8, 0.5, 0.1],   # positives end up 2nd and 3rd: RR 1/2, AP (1/2 + 2/3) / 2
+        [0.3, 0.2],             # no positive: not counted
+    ]
+    labels = [[1, 0, 0], [1, 0, 1, 0], [0, 0]]
+    m = ev.selection_metrics(scores, labels, np.random.default_rng(0))
+    assert m == pytest.approx({"p_at_1": 0.5, "mrr": 0.75, "map": (1 + (1 / 2 + 2 / 3) / 2) / 2, "questions": 2})
+
+
+def test_ties_are_broken_at_random_not_by_list_order():
+    # All scores equal, positive listed first (as in the official files): a scorer that
+    # keeps list order would report P@1 = 1.0.
+    labels = [[1] + [0] * 9] * 3000
+    scores = [[0.0] * 10] * 3000
+    m = ev.selection_metrics(scores, labels, np.random.default_rng(1))
+    chance = ev.random_baseline(labels)
+    assert chance["p_at_1"] == pytest.approx(0.1)
+    assert chance["mrr"] == pytest.approx(sum(1 / r for r in range(1, 11)) / 10)
+    for key in ("p_at_1", "mrr", "map"):
+        assert m[key] == pytest.approx(chance[key], abs=0.025), key
+    # seeded: the same draw every time
+    assert ev.selection_metrics(scores, labels, np.random.default_rng(1)) == m
+
+
+def test_random_baseline_is_exact():
+    # Brute force over every order of 5 candidates with 2 positives vs the closed forms.
+    y = [1, 1, 0, 0, 0]
+    per_order = [ev._first_positive_and_ap(np.array([y[i] for i in perm])) for perm in itertools.permutations(range(5))]
+    exact = {
+        "p_at_1": float(np.mean([r == 1 for r, _ in per_order])),
+        "mrr": float(np.mean([1 / r for r, _ in per_order])),
+        "map": float(np.mean([ap for _, ap in per_order])),
+    }
+    assert ev.random_baseline([y]) == pytest.approx(exact)
+    assert ev.random_first_rank_probs(5, 2).sum() == pytest.approx(1.0)
+
+
+def test_generation_metrics_count_chinese_characters():
+    refs = ["多喝水，注意休息。", "建议到医院检查"]
+    m = ev.generation_metrics(["多喝水，注意休息。", "建议去医院看看"], refs, [False, True])
+    # rouge-score's own tokenizer keeps only [a-z0-9] and would score Chinese 0
+    assert m["rouge_l"] == pytest.approx((1.0 + 2 * (4 / 7) * (4 / 7) / (4 / 7 + 4 / 7)) / 2)
+    assert 0 < m["bleu4"] < 100
+    assert m["think_share"] == 0.5 and m["empty_share"] == 0.0
+    assert m["mean_length"] == pytest.approx((9 + 7) / 2)
+    assert ev.generation_metrics(["", "好"], refs, [False, False])["empty_share"] == 0.5
+
+
+def test_clean_generation_strips_and_reports_think(tok):
+    ids = tok("<think>想一想</think>\n\n多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|im_end|>"]) + [100]
+    assert ev.clean_generation(tok, ids) == ("多喝水", True)
+    ids = tok("多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|endoftext|>"])
+    assert ev.clean_generation(tok, ids) == ("多喝水", False)
+
+
+# ---------------------------------------------------------------- scoring on real data
+
+
+def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, shared_sample, repo_params):
+    model = load_model(tiny_base, repo_params.model, torch.float32)
+    pairs = sample_pairs(shared_sample, 12)
+    for q in candidates(pairs[:2], pairs, negatives=5):
+        prompt, cands, _ = ev.encode_question(tok, q, max_length=512)
+        assert len({len(c) for c in cands}) > 3  # real answers of many lengths: padding is exercised
+        fast = ev.score_candidates(model, prompt, cands, batch_size=4)
+        slow = ev.score_candidates_naive(model, prompt, cands)
+        assert np.allclose(fast, slow, atol=1e-4, rtol=0), (fast, slow)
+        assert max(fast) - min(fast) > 1e-3  # the candidates really are told apart
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, shared_sample, repo_params):
+    model = load_model(tiny_base, repo_params.model, torch.float32)
+    prompts = [encode_prompt(tok, SYSTEM, p["question"]) for p in sample_pairs(shared_sample, 3)]
+    assert len({len(p) for p in prompts}) == 3
+    batched = ev.generate_hf(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [ev.generate_hf(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_adapter_checks_flag_what_vllm_cannot_serve(tiny_base, tmp_path):
+    good, good_reasons = ev.adapter_checks(write_adapter(tiny_base, tmp_path / "good", save_tokenizer=False), tiny_base)
+    assert good == {"rank_servable": True, "no_modules_to_save": True, "targets_matched": True, "lora_modules": 8}
+    bad, reasons = ev.adapter_checks(
+        write_adapter(tiny_base, tmp_path / "bad", r=12, target_modules=("q_proj", "c_attn"),
+                      modules_to_save=["norm"], save_tokenizer=False),
+        tiny_base,
+    )
+    assert bad == {"rank_servable": False, "no_modules_to_save": False, "targets_matched": False, "lora_modules": 2}
+    assert "c_attn" in reasons["targets_matched"] and "12" in reasons["rank_servable"]
+
+
+# ---------------------------------------------------------------- the stage on a trained adapter
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_sample, tiny_base, repo_params):
+    """process-contract data -> stages.train (real, tiny) -> stages.merge, in a temp dir."""
+    train = pytest.importorskip("stages.train", reason="the train stage is not in this checkout")
+    root = tmp_path_factory.mktemp("evaluate")
+    write_processed(shared_sample, root / "processed", n_train=8, n_val=2, n_test=6, negatives=7)
+    params = with_overrides(
+        repo_params,
+        data={"processed_dir": str(root / "processed")},
+        model={"dir": str(tiny_base.parent), "base": "tiny"},
+        train={"output_dir": str(root / "adapter"), "checkpoint_dir": str(root / "ckpt"),
+               "dvclive_dir": str(root / "dvclive"), "metrics_file": str(root / "metrics" / "train.json"),
+               # memorise 8 answers: enough steps at a high rate on short sequences
+               "max_steps": 16, "learning_rate": 0.005, "max_seq_length": 64, "per_device_train_batch_size": 4,
+               "warmup_steps": 1, "logging_steps": 4, "eval_steps": 16, "save_steps": 16, "max_eval_examples": 2},
+        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
+               "parity_prompts": 1},
+        eval={"metrics_file": str(root / "metrics" / "eval.json"), "report_path": str(root / "eval" / "report.json"),
+              "samples_path": str(root / "eval" / "samples.jsonl"), "plots_dir": str(root / "eval" / "plots"),
+              "max_questions": 6, "max_generations": 3, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
+    )
+    train.main(params)
+    merge.main(params)
+    return params, root
+
+
+def test_trained_model_beats_chance_on_its_training_questions(trained, shared_sample):
+    # Sanity check that the scorer reads the answer tokens: after memorising 8 answers the
+    # tuned model must rank each question's own answer above the others' far above chance.
+    params, root = trained
+    pairs = sample_pairs(shared_sample, 8)
+    rows = candidates(pairs, pairs, negatives=7)
+    labels = [[c["label"] for c in q["candidates"]] for q in rows]
+    tok = load_tokenizer(root / "merged")
+    results = {}
+    for name, path in (("base", params.model.path), ("tuned", root / "merged")):
+        model = load_model(path, params.model, torch.float32)
+        scores = ev.score_questions(model, tok, rows, 64, 8, name)
+        results[name] = ev.selection_metrics(scores, labels, np.random.default_rng(0))["p_at_1"]
+    chance = ev.random_baseline(labels)["p_at_1"]
+    assert chance == pytest.approx(1 / 8)
+    assert results["tuned"] >= 4 * chance and results["tuned"] > results["base"], results
+
+
+def test_main_writes_metrics_samples_plots_and_report(trained):
+    params, root = trained
+    ev.main(params)
+
+    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    assert set(metrics) == {"base", "tuned", "delta", "random", "serve_ready"}
+    assert set(metrics["base"]) == set(metrics["tuned"]) == set(metrics["delta"]) == MODEL_KEYS
+    assert set(metrics["random"]) == {"p_at_1", "mrr", "map"}
+    assert set(metrics["serve_ready"]) == SERVE_KEYS
+    for model in ("base", "tuned", "delta", "random"):  # flat numeric leaves for dvc metrics diff
+        assert all(isinstance(v, float) and math.isfinite(v) for v in metrics[model].values()), metrics[model]
+    assert metrics["delta"]["p_at_1"] == pytest.approx(metrics["tuned"]["p_at_1"] - metrics["base"]["p_at_1"])
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]  # it learned the answer distribution
+    assert metrics["tuned"]["perplexity"] == pytest.approx(math.exp(metrics["tuned"]["loss"]))
+    assert metrics["random"]["p_at_1"] == pytest.approx(1 / 8)
+    serve = metrics["serve_ready"]
+    assert serve["rank_servable"] and serve["targets_matched"] and serve["no_modules_to_save"]
+    assert serve["lora_modules"] == 2 * len(params.lora.target_modules)  # 2 layers
+
+    report = json.loads((root / "eval" / "report.json").read_text())
+    vllm_ok, _ = ev.vllm_status()
+    assert report["backend"] == ("vllm" if vllm_ok else "hf")
+    if vllm_ok:
+        assert serve["vllm_parity"] is True, report["serve_ready_reasons"]["vllm_parity"]
+    else:
+        assert serve["vllm_parity"] is None and report["serve_ready_reasons"]["vllm_parity"] == "vllm not installed"
+    assert report["counts"] == {"loss_examples": 6, "loss_tokens": report["counts"]["loss_tokens"],
+                                "selection_questions": 6, "candidates": 48, "generations": 3}
+
+    samples = [json.loads(line) for line in (root / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3
+    assert all(set(s) == {"question_id", "question", "reference", "base", "tuned"} for s in samples)
+    assert all("<think>" not in s["tuned"] and "<|im_end|>" not in s["tuned"] for s in samples)
+
+    plots = root / "eval" / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == ["ranks.csv", "selection.json"]
+    bars = json.loads((plots / "selection.json").read_text())
+    assert {"metric": "p_at_1 tuned", "value": metrics["tuned"]["p_at_1"]} in bars
+    ranks = (plots / "ranks.csv").read_text().splitlines()
+    assert ranks[0] == "rank,base,tuned,random" and len(ranks) == 1 + 8
+    assert sum(int(line.split(",")[2]) for line in ranks[1:]) == 6  # every question has a first-positive rank
+    assert int(ranks[1].split(",")[2]) == round(metrics["tuned"]["p_at_1"] * 6)
+
+
+def test_bad_inputs_name_the_fix(trained, tmp_path):
+    params, root = trained
+    with pytest.raises(merge.MergeError, match="dvc repro train"):
+        ev.main(with_overrides(params, train={"output_dir": str(tmp_path / "none")}))
+    with pytest.raises(ev.EvalError, match="dvc repro merge"):
+        ev.main(with_overrides(params, merge={"output_dir": str(tmp_path / "none")}))
+    with pytest.raises(ev.EvalError, match="dvc repro process"):
+        ev.main(with_overrides(params, data={"processed_dir": str(tmp_path / "none")}))
+
+    # an adapter trained on another base
+    other = shutil.copytree(root / "adapter", tmp_path / "adapter")
+    lineage = json.loads((other / "lineage.json").read_text())
+    (other / "lineage.json").write_text(json.dumps({**lineage, "base": {**lineage["base"], "id": "Qwen/Qwen3-8B"}}))
+    with pytest.raises(merge.MergeError, match="model.base=Qwen/Qwen3-8B"):
+        ev.main(with_overrides(params, train={"output_dir": str(other)}))
+
+    # a merged model left over from another adapter (merge not rerun)
+    stale = tmp_path / "merged"
+    stale.mkdir()
+    shutil.copyfile(root / "merged" / "config.json", stale / "config.json")
+    lineage = json.loads((root / "merged" / "lineage.json").read_text())
+    (stale / "lineage.json").write_text(json.dumps({**lineage, "merge": {**lineage["merge"], "adapter_md5": "0" * 32}}))
+    with pytest.raises(ev.EvalError, match="not built from the adapter.*dvc repro merge"):
+        ev.main(with_overrides(params, merge={"output_dir": str(stale)}))
+    assert not (tmp_path / "eval").exists()
