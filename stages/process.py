@@ -14,18 +14,17 @@ Writes ``<data.processed_dir>/`` = ``train.jsonl``, ``val.jsonl``, ``test.jsonl`
 Run    ``python -m stages.process`` (or ``dvc repro process``); for a quick run on part of
        the data: ``dvc exp run -S process.limit=1000``.
 
-The work is columnar (pyarrow compute, RE2 regexes) so the full 226k-answer corpus takes
-seconds; pandas is not needed and not imported. Any bad input raises ``ProcessError``
-naming the file, column or row and the fix, before anything is written.
+The work is columnar (pyarrow compute with RE2 regexes, numpy), so the full 226k-answer
+corpus takes seconds; pandas is not needed and not imported. Any bad input raises
+``ProcessError`` naming the file, column or row and the fix, before anything is written.
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
 import html
-import io
 import logging
+import re
 import sys
 import time
 import zipfile
@@ -63,7 +62,7 @@ OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "test_candidates.jsonl
 SPLITS = ("train", "val", "test")
 
 # Detection looks at the head only (chardet is slow on whole files); the choice is then
-# verified by decoding the whole file, so a wrong guess cannot slip through.
+# verified on the whole file, so a wrong guess cannot slip through.
 DETECT_BYTES = 64 * 1024
 GB_FAMILY = ("gb2312", "gbk", "gb18030", "hz-gb-2312", "iso-2022-cn")
 
@@ -77,6 +76,9 @@ RE_SPACES = r"[\pZ\t\n\v\f\r\x{85}]+"
 # Only real tags: "<" must be followed by a letter, "/" or "!--", so "血糖<7" or "体温>38"
 # survive.
 RE_TAG = r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>"
+# Any character one of the steps above could change. Most texts have none, so one scan
+# picks the few rows the (costlier) replacements run on.
+RE_NEEDS_CLEANING = r"[<&\p{Cf}\pZ\x00-\x1f\x7f-\x9f]"
 
 # PII. RE2 has no lookarounds, so "not inside a longer digit run" is matched as a captured
 # neighbour and put back. Two numbers separated by one character share that neighbour, so
@@ -87,6 +89,15 @@ PII_PATTERNS = (
     ("phone", r"(^|[^0-9])1[3-9][0-9]{9}([^0-9]|$)", "[PHONE]"),
     ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", "[EMAIL]"),
 )
+RE_PII_HINT = r"[0-9]{11}|@"  # every pattern above needs one of these
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _count(mask: pa.Array | pa.ChunkedArray) -> int:
+    return int(pc.sum(mask).as_py() or 0)
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -118,17 +129,6 @@ def read_raw(path: Path) -> bytes:
         raise ProcessError(f"{path}: not a valid zip archive ({e}); download it again with `make data`") from e
 
 
-def _is_utf8(data: bytes) -> bool:
-    """Validate UTF-8 without building a Python str (pyarrow's SIMD check on a zero-copy view)."""
-    offsets = pa.array(np.array([0, len(data)], dtype=np.int64)).buffers()[1]
-    arr = pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
-    try:
-        arr.cast(pa.large_string())
-    except pa.ArrowInvalid:
-        return False
-    return True
-
-
 def _decode_error(path: str, data: bytes, encoding: str, err: UnicodeDecodeError) -> ProcessError:
     line = data.count(b"\n", 0, err.start) + 1
     bad = data[err.start : err.start + 4]
@@ -139,39 +139,43 @@ def _decode_error(path: str, data: bytes, encoding: str, err: UnicodeDecodeError
     )
 
 
-def detect_encoding(data: bytes, path: str = "input") -> str:
-    """Codec of a table: one of utf-8, utf-8-sig, gbk, gb18030.
+def guess_encodings(data: bytes, path: str = "input") -> list[str]:
+    """Codecs worth trying for data, most likely first (a BOM, else chardet on the first 64 KB).
 
-    chardet guesses from the first 64 KB; the guess is verified by decoding the whole file.
-    Fallbacks are tried only where the guess is weak: an all-ASCII head says nothing about
+    Fallbacks are listed only where the guess is weak: an all-ASCII head says nothing about
     later bytes (utf-8, then gbk, then its superset gb18030), and GBK text with a character
-    outside GBK needs gb18030. A head that is real UTF-8 Chinese with a bad byte later is
-    damage, not another encoding: re-reading it as GB18030 would turn the whole file into
-    mojibake, so that is an error.
+    outside GBK needs gb18030. A head that is real UTF-8 Chinese gets no fallback: a bad
+    byte later is damage, and re-reading the file as GB18030 would turn it into mojibake.
     """
     if data.startswith(codecs.BOM_UTF8):
-        candidates = ["utf-8-sig"]
-    else:
-        head = data[:DETECT_BYTES]
-        if head.isascii():
-            candidates = ["utf-8", "gbk", "gb18030"]
-        else:
-            import chardet  # imported here: only needed for non-ASCII heads
+        return ["utf-8-sig"]
+    head = data[:DETECT_BYTES]
+    if head.isascii():
+        return ["utf-8", "gbk", "gb18030"]
+    import chardet  # only needed for non-ASCII heads
 
-            guess = (chardet.detect(head)["encoding"] or "").lower()
-            if guess in ("utf-8", "ascii"):
-                candidates = ["utf-8"]
-            elif guess in GB_FAMILY:
-                candidates = ["gbk", "gb18030"]
-            elif guess.startswith(("utf-16", "utf-32")):
-                raise ProcessError(f"{path}: looks like {guess.upper()}; re-save it as UTF-8 (or GBK)")
-            else:
-                log.warning("%s: chardet guessed %r; trying UTF-8, GBK, GB18030", path, guess or None)
-                candidates = ["utf-8", "gbk", "gb18030"]
+    guess = (chardet.detect(head)["encoding"] or "").lower()
+    if guess in ("utf-8", "ascii"):
+        return ["utf-8"]
+    if guess in GB_FAMILY:
+        return ["gbk", "gb18030"]
+    if guess.startswith(("utf-16", "utf-32")):
+        raise ProcessError(f"{path}: looks like {guess.upper()}; re-save it as UTF-8 (or GBK)")
+    log.warning("%s: chardet guessed %r; trying UTF-8, GBK, GB18030", path, guess or None)
+    return ["utf-8", "gbk", "gb18030"]
+
+
+def detect_encoding(data: bytes, path: str = "input") -> str:
+    """Codec of a table, verified by decoding the whole file: utf-8, utf-8-sig, gbk or gb18030.
+
+    GBK is reported when it decodes the file (chardet says GB18030 for any GB text);
+    GB18030 when a character outside GBK needs it.
+
+    Raises:
+        ProcessError: no candidate decodes the file; names the byte offset and line.
+    """
     errors: list[tuple[str, UnicodeDecodeError]] = []
-    for enc in candidates:
-        if enc == "utf-8" and _is_utf8(data):
-            return enc
+    for enc in guess_encodings(data, path):
         try:
             data.decode(enc)
         except UnicodeDecodeError as e:
@@ -192,8 +196,14 @@ def to_utf8(data: bytes, encoding: str) -> bytes:
     return data.decode(encoding).encode("utf-8")
 
 
-def _check_header(path: str, data: bytes, columns: tuple[str, ...]) -> list[str]:
-    first = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+def _header_line(data: bytes) -> bytes:
+    end = data.find(b"\n")
+    return (data if end < 0 else data[:end]).rstrip(b"\r")
+
+
+def _check_header(path: str, data: bytes, columns: tuple[str, ...], complete: bool = True) -> list[str]:
+    """Header fields of a table; ``data`` is the (UTF-8) file or, if not ``complete``, its head."""
+    first = _header_line(data).decode("utf-8", "replace")
     header = [h.strip().strip('"').strip() for h in first.split(",")]
     missing = [c for c in columns if c not in header]
     if missing:
@@ -207,33 +217,21 @@ def _check_header(path: str, data: bytes, columns: tuple[str, ...]) -> list[str]
             f"{path}: missing column(s) {', '.join(missing)} (header is {first!r}); expected columns "
             f"{','.join(columns)} (cMedQA2 layout). Rename the header's column(s) accordingly"
         )
+    end = data.find(b"\n")
+    if complete and (end < 0 or not _NON_SPACE.search(data, end + 1)):
+        raise ProcessError(f"{path}: has a header but no data rows")
     return header
 
 
-def _parse_csv(path: str, data: bytes, columns: tuple[str, ...], n_header_cols: int) -> pa.Table:
-    convert = pcsv.ConvertOptions(
-        include_columns=list(columns),
-        column_types={c: pa.string() for c in columns},
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-    )
-    try:
-        return pcsv.read_csv(io.BytesIO(data), convert_options=convert)
-    except pa.ArrowInvalid as e:
-        # The threaded reader does not say which row broke; the serial one does.
-        try:
-            pcsv.read_csv(io.BytesIO(data), convert_options=convert, read_options=pcsv.ReadOptions(use_threads=False))
-            detail = str(e)
-        except pa.ArrowInvalid as serial:
-            detail = str(serial)
-        hint = f"every row needs {n_header_cols} comma-separated fields; quote fields that contain commas"
-        if "got 1" in detail and ("\t" in detail or ";" in detail):
-            hint = "rows look tab- or semicolon-separated; the file must be comma-separated"
-        raise ProcessError(f"{path}: {detail.replace('CSV parse error: ', 'CSV parse error at ')} ({hint})") from e
+_NON_SPACE = re.compile(rb"\S")
 
 
-def _int_column(path: str, table: pa.Table, col: str) -> pa.Array:
-    values = pc.utf8_trim_whitespace(table[col]).combine_chunks()
+class _NotUtf8(Exception):
+    """The CSV parser found bytes that are not UTF-8 (the guessed codec was wrong)."""
+
+
+def _int_check(path: str, values: pa.Array, col: str) -> None:
+    values = pc.utf8_trim_whitespace(values)
     ok = pc.match_substring_regex(values, r"^[0-9]{1,18}$")
     if not pc.all(ok).as_py():
         row = int(pc.index(ok, False).as_py())
@@ -241,22 +239,86 @@ def _int_column(path: str, table: pa.Table, col: str) -> pa.Array:
             f"{path}: column {col!r} must hold non-negative integer ids; data row {row + 1} "
             f"(header not counted) has {values[row].as_py()!r}. Fix or remove that row"
         )
-    return values.cast(pa.int64())
+
+
+def _parse_csv(
+    path: str, data: bytes | Path, columns: tuple[str, ...], int_columns: tuple[str, ...], n_fields: int
+) -> pa.Table:
+    """Parse UTF-8 CSV from bytes, or from a file (memory-mapped: no copy of the input)."""
+    types = {c: (pa.int64() if c in int_columns else pa.string()) for c in columns}
+
+    def read(types: dict, threads: bool = True) -> pa.Table:
+        convert = pcsv.ConvertOptions(
+            include_columns=list(columns), column_types=types,
+            strings_can_be_null=False, quoted_strings_can_be_null=False,
+        )
+        source = pa.memory_map(str(data)) if isinstance(data, Path) else pa.BufferReader(data)
+        with source:
+            return pcsv.read_csv(source, convert_options=convert, read_options=pcsv.ReadOptions(use_threads=threads))
+
+    try:
+        return read(types)
+    except pa.ArrowInvalid as e:
+        msg = str(e)
+    if "invalid UTF8" in msg:
+        raise _NotUtf8(msg)
+    if "conversion error" in msg and "int64" in msg:
+        # Find the offending row with the ids read as text.
+        try:
+            table = read({c: pa.string() for c in columns})
+        except pa.ArrowInvalid as e:
+            if "invalid UTF8" in str(e):
+                raise _NotUtf8(str(e)) from e
+            raise
+        for col in int_columns:
+            _int_check(path, _array(table[col]), col)
+        return table.cast(pa.schema([(c, types[c]) for c in columns]))
+    # The threaded reader does not say which row broke; the serial one does.
+    try:
+        read(types, threads=False)
+    except pa.ArrowInvalid as serial:
+        msg = str(serial)
+    hint = f"every row needs {n_fields} comma-separated fields; quote fields that contain commas"
+    if "got 1" in msg and ("\t" in msg or ";" in msg):
+        hint = "rows look tab- or semicolon-separated; the file must be comma-separated"
+    raise ProcessError(f"{path}: {msg.replace('CSV parse error: ', 'CSV parse error at ')} ({hint})")
 
 
 def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...]) -> tuple[pa.Table, str]:
-    """One input table with the wanted columns (ids as int64, texts as str) and its encoding."""
-    raw = read_raw(path)
-    if not raw.strip():
+    """One input table (ids int64, texts str, only ``columns``) and the encoding it was in.
+
+    When the head looks like UTF-8 the file is parsed straight from a memory map, and the
+    CSV parser's own UTF-8 validation is the whole-file check (decoding it separately would
+    cost as much as the parse). Only if that fails, or for other encodings, is the whole
+    file decoded: to pick the codec and convert it, or to name the bad byte.
+    """
+    raw: bytes | None = None
+    if path.suffix.lower() == ".zip":
+        raw = read_raw(path)
+        head, size = raw[:DETECT_BYTES], len(raw)
+    else:
+        with path.open("rb") as fh:
+            head = fh.read(DETECT_BYTES)
+        size = path.stat().st_size
+    if not head or (size <= len(head) and head.isspace()):
         raise ProcessError(f"{path}: file is empty; expected a header {','.join(columns)} followed by rows")
-    encoding = detect_encoding(raw, str(path))
-    data = to_utf8(raw, encoding)
-    header = _check_header(str(path), data, columns)
-    if not data.split(b"\n", 1)[1:] or not data.split(b"\n", 1)[1].strip():
+    encoding = guess_encodings(head, str(path))[0]
+    table = None
+    if encoding in ("utf-8", "utf-8-sig"):
+        header = _check_header(str(path), to_utf8(head, encoding), columns, complete=size <= len(head))
+        try:  # the parser skips a UTF-8 BOM itself
+            table = _parse_csv(str(path), path if raw is None else raw, columns, int_columns, len(header))
+        except _NotUtf8:
+            table = None
+    if table is None:
+        raw = path.read_bytes() if raw is None else raw
+        encoding = detect_encoding(raw, str(path))  # raises with the offset unless some codec fits
+        data = to_utf8(raw, encoding)
+        header = _check_header(str(path), data, columns)
+        table = _parse_csv(str(path), data, columns, int_columns, len(header))
+    if not len(table):
         raise ProcessError(f"{path}: has a header but no data rows")
-    table = _parse_csv(str(path), data, columns, len(header))
-    cols = {c: (_int_column(str(path), table, c) if c in int_columns else table[c].combine_chunks()) for c in columns}
-    return pa.table(cols), encoding
+    return pa.table({c: _array(table[c]) for c in columns}), encoding
 
 
 # ----------------------------------------------------------------------------- clean
@@ -265,22 +327,51 @@ def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...
 def _unescape_html(texts: pa.Array) -> pa.Array:
     # Entities are rare, so Python's complete html.unescape runs only on rows with "&".
     has_amp = pc.match_substring(texts, "&")
-    n = pc.sum(has_amp).as_py() or 0
-    if not n:
+    if not pc.any(has_amp).as_py():
         return texts
     rows = texts.filter(has_amp).to_pylist()
     return pc.replace_with_mask(texts, has_amp, pa.array([html.unescape(t) for t in rows], pa.string()))
 
 
-def clean_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Unescape HTML entities, strip tags, delete invisible characters, collapse whitespace, trim."""
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
+def _clean(texts: pa.Array) -> pa.Array:
     texts = _unescape_html(texts)
     texts = pc.replace_substring_regex(texts, RE_TAG, " ")
     texts = pc.replace_substring_regex(texts, RE_INVISIBLE, "")
     texts = pc.replace_substring_regex(texts, RE_SPACES, " ")
     return pc.utf8_trim(texts, " ")
+
+
+def _mask(texts: pa.Array) -> tuple[pa.Array, dict[str, int]]:
+    counts = {}
+    for kind, pattern, placeholder in PII_PATTERNS:
+        before = int(pc.sum(pc.count_substring(texts, placeholder)).as_py() or 0)
+        repl = placeholder if kind == "email" else rf"\1{placeholder}\2"
+        for _ in range(2):  # second pass: numbers that shared a neighbour with the previous one
+            texts = pc.replace_substring_regex(texts, pattern, repl)
+        counts[kind] = int(pc.sum(pc.count_substring(texts, placeholder)).as_py() or 0) - before
+    return texts, counts
+
+
+def prepare_texts(texts: pa.Array | pa.ChunkedArray, mask: bool) -> tuple[pa.Array, dict[str, int]]:
+    """clean_texts, then mask_pii if ``mask``, in one pass: both run only on the rows that need them.
+
+    One regex scan of the whole column finds those rows (usually a small share); the
+    replacements, each a full scan too, then run on that subset only.
+    """
+    texts = _array(texts)
+    counts = {kind: 0 for kind, _, _ in PII_PATTERNS}
+    needs = pc.match_substring_regex(texts, RE_NEEDS_CLEANING + ("|" + RE_PII_HINT if mask else ""))
+    if not pc.any(needs).as_py():
+        return texts, counts
+    sub = _clean(texts.filter(needs))
+    if mask:
+        sub, counts = _mask(sub)
+    return pc.replace_with_mask(texts, needs, sub), counts
+
+
+def clean_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Unescape HTML entities, strip tags, delete invisible characters, collapse whitespace, trim."""
+    return prepare_texts(texts, mask=False)[0]
 
 
 def mask_pii(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, dict[str, int]]:
@@ -289,20 +380,12 @@ def mask_pii(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, dict[str, int
     Returns the masked texts and how many of each kind were replaced (counted as new
     placeholders, so text that already said "[PHONE]" is not counted).
     """
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    counts = {}
-    for kind, pattern, placeholder in PII_PATTERNS:
-        before = pc.sum(pc.count_substring(texts, placeholder)).as_py() or 0
-        has = pc.match_substring_regex(texts, pattern)
-        if pc.any(has).as_py():
-            sub = texts.filter(has)
-            repl = rf"\1{placeholder}\2" if kind != "email" else placeholder
-            for _ in range(2):  # second pass: numbers that shared a neighbour with the previous one
-                sub = pc.replace_substring_regex(sub, pattern, repl)
-            texts = pc.replace_with_mask(texts, has, sub)
-        counts[kind] = (pc.sum(pc.count_substring(texts, placeholder)).as_py() or 0) - before
-    return texts, counts
+    texts = _array(texts)
+    hint = pc.match_substring_regex(texts, RE_PII_HINT)
+    if not pc.any(hint).as_py():
+        return texts, {kind: 0 for kind, _, _ in PII_PATTERNS}
+    sub, counts = _mask(texts.filter(hint))
+    return pc.replace_with_mask(texts, hint, sub), counts
 
 
 @dataclass
@@ -330,9 +413,9 @@ def _keep_first(table: pa.Table, keys: list[str]) -> pa.Table:
 
 def dedupe_ids(path: str, table: pa.Table, id_col: str, what: str, stats: Stats) -> pa.Table:
     """Drop repeated rows of one id; the same id with different content is an error."""
-    ids = table[id_col].to_numpy()
-    if len(np.unique(ids)) == len(ids):
+    if pc.count_distinct(table[id_col]).as_py() == len(table):
         return table
+    ids = table[id_col].to_numpy()
     value_cols = [c for c in table.column_names if c != id_col]
     unique_rows = _keep_first(table, table.column_names)
     per_id = unique_rows.group_by([id_col], use_threads=False).aggregate([(id_col, "count")])
@@ -358,23 +441,57 @@ def length_filter(table: pa.Table, col: str, lo: int, hi: int, what: str, stats:
     stats.drop(f"{what}_empty", empty.sum())
     stats.drop(f"{what}_too_short", short.sum())
     stats.drop(f"{what}_too_long", long_.sum())
-    return table.filter(pa.array(~(empty | short | long_)))
+    drop = empty | short | long_
+    return table.filter(pa.array(~drop)) if drop.any() else table  # a filter copies every column
+
+
+def text_codes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Equal texts get equal integer codes (Arrow's dictionary encoding)."""
+    return _array(pc.dictionary_encode(_array(texts))).indices.to_numpy().astype(np.int64)
+
+
+def unique_pairs(question_codes: np.ndarray, answers: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Mask keeping the first of the pairs with the same question text and answer text.
+
+    ``question_codes`` are text_codes of each pair's question (equal texts, equal codes,
+    under any ids). Only pairs that share the question text and the answer's byte length
+    can be equal, and those are few: their answers alone are compared, through text codes.
+    Hashing every answer would cost a copy of the whole column.
+    """
+    keep = np.ones(len(question_codes), dtype=bool)
+    if not len(keep):
+        return keep
+    alen = pc.binary_length(answers).to_numpy().astype(np.int64)
+    _, inverse, counts = np.unique(question_codes * (int(alen.max()) + 1) + alen, return_inverse=True, return_counts=True)
+    maybe = np.flatnonzero(counts[inverse] > 1)
+    if len(maybe):
+        ac = text_codes(answers.take(pa.array(maybe)))
+        _, first = np.unique(question_codes[maybe] * (int(ac.max()) + 1) + ac, return_index=True)
+        keep[maybe] = False
+        keep[maybe[first]] = True
+    return keep
 
 
 # ----------------------------------------------------------------------------- split
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed, well-mixed 64-bit hash (numpy uint64 wraps like C)."""
+    x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def split_ids(qids: np.ndarray, seed: int, val_ratio: float, test_ratio: float) -> np.ndarray:
-    """0/1/2 (train/val/test) per question id, from md5(f"{seed}:{qid}").
+    """0/1/2 (train/val/test) per question id, from a seeded hash of the id.
 
     A question's split depends only on its id and the seed: all its answers land together,
-    and adding or removing other questions never moves it.
+    and adding or removing other questions never moves it. The hash is splitmix64 on
+    ``id ^ mix(seed)``, vectorised (an md5 per id costs a Python loop over 120k ids).
     """
-    u = np.fromiter(
-        (int.from_bytes(hashlib.md5(f"{seed}:{q}".encode()).digest()[:8], "big") for q in qids.tolist()),
-        dtype=np.uint64,
-        count=len(qids),
-    ) / float(2**64)
+    salt = _mix64(np.array([seed % 2**64], dtype=np.uint64))[0]
+    u = (_mix64(qids.astype(np.uint64) ^ salt) >> np.uint64(11)).astype(np.float64) / float(2**53)
     return np.where(u < test_ratio, 2, np.where(u < test_ratio + val_ratio, 1, 0)).astype(np.int8)
 
 
@@ -389,31 +506,63 @@ def official_split(qids: np.ndarray, dev_ids: np.ndarray, test_ids: np.ndarray) 
 # ----------------------------------------------------------------------------- format
 
 
-def _json_escape(texts: pa.Array) -> pa.Array:
+def _rows_with_bytes(texts: pa.Array, values: bytes, block: int = 1 << 22) -> np.ndarray:
+    """Boolean mask of the strings that contain any of the given ASCII bytes.
+
+    Scans Arrow's UTF-8 data buffer with bytes.find (memchr), a few MB at a time: ASCII
+    bytes never occur inside multi-byte characters, so a byte hit is a character hit, and
+    the few hits are mapped to rows through the offsets. Far cheaper than a regex or
+    substring kernel over every row.
+    """
+    texts = texts.cast(pa.large_string())
+    mask = np.zeros(len(texts), dtype=bool)
+    if not len(texts):
+        return mask
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    view = memoryview(texts.buffers()[2])
+    hits = []
+    for start in range(int(offsets[0]), int(offsets[-1]), block):
+        data = view[start : min(start + block, int(offsets[-1]))].tobytes()
+        for v in values:
+            pos = data.find(v)
+            while pos >= 0:
+                hits.append(start + pos)
+                pos = data.find(v, pos + 1)
+    if hits:
+        mask[np.searchsorted(offsets, np.array(hits, dtype=np.int64), side="right") - 1] = True
+    return mask
+
+
+def _json_escape(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     # Cleaned texts hold no control characters, so '\' and '"' are all JSON needs escaped;
     # the result equals orjson's output byte for byte (a test checks it).
-    return pc.replace_substring(pc.replace_substring(texts, "\\", "\\\\"), '"', '\\"')
+    texts = _array(texts)
+    mask = _rows_with_bytes(texts, b'"\\')
+    if not mask.any():
+        return texts
+    sub = texts.filter(pa.array(mask))
+    sub = pc.replace_substring(pc.replace_substring(sub, "\\", "\\\\"), '"', '\\"')
+    return pc.replace_with_mask(texts, pa.array(mask), sub.cast(texts.type))
+
+
+def _chatml_lines(qids, aids, questions_json, answers_json, system_prompt: str) -> pa.Array:
+    head = '{"messages":[{"role":"system","content":' + orjson.dumps(system_prompt).decode()
+    head += '},{"role":"user","content":"'
+    return pc.binary_join_element_wise(
+        head, questions_json, '"},{"role":"assistant","content":"', answers_json,
+        '"}],"question_id":', pc.cast(qids, pa.string()), ',"ans_id":', pc.cast(aids, pa.string()), "}\n",
+        "",  # separator
+    )
 
 
 def chatml_lines(pairs: pa.Table, system_prompt: str) -> pa.Array:
     """One JSON line (with trailing newline) per pair, in the data contract's ChatML layout.
 
-    Built column-wise: per-row dicts and json.dumps would cost more than all the cleaning.
+    ``pairs`` has question_id, ans_id, question, answer. Built column-wise: per-row dicts
+    and json.dumps would cost more than all the cleaning.
     """
-    head = '{"messages":[{"role":"system","content":' + orjson.dumps(system_prompt).decode()
-    head += '},{"role":"user","content":"'
-    return pc.binary_join_element_wise(
-        head,
-        _json_escape(pairs["question"]),
-        '"},{"role":"assistant","content":"',
-        _json_escape(pairs["answer"]),
-        '"}],"question_id":',
-        pc.cast(pairs["question_id"], pa.string()),
-        ',"ans_id":',
-        pc.cast(pairs["ans_id"], pa.string()),
-        "}\n",
-        "",  # separator
-    )
+    return _chatml_lines(pairs["question_id"], pairs["ans_id"], _json_escape(pairs["question"]),
+                         _json_escape(pairs["answer"]), system_prompt)
 
 
 def write_lines(path: Path, lines: pa.Array | pa.ChunkedArray) -> None:
@@ -431,95 +580,140 @@ def write_lines(path: Path, lines: pa.Array | pa.ChunkedArray) -> None:
 # ----------------------------------------------------------------------------- candidates
 
 
+@dataclass
+class CandidateLists:
+    """Answer-selection lists, flat: list i holds the rows where ``group == i`` (in order)."""
+
+    qids: np.ndarray  # per list
+    questions: pa.Array  # per list
+    group: np.ndarray  # per candidate, non-decreasing
+    ans_ids: np.ndarray
+    contents: pa.Array
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.qids)
+
+    def head(self, n: int) -> CandidateLists:
+        keep = self.group < n
+        return CandidateLists(self.qids[:n], self.questions[:n], self.group[keep], self.ans_ids[keep],
+                              self.contents.filter(pa.array(keep)), self.labels[keep])
+
+
+def _group_starts(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start index of each run of equal ids, and each row's run number."""
+    new = np.r_[True, sorted_ids[1:] != sorted_ids[:-1]] if len(sorted_ids) else np.zeros(0, bool)
+    return np.flatnonzero(new), np.cumsum(new) - 1
+
+
 def official_candidates(
-    cands: pa.Table, questions: dict[int, str], answers: dict[int, str], test_qids: np.ndarray, stats: Stats
-) -> list[dict]:
-    """Official lists of the test questions (those of ``test_qids``), with cleaned texts.
+    cands: pa.Table, questions: pa.Table, answers: pa.Table, test_qids: np.ndarray, stats: Stats
+) -> CandidateLists:
+    """Official lists of the questions in ``test_qids``, with cleaned texts.
 
     Candidates whose answer was dropped in cleaning are removed; a list left without its
     question text or without any true answer cannot be scored and is dropped. Labels are
-    the official ones, and the order is the file's (true answers first): breaking score
-    ties fairly is the evaluator's job.
+    the official ones, and each list keeps the file's order (true answers first): breaking
+    score ties fairly is the evaluator's job. Lists come out by question id.
     """
-    cands = cands.filter(pc.is_in(cands["question_id"], pa.array(test_qids)))
-    # Group by question without trusting the file to keep each list contiguous; the stable
-    # sort keeps every list's own order.
+    cands = cands.filter(pc.is_in(cands["question_id"], pa.array(test_qids, pa.int64())))
+    # Group without trusting the file to keep each list contiguous; stable keeps list order.
     cands = cands.take(pa.array(np.argsort(cands["question_id"].to_numpy(), kind="stable")))
-    out: list[dict] = []
-    missing_answers = dropped_no_question = dropped_no_positive = 0
-    qids = cands["question_id"].to_numpy()
-    aids = cands["ans_id"].to_pylist()
-    labels = cands["label"].to_pylist()
-    if not len(qids):
-        return out
-    starts = np.flatnonzero(np.r_[True, qids[1:] != qids[:-1]])
-    ends = np.r_[starts[1:], len(qids)]
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        qid = int(qids[s])
-        if qid not in questions:
-            dropped_no_question += 1
-            continue
-        items = []
-        for aid, label in zip(aids[s:e], labels[s:e]):
-            content = answers.get(aid)
-            if content is None:
-                missing_answers += 1
-                continue
-            items.append({"ans_id": aid, "content": content, "label": int(label)})
-        if not any(c["label"] for c in items):
-            dropped_no_positive += 1
-            continue
-        out.append({"question_id": qid, "question": questions[qid], "candidates": items})
-    stats.drop("candidates_answer_missing", missing_answers)
-    stats.drop("candidate_lists_question_missing", dropped_no_question)
-    stats.drop("candidate_lists_no_positive", dropped_no_positive)
-    return out
+    cq, ca, cl = (cands[c].to_numpy() for c in ("question_id", "ans_id", "label"))
+    qpos = _array(pc.index_in(cands["question_id"], value_set=questions["question_id"]))
+    apos = _array(pc.index_in(cands["ans_id"], value_set=answers["ans_id"]))
+    q_ok = qpos.is_valid().to_numpy(zero_copy_only=False)
+    a_ok = apos.is_valid().to_numpy(zero_copy_only=False)
+    starts, gid = _group_starts(cq)
+    has_question = q_ok[starts] if len(starts) else np.zeros(0, bool)
+    in_list = has_question[gid]
+    keep = in_list & a_ok
+    positives = np.bincount(gid[keep & (cl == 1)], minlength=len(starts))
+    list_ok = has_question & (positives > 0)
+    stats.drop("candidates_answer_missing", int((in_list & ~a_ok).sum()))
+    stats.drop("candidate_lists_question_missing", int((~has_question).sum()))
+    stats.drop("candidate_lists_no_positive", int((has_question & (positives == 0)).sum()))
+    keep &= list_ok[gid]
+    new_gid = np.cumsum(list_ok) - 1
+    return CandidateLists(
+        qids=cq[starts][list_ok],
+        questions=_array(questions["content"]).take(pa.array(qpos.to_numpy(zero_copy_only=False)[starts][list_ok].astype(np.int64))),
+        group=new_gid[gid[keep]],
+        ans_ids=ca[keep],
+        contents=_array(answers["content"]).take(pa.array(apos.to_numpy(zero_copy_only=False)[keep].astype(np.int64))),
+        labels=cl[keep],
+    )
 
 
-def sampled_candidates(
-    test_pairs: pa.Table, pool: pa.Table, num_negatives: int, seed: int, stats: Stats
-) -> list[dict]:
+def sampled_candidates(test_pairs: pa.Table, pool: pa.Table, num_negatives: int, seed: int, stats: Stats) -> CandidateLists:
     """Each test question's true answers plus ``num_negatives`` answers of other held-out questions.
 
-    Negatives come from the val+test answers only, so no list shows a training answer, and
-    never from the question itself. The list is shuffled with the seed so a true answer's
-    position says nothing.
+    ``test_pairs`` is sorted by question id. Negatives come from the val+test answers only,
+    so no list shows a training answer, and never from the question itself; each list is
+    shuffled with the seed so a true answer's position says nothing.
     """
     rng = np.random.default_rng(seed)
-    pool_qid = pool["question_id"].to_numpy()
-    pool_aid = pool["ans_id"].to_pylist()
-    pool_text = pool["answer"].to_pylist()
-    qids = test_pairs["question_id"].to_numpy()
-    aids = test_pairs["ans_id"].to_pylist()
-    questions = test_pairs["question"].to_pylist()
-    answers = test_pairs["answer"].to_pylist()
-    if not len(qids):
-        return []
-    starts = np.flatnonzero(np.r_[True, qids[1:] != qids[:-1]])
-    ends = np.r_[starts[1:], len(qids)]
-    # Draw everyone's indices in one call; a few extra per question cover rejected ones.
-    draws = rng.integers(0, len(pool_qid), size=(len(starts), 2 * num_negatives + 8)) if len(pool_qid) else None
-    out, short_lists = [], 0
-    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
-        qid = int(qids[s])
-        chosen: list[int] = []
-        seen: set[int] = set()
-        for j in draws[i].tolist() if draws is not None else []:
-            if pool_qid[j] != qid and j not in seen:
-                seen.add(j)
-                chosen.append(j)
-                if len(chosen) == num_negatives:
-                    break
-        if len(chosen) < num_negatives:  # tiny pools: take what the others have
-            others = [j for j in rng.permutation(len(pool_qid)).tolist() if pool_qid[j] != qid and j not in seen]
-            chosen += others[: num_negatives - len(chosen)]
-            short_lists += len(chosen) < num_negatives
-        items = [{"ans_id": aids[k], "content": answers[k], "label": 1} for k in range(s, e)]
-        items += [{"ans_id": pool_aid[j], "content": pool_text[j], "label": 0} for j in chosen]
-        order = rng.permutation(len(items)).tolist()
-        out.append({"question_id": qid, "question": questions[s], "candidates": [items[k] for k in order]})
-    stats.other["candidate_lists_short"] = short_lists
-    return out
+    tq = test_pairs["question_id"].to_numpy()
+    starts, pos_group = _group_starts(tq)
+    n_lists = len(starts)
+    list_qids = tq[starts] if n_lists else tq[:0]
+    pool_q = pool["question_id"].to_numpy()
+    if n_lists and len(pool_q):
+        # Everyone's draws at once; a few spare columns cover own answers and repeats.
+        draws = rng.integers(0, len(pool_q), size=(n_lists, 2 * num_negatives + 8))
+        order = np.argsort(draws, axis=1, kind="stable")
+        sorted_draws = np.take_along_axis(draws, order, axis=1)
+        repeat_sorted = np.zeros_like(draws, dtype=bool)
+        repeat_sorted[:, 1:] = sorted_draws[:, 1:] == sorted_draws[:, :-1]
+        repeat = np.empty_like(repeat_sorted)
+        np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+        ok = (pool_q[draws] != list_qids[:, None]) & ~repeat
+        take = ok & (np.cumsum(ok, axis=1) <= num_negatives)
+        neg_group, col = np.nonzero(take)
+        neg_idx = draws[neg_group, col]
+        short = np.flatnonzero(take.sum(axis=1) < num_negatives)
+    else:
+        neg_group = neg_idx = np.zeros(0, np.int64)
+        short = np.arange(n_lists) if len(pool_q) else np.zeros(0, np.int64)
+    if len(short):  # small pools: the remaining other answers in a seeded order
+        extra_g, extra_i = [neg_group[~np.isin(neg_group, short)]], [neg_idx[~np.isin(neg_group, short)]]
+        for g in short.tolist():
+            others = [j for j in rng.permutation(len(pool_q)).tolist() if pool_q[j] != list_qids[g]]
+            extra_g.append(np.full(min(num_negatives, len(others)), g))
+            extra_i.append(np.array(others[:num_negatives], dtype=np.int64))
+        neg_group, neg_idx = np.concatenate(extra_g), np.concatenate(extra_i)
+    stats.other["candidate_lists_short"] = int(sum(
+        1 for g in short.tolist() if (neg_group == g).sum() < num_negatives))
+    group = np.r_[pos_group, neg_group].astype(np.int64)
+    ans_ids = np.r_[test_pairs["ans_id"].to_numpy(), pool["ans_id"].to_numpy()[neg_idx]]
+    labels = np.r_[np.ones(len(pos_group), np.int64), np.zeros(len(neg_group), np.int64)]
+    contents = pa.concat_arrays([_array(test_pairs["answer"]), _array(pool["answer"]).take(pa.array(neg_idx))])
+    order = np.lexsort((rng.random(len(group)), group))  # shuffle within each list
+    return CandidateLists(
+        qids=list_qids,
+        questions=_array(test_pairs["question"]).take(pa.array(starts)),
+        group=group[order],
+        ans_ids=ans_ids[order],
+        contents=contents.take(pa.array(order)),
+        labels=labels[order],
+    )
+
+
+def candidate_lines(lists: CandidateLists, system_prompt: str) -> pa.Array:
+    """One JSON line per list: {"question_id", "system", "question", "candidates": [...]}."""
+    items = pc.binary_join_element_wise(
+        '{"ans_id":', pc.cast(pa.array(lists.ans_ids), pa.string()),
+        ',"content":"', _json_escape(lists.contents),
+        '","label":', pc.cast(pa.array(lists.labels), pa.string()),
+        "}", "",
+    )
+    offsets = np.r_[0, np.cumsum(np.bincount(lists.group, minlength=len(lists)))].astype(np.int32)
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), items), ",")
+    return pc.binary_join_element_wise(
+        '{"question_id":', pc.cast(pa.array(lists.qids, pa.int64()), pa.string()),
+        ',"system":' + orjson.dumps(system_prompt).decode() + ',"question":"', _json_escape(lists.questions),
+        '","candidates":[', joined, "]}\n", "",
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -577,6 +771,7 @@ def main(params: Params) -> None:
     t_start = time.perf_counter()
     raw_dir, out_dir = Path(data.raw_dir), Path(data.processed_dir)
     stats = Stats()
+    stats.other.update(candidate_lists_short=0, official_test_questions_not_in_input=0)
 
     questions, answers, dev_cands, test_cands = load_inputs(raw_dir, stats)
     qfile = str(find_input(raw_dir, QUESTION_NAMES))
@@ -584,11 +779,18 @@ def main(params: Params) -> None:
 
     # Orphans are a property of the files, so they are counted before the limit and cleaning.
     q_ids, a_qids = questions["question_id"], answers["question_id"]
-    stats.other["answers_without_questions"] = int(len(a_qids) - (pc.sum(pc.is_in(a_qids, q_ids)).as_py() or 0))
-    stats.other["questions_without_answers"] = int(len(q_ids) - (pc.sum(pc.is_in(q_ids, a_qids)).as_py() or 0))
+    stats.other["answers_without_questions"] = len(a_qids) - _count(pc.is_in(a_qids, q_ids))
+    stats.other["questions_without_answers"] = len(q_ids) - _count(pc.is_in(q_ids, a_qids))
 
-    questions = questions.set_column(1, "content", clean_texts(questions["content"]))
-    answers = answers.set_column(2, "content", clean_texts(answers["content"]))
+    # Cleaning (and masking) before the duplicate checks: rows that differ only in spacing or
+    # markup are the same row, not a conflict.
+    stats.pii_masked = {kind: 0 for kind, _, _ in PII_PATTERNS}
+    for col, name in ((1, "question"), (2, "answer")):
+        table = questions if name == "question" else answers
+        texts, counts = prepare_texts(table["content"], mask=cfg.mask_pii)
+        table = table.set_column(col, "content", texts)
+        questions, answers = (table, answers) if name == "question" else (questions, table)
+        stats.pii_masked = {k: stats.pii_masked[k] + counts[k] for k in counts}
     questions = dedupe_ids(qfile, questions, "question_id", "question", stats)
     answers = dedupe_ids(afile, answers, "ans_id", "answer", stats)
 
@@ -596,41 +798,41 @@ def main(params: Params) -> None:
         questions = questions.slice(0, cfg.limit)
         answers = answers.filter(pc.is_in(answers["question_id"], questions["question_id"]))
         log.info("process.limit=%d: %d questions, %d answers kept", cfg.limit, len(questions), len(answers))
-    input_qids = questions["question_id"]  # before the length filters: what cleaning may lose
-
-    if cfg.mask_pii:
-        q_masked, q_counts = mask_pii(questions["content"])
-        a_masked, a_counts = mask_pii(answers["content"])
-        questions = questions.set_column(1, "content", q_masked)
-        answers = answers.set_column(2, "content", a_masked)
-        stats.pii_masked = {k: q_counts[k] + a_counts[k] for k in q_counts}
+    input_qids = questions["question_id"].to_numpy()  # before the length filters: what cleaning may lose
 
     questions = length_filter(questions, "content", cfg.min_question_chars, cfg.max_question_chars, "question", stats)
     answers = length_filter(answers, "content", cfg.min_answer_chars, cfg.max_answer_chars, "answer", stats)
 
-    # Merge: inner join through an index lookup (deterministic order, unlike a hash join).
-    idx = pc.index_in(answers["question_id"], value_set=questions["question_id"])
-    has_q = pc.is_valid(idx)
-    stats.drop("answer_question_missing", len(answers) - (pc.sum(has_q).as_py() or 0))
-    kept = answers.filter(has_q)
+    # Merge: inner join through an index lookup; pairs keep answer.csv's order, and point at
+    # their question's row (qpos) instead of copying its text.
+    idx = _array(pc.index_in(answers["question_id"], value_set=questions["question_id"]))
+    has_q = idx.is_valid()
+    n_pairs = _count(has_q)
+    stats.drop("answer_question_missing", len(answers) - n_pairs)
+    if n_pairs < len(answers):
+        answers_kept, idx = answers.filter(has_q), idx.filter(has_q)
+    else:
+        answers_kept = answers
     pairs = pa.table({
-        "question_id": kept["question_id"],
-        "ans_id": kept["ans_id"],
-        "question": questions["content"].take(idx.filter(has_q)),
-        "answer": kept["content"],
-    }).sort_by([("question_id", "ascending"), ("ans_id", "ascending")])
-    before = len(pairs)
-    pairs = _keep_first(pairs, ["question", "answer"])
-    stats.drop("duplicate_pairs", before - len(pairs))
+        "question_id": answers_kept["question_id"],
+        "ans_id": answers_kept["ans_id"],
+        "qpos": idx.cast(pa.int64()),
+        "answer": answers_kept["content"],
+    })
+    keep = unique_pairs(text_codes(questions["content"])[pairs["qpos"].to_numpy()], pairs["answer"])
+    stats.drop("duplicate_pairs", int((~keep).sum()))
+    if not keep.all():
+        pairs = pairs.filter(pa.array(keep))
     if not len(pairs):
         raise ProcessError(
             f"no question/answer pairs left after cleaning {raw_dir} (drops: {stats.dropped}, answers without "
             f"questions: {stats.other['answers_without_questions']}); check that the two files belong together "
             f"and the process.*_chars bounds"
         )
+    q_text = _array(questions["content"])
 
     pair_qids = pairs["question_id"].to_numpy()
-    uniq_qids, inverse = np.unique(pair_qids, return_inverse=True)
+    uniq_qids, first_pair, inverse = np.unique(pair_qids, return_index=True, return_inverse=True)
     if dev_cands is not None:
         split_of_q = official_split(uniq_qids, dev_cands["question_id"].to_numpy(), test_cands["question_id"].to_numpy())
         stats.other["split_method"] = "official"
@@ -639,33 +841,31 @@ def main(params: Params) -> None:
         stats.other["split_method"] = "hash"
     pair_split = split_of_q[inverse]
 
-    examples = pairs
+    examples, ex_split = pairs, pair_split
     if cfg.answers_per_question == "first":
-        # Pairs are sorted by (question_id, ans_id): the first row of each question is its first answer.
-        first = np.r_[True, pair_qids[1:] != pair_qids[:-1]]
+        # The first answer of a question is its first row in answer.csv (official ids ascend).
+        first = np.zeros(len(pairs), dtype=bool)
+        first[first_pair] = True
         stats.drop("answer_not_first", int((~first).sum()))
-        examples = pairs.filter(pa.array(first))
-        ex_split = pair_split[first]
-    else:
-        ex_split = pair_split
+        examples, ex_split = pairs.filter(pa.array(first)), pair_split[first]
 
-    test_pairs = pairs.filter(pa.array(pair_split == 2))
     if dev_cands is not None:
-        q_text = dict(zip(questions["question_id"].to_pylist(), questions["content"].to_pylist()))
-        a_text = dict(zip(answers["ans_id"].to_pylist(), answers["content"].to_pylist()))
         official_test = np.unique(test_cands["question_id"].to_numpy())
-        test_qids = official_test[np.isin(official_test, input_qids.to_numpy())]
+        test_qids = official_test[np.isin(official_test, input_qids)]
         stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
-        lists = official_candidates(test_cands, q_text, a_text, test_qids, stats)
+        lists = official_candidates(test_cands, questions, answers, test_qids, stats)
     else:
-        if cfg.max_candidate_questions:
-            cap_qids = np.unique(test_pairs["question_id"].to_numpy())[: cfg.max_candidate_questions]
-            test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], pa.array(cap_qids)))
+        in_test = np.flatnonzero(pair_split == 2)
+        test_pairs = pairs.take(pa.array(in_test[np.argsort(pair_qids[in_test], kind="stable")]))
+        test_pairs = test_pairs.append_column("question", q_text.take(test_pairs["qpos"]))
+        if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
+            cap = np.unique(test_pairs["question_id"].to_numpy())[: cfg.max_candidate_questions]
+            test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], pa.array(cap)))
         pool = pairs.filter(pa.array(pair_split >= 1))
         lists = sampled_candidates(test_pairs, pool, cfg.num_negatives, cfg.seed, stats)
     if cfg.max_candidate_questions:
-        lists = lists[: cfg.max_candidate_questions]
-    if not lists:
+        lists = lists.head(cfg.max_candidate_questions)
+    if not len(lists):
         log.warning("no test question has a candidate list (see dropped.candidate_* in %s)", cfg.metrics_file)
 
     split_counts = {name: int((ex_split == i).sum()) for i, name in enumerate(SPLITS)}
@@ -678,16 +878,20 @@ def main(params: Params) -> None:
         if not split_counts[name]:
             log.warning("the %s split is empty (%d questions in all)", name, len(uniq_qids))
 
+    # All lines at once, born grouped by split (the inputs are taken in that order), then
+    # written as three slices. Questions are escaped once per question, not once per answer.
+    order = pa.array(np.argsort(ex_split, kind="stable"))
+    ordered = examples.take(order)
+    lines = _chatml_lines(ordered["question_id"], ordered["ans_id"], _json_escape(q_text).take(ordered["qpos"]),
+                          _json_escape(ordered["answer"]), cfg.system_prompt)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        for i, name in enumerate(SPLITS):
-            write_lines(tmp / f"{name}.jsonl", chatml_lines(examples.filter(pa.array(ex_split == i)), cfg.system_prompt))
-        with open(tmp / "test_candidates.jsonl", "wb") as fh:
-            for rec in lists:
-                rec = {"question_id": rec["question_id"], "system": cfg.system_prompt,
-                       "question": rec["question"], "candidates": rec["candidates"]}
-                fh.write(orjson.dumps(rec) + b"\n")
+        start = 0
+        for name in SPLITS:
+            write_lines(tmp / f"{name}.jsonl", lines.slice(start, split_counts[name]))
+            start += split_counts[name]
+        write_lines(tmp / "test_candidates.jsonl", candidate_lines(lists, cfg.system_prompt))
 
-    q_len = pc.utf8_length(questions.filter(pc.is_in(questions["question_id"], pa.array(uniq_qids)))["content"]).to_numpy()
+    q_len = pc.utf8_length(q_text.take(pairs["qpos"].take(pa.array(first_pair)))).to_numpy()
     a_len = pc.utf8_length(examples["answer"]).to_numpy()
     metrics = {
         "rows_read": stats.rows_read,
@@ -698,7 +902,7 @@ def main(params: Params) -> None:
         "examples": split_counts,
         "questions": {name: int((split_of_q == i).sum()) for i, name in enumerate(SPLITS)},
         "candidate_questions": len(lists),
-        "candidates": sum(len(r["candidates"]) for r in lists),
+        "candidates": len(lists.group),
         "length": {**_percentiles("question", q_len), **_percentiles("answer", a_len)},
     }
     write_json(cfg.metrics_file, metrics)

@@ -16,13 +16,25 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
 
 from stages.fileio import read_jsonl
 from stages.params import with_overrides
-from stages.process import OUTPUT_FILES, ProcessError, chatml_lines, clean_texts, main, mask_pii
+from stages.process import (
+    OUTPUT_FILES,
+    CandidateLists,
+    ProcessError,
+    candidate_lines,
+    chatml_lines,
+    clean_texts,
+    main,
+    mask_pii,
+    text_codes,
+    unique_pairs,
+)
 from tests.conftest import ROOT, copy_repo
 
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
@@ -316,6 +328,52 @@ def test_chatml_lines_equal_orjson():
             "ans_id": row["ans_id"],
         }
         assert line == orjson.dumps(expected).decode() + "\n"
+
+
+def test_candidate_lines_equal_orjson():
+    lists = CandidateLists(
+        qids=np.array([5, 9]),
+        questions=pa.array(['问"一"', "问二\\"]),
+        group=np.array([0, 0, 1]),
+        ans_ids=np.array([50, 51, 90]),
+        contents=pa.array(["答\"甲\"", "答乙", "C:\\x"]),
+        labels=np.array([1, 0, 1]),
+    )
+    lines = candidate_lines(lists, "系统").to_pylist()
+    expected = [
+        {"question_id": 5, "system": "系统", "question": '问"一"', "candidates": [
+            {"ans_id": 50, "content": '答"甲"', "label": 1}, {"ans_id": 51, "content": "答乙", "label": 0}]},
+        {"question_id": 9, "system": "系统", "question": "问二\\", "candidates": [
+            {"ans_id": 90, "content": "C:\\x", "label": 1}]},
+    ]
+    assert lines == [orjson.dumps(e).decode() + "\n" for e in expected]
+
+
+def test_duplicates_dropped_and_counted(tmp_path, shared_sample, repo_params):
+    texts = _texts(shared_sample)
+    q_lines = texts["question.csv"].splitlines(keepends=True)
+    a_lines = texts["answer.csv"].splitlines(keepends=True)
+    qid, text = q_lines[1].rstrip("\n").split(",", 1)
+    aid, _, answer = a_lines[1].rstrip("\n").split(",", 2)
+    extra_q = [q_lines[1], f"99999991,{text}\n"]  # same row again; same text under a new id
+    extra_a = [
+        a_lines[1],  # the same answer row again
+        f"99999992,{qid},{answer}\n",  # same answer text under a new id, same question
+        f"99999993,99999991,{answer}\n",  # same pair again under the new question id
+        f"99999994,99999991,另一个不同的回答，内容足够长。\n",  # a genuinely new pair
+    ]
+    raw = _write(tmp_path / "raw", {"question.csv": "".join(q_lines + extra_q).encode(),
+                                     "answer.csv": "".join(a_lines + extra_a).encode()})
+    outputs, metrics = _run(repo_params, raw, tmp_path)
+    assert metrics["dropped"]["question_duplicate_rows"] == 1
+    assert metrics["dropped"]["answer_duplicate_rows"] == 1
+    assert metrics["dropped"]["duplicate_pairs"] == 2
+    assert sum(metrics["examples"].values()) == 500 + 1
+    ans_ids = {orjson.loads(line)["ans_id"] for f in SPLIT_FILES for line in outputs[f].splitlines()}
+    assert int(aid) in ans_ids and 99999994 in ans_ids and not {99999992, 99999993} & ans_ids
+
+    codes = text_codes(pa.array(["a", "b", "a", "a"]))
+    assert unique_pairs(codes, pa.array(["x", "x", "x", "yy"])).tolist() == [True, True, False, True]
 
 
 # ----------------------------------------------------------------------------- bad input
