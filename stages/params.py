@@ -43,11 +43,18 @@ class DownloadParams:
     timeout_s: float = 60
 
     def problems(self) -> list[str]:
-        return [
+        out = [
             f"download.files.{name}: {blob!r} is not a 40-hex git blob id"
             for name, blob in self.files.items()
             if len(str(blob)) != 40 or any(c not in "0123456789abcdef" for c in str(blob))
         ]
+        if not self.files:
+            out.append("download.files: list at least one file (name: git blob id)")
+        if not self.base_url.startswith(("https://", "http://")):
+            out.append(f"download.base_url: {self.base_url!r} must be an http(s) URL")
+        if self.timeout_s <= 0:
+            out.append("download.timeout_s: must be > 0")
+        return out
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ class ProcessParams:
             out.append("process.min_answer_chars: larger than process.max_answer_chars")
         if self.num_negatives < 1:
             out.append("process.num_negatives: must be >= 1")
+        if self.max_candidate_questions < 0:
+            out.append("process.max_candidate_questions: must be >= 0 (0 = all test questions)")
+        if self.min_question_chars < 1 or self.min_answer_chars < 1:
+            out.append("process.min_question_chars/min_answer_chars: must be >= 1 (empty texts are always dropped)")
         return out
 
 
