@@ -442,6 +442,9 @@ def main(params: Params) -> None:
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the main process
     # then publishes the adapter atomically with its lineage.
     staging = ckpt_dir / STAGING
+    if is_main and staging.exists():  # left by a run killed while publishing
+        shutil.rmtree(staging)
+    _barrier()
     trainer.save_model(str(staging))
     _barrier()
     if is_main:

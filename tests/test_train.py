@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from stages.base import BaseModelError, load_tokenizer
-from stages.chatml import IM_END, encode_example
+from stages.chatml import CHAT_TEMPLATE, IM_END, encode_example
 from stages.fileio import md5_dir
 from stages.params import Params, ParamsError, with_overrides
 from stages.train import encode_split, main
@@ -138,6 +138,7 @@ def test_training_lowers_heldout_loss(workdir, repo_params):
     assert config["r"] == 16 and config["base_model_name_or_path"] == "models/base/tiny"
     assert sorted(config["target_modules"]) == sorted(repo_params.lora.target_modules)
     assert not config.get("modules_to_save")
+    assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
     lineage = read_json(adapter / "lineage.json")
     assert set(lineage) == {"name", "base", "data", "params", "git_commit", "versions", "metrics"}
     assert lineage["name"].startswith("medqa-" + lineage["data"]["train_md5"][:8] + "-")
@@ -168,7 +169,7 @@ def test_same_seed_same_bytes_other_rank_other_adapter(workdir, repo_params):
 
 
 def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
-    params = small(repo_params, max_steps=8, save_steps=2, eval_steps=8, max_eval_examples=8)
+    params = small(repo_params, max_steps=6, save_steps=2, eval_steps=6, max_eval_examples=8)
     write_params(params, workdir / "params.yaml")
     cmd = [sys.executable, "-m", "stages.train"]
     with open(workdir / "first.log", "w") as log:
@@ -181,14 +182,14 @@ def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     saved = sorted(int(p.parent.name.split("-")[1]) for p in workdir.glob("models/checkpoints/checkpoint-*/trainer_state.json"))
-    assert saved and saved[-1] < 8 and not Path("models/adapter").exists()
+    assert saved and saved[-1] < 6 and not Path("models/adapter").exists()
 
     rerun = subprocess.run(cmd, cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-3000:]
     assert f"resuming from checkpoint-{saved[-1]} " in out, out[-3000:]
     metrics = read_json("metrics/train.json")
-    assert metrics["steps"] == 8  # as many optimizer steps as an uninterrupted run
+    assert metrics["steps"] == 6  # as many optimizer steps as an uninterrupted run
     assert metrics["eval_loss_step0"] > metrics["eval_loss"]
     assert Path("models/adapter/adapter_model.safetensors").is_file()
     assert not Path("models/checkpoints").exists()
