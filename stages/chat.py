@@ -59,9 +59,12 @@ def stream_answer(client, model: str, messages: list[dict], max_tokens: int, tem
 def offline_answerer(params: Params, adapter: str | None, merged: bool, max_tokens: int,
                      temperature: float) -> Callable[[list[dict], IO[str]], str]:
     """A function like ``stream_answer`` backed by vLLM's offline engine (prints at the end)."""
+    import os
+
     from stages.base import load_tokenizer
     from stages.infer import load_engine, sampling_params
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the REPL readable
     engine = load_engine(params, adapter, merged)
     tokenizer = load_tokenizer(engine.tokenizer_dir)  # carries the training chat template
     max_len = params.serve.max_model_len

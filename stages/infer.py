@@ -33,7 +33,9 @@ import orjson
 from stages.chatml import ENDOFTEXT, IM_END, encode_prompt
 from stages.fileio import atomic_path, dump_jsonl
 from stages.params import Params, ParamsError, load_params
-from stages.serve import ServeError, check_adapter, check_merged, cpu_env, gpu_available, vllm_rank
+from stages.serve import (
+    ServeError, check_adapter, check_merged, cpu_env, gpu_available, lora_target_modules, vllm_rank,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,8 @@ def load_engine(params: Params, adapter: str | Path | None = None, merged: bool 
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=str(params.model.path), enable_lora=True, max_lora_rank=vllm_rank(a.rank), max_loras=1, **common)
+    llm = LLM(model=str(params.model.path), enable_lora=True, max_lora_rank=vllm_rank(a.rank), max_loras=1,
+              lora_target_modules=lora_target_modules([a]), **common)
     return Engine(llm, LoRARequest(a.name, 1, str(a.path)), a.name, params.model.path, a.path)
 
 

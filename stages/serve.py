@@ -69,6 +69,7 @@ class Adapter:
     rank: int  # largest rank in the adapter (r or rank_pattern)
     lineage: dict = field(repr=False)
     chat_template: Path | None = None
+    target_modules: tuple[str, ...] | None = None  # None: a regex or "all-linear"
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,21 @@ def check_adapter(path: str | Path, model: ModelParams, max_lora_rank: int | Non
     template = _template(path)
     if template is None:
         raise ServeError(f"{path} has no chat_template.jinja (the format it was trained on): {fix}")
-    return Adapter(path=path.resolve(), name=name, rank=rank, lineage=lineage, chat_template=template.resolve())
+    targets = config.get("target_modules")
+    return Adapter(path=path.resolve(), name=name, rank=rank, lineage=lineage, chat_template=template.resolve(),
+                   target_modules=tuple(sorted(targets)) if isinstance(targets, list) else None)
+
+
+def lora_target_modules(adapters: Sequence[Adapter]) -> list[str] | None:
+    """The modules any adapter adapts, or None when one names them by pattern.
+
+    Without this list vLLM wraps every supported layer, the LM head included, and its
+    CPU LoRA kernels then copy the LM head's (vocabulary x rank) weights for every token
+    of the batch: 3-4x slower decoding on the tiny model for modules no adapter touches.
+    """
+    if not adapters or any(a.target_modules is None for a in adapters):
+        return None
+    return sorted({m for a in adapters for m in a.target_modules})
 
 
 def check_merged(path: str | Path, model: ModelParams) -> Merged:
@@ -228,8 +243,8 @@ def build_command(
         template = adapters[0].chat_template if adapters else None
     if template is None:
         template = model_dir / "chat_template.jinja"
-    # CPU: float32 (vLLM's CPU kernels run bf16 slowly without AMX, and fp32 keeps LoRA
-    # outputs comparable with peft); GPU: model.dtype, auto = bfloat16.
+    # model.dtype auto: float32 on CPU (as stages.base.resolve_dtype: bf16 matmuls are slow
+    # on CPUs without bf16 units, and fp32 keeps answers equal to peft's), bfloat16 on GPU.
     dtype = "float32" if not gpu and params.model.dtype == "auto" else str(resolve_dtype(params.model)).removeprefix("torch.")
     cmd = [
         python, "-m", VLLM_SERVER,
@@ -245,13 +260,18 @@ def build_command(
         cmd.append("--trust-remote-code")
     if adapters:
         rank = max_lora_rank if max_lora_rank is not None else vllm_rank(max(a.rank for a in adapters))
+        modules = lora_modules(adapters, serve.alias)
         cmd += [
             "--enable-lora",
             "--max-lora-rank", str(rank),
-            # every adapter stays resident: no swapping between requests to different ones
-            "--max-loras", str(len(adapters)),
-            "--lora-modules", *lora_modules(adapters, serve.alias),
+            # One slot per module name (the alias is a module of its own to vLLM), so
+            # requests to any of them share a batch instead of swapping adapters.
+            "--max-loras", str(len(modules)),
         ]
+        targets = lora_target_modules(adapters)
+        if targets:
+            cmd += ["--lora-target-modules", *targets]
+        cmd += ["--lora-modules", *modules]
     return cmd
 
 
@@ -310,12 +330,13 @@ def local_url(host: str, port: int) -> str:
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
     """Poll ``/health`` (no auth needed) until 200; fail if vLLM exits or times out."""
     start = time.monotonic()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
     while True:
         code = proc.poll()
         if code is not None:
             raise ServeError(f"vLLM exited with code {code} before it was ready; its log is above")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+            with opener.open(f"{url}/health", timeout=5) as resp:
                 if resp.status == 200:
                     return time.monotonic() - start
         except (urllib.error.URLError, OSError):

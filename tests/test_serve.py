@@ -380,8 +380,10 @@ def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
     cmd = build_command(params, [a, b16], None, "127.0.0.1", 8123)
     flag = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
     assert flag("--max-lora-rank") == "16"  # smallest vLLM rank holding r=12
-    assert flag("--max-loras") == "2"
+    assert flag("--max-loras") == "3"  # two adapters + the alias
     assert lora_modules([a, b16], "medqa") == [f"{a.name}={a.path}", f"{b16.name}={b16.path}", f"medqa={a.path}"]
+    i = cmd.index("--lora-target-modules")
+    assert cmd[i + 1:i + 8] == sorted(LORA_TARGETS)  # only what the adapters adapt: not the LM head
     assert cmd[cmd.index("--lora-modules") + 1:] == lora_modules([a, b16], "medqa")
     assert (flag("--served-model-name"), flag("--host"), flag("--port"), flag("--dtype")) == ("base", "127.0.0.1", "8123", "float32")
     assert flag("--chat-template") == str(adapter.resolve() / "chat_template.jinja")
