@@ -22,12 +22,14 @@ corpus takes seconds; pandas is not needed and not imported. Any bad input raise
 from __future__ import annotations
 
 import codecs
+import gc
 import html
 import logging
 import re
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,32 @@ def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
+def _per_chunk(fn, values: pa.Array | pa.ChunkedArray):
+    """fn applied to each chunk: no concatenation (a full copy) of a chunked column."""
+    if isinstance(values, pa.Array):
+        return fn(values)
+    return pa.chunked_array([fn(c) for c in values.chunks], type=values.type)
+
+
+def _match_regex(texts: pa.Array | pa.ChunkedArray, pattern: str) -> pa.Array | pa.ChunkedArray:
+    """pc.match_substring_regex, with the chunks split over Arrow's CPU threads.
+
+    A regex scan runs one chunk after another on one core; the kernel releases the GIL, so
+    a thread per slice of chunks uses the others (the scans are the costliest cleaning step).
+    """
+    workers = min(pa.cpu_count(), texts.num_chunks if isinstance(texts, pa.ChunkedArray) else 1)
+    if workers < 2:
+        return pc.match_substring_regex(texts, pattern)
+    chunks = texts.chunks
+    parts = [chunks[i::workers] for i in range(workers)]  # interleaved: equal shares of the bytes
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda part: [pc.match_substring_regex(c, pattern) for c in part], parts))
+    out = [None] * len(chunks)
+    for i, part in enumerate(results):
+        out[i::workers] = part
+    return pa.chunked_array(out, type=pa.bool_())
+
+
 def _count(mask: pa.Array | pa.ChunkedArray) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
@@ -140,7 +168,7 @@ def _decode_error(path: str, data: bytes, encoding: str, err: UnicodeDecodeError
 
 
 def guess_encodings(data: bytes, path: str = "input") -> list[str]:
-    """Codecs worth trying for data, most likely first (a BOM, else chardet on the first 64 KB).
+    """Codecs worth trying for data, most likely first (a BOM, a UTF-8 head, else chardet on 64 KB).
 
     Fallbacks are listed only where the guess is weak: an all-ASCII head says nothing about
     later bytes (utf-8, then gbk, then its superset gb18030), and GBK text with a character
@@ -152,7 +180,15 @@ def guess_encodings(data: bytes, path: str = "input") -> list[str]:
     head = data[:DETECT_BYTES]
     if head.isascii():
         return ["utf-8", "gbk", "gb18030"]
-    import chardet  # only needed for non-ASCII heads
+    try:
+        # Non-ASCII text that is valid UTF-8 is UTF-8 (GBK/GB18030 Chinese practically never is);
+        # this skips chardet's statistical models on the common case. A cut multi-byte char at
+        # the end of the head is fine.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        return ["utf-8"]
+    except UnicodeDecodeError:
+        pass
+    import chardet  # only needed for heads that are neither ASCII nor UTF-8
 
     guess = (chardet.detect(head)["encoding"] or "").lower()
     if guess in ("utf-8", "ascii"):
@@ -318,7 +354,8 @@ def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...
         table = _parse_csv(str(path), data, columns, int_columns, len(header))
     if not len(table):
         raise ProcessError(f"{path}: has a header but no data rows")
-    return pa.table({c: _array(table[c]) for c in columns}), encoding
+    # Ids in one chunk (cheap); texts stay in the parser's chunks: concatenating would copy them.
+    return pa.table({c: table[c] if c == "content" else _array(table[c]) for c in columns}), encoding
 
 
 # ----------------------------------------------------------------------------- clean
@@ -352,40 +389,64 @@ def _mask(texts: pa.Array) -> tuple[pa.Array, dict[str, int]]:
     return texts, counts
 
 
-def prepare_texts(texts: pa.Array | pa.ChunkedArray, mask: bool) -> tuple[pa.Array, dict[str, int]]:
+def _scatter(texts: pa.Array | pa.ChunkedArray, where: pa.Array | pa.ChunkedArray, sub: pa.Array):
+    """texts with the rows flagged in ``where`` replaced by ``sub`` (in order), chunk by chunk."""
+    if isinstance(texts, pa.Array):
+        return pc.replace_with_mask(texts, _array(where), sub)
+    out, pos = [], 0
+    for chunk, flags in zip(texts.chunks, _rechunk(where, texts)):
+        k = _count(flags)
+        out.append(pc.replace_with_mask(chunk, flags, sub.slice(pos, k)) if k else chunk)
+        pos += k
+    return pa.chunked_array(out, type=texts.type)
+
+
+def _rechunk(values: pa.Array | pa.ChunkedArray, like: pa.ChunkedArray) -> list[pa.Array]:
+    """values cut into the chunk lengths of ``like`` (zero-copy slices)."""
+    flat = _array(values) if isinstance(values, pa.ChunkedArray) and values.num_chunks != like.num_chunks else values
+    if isinstance(flat, pa.ChunkedArray) and all(len(a) == len(b) for a, b in zip(flat.chunks, like.chunks)):
+        return flat.chunks
+    flat = _array(flat)
+    out, pos = [], 0
+    for chunk in like.chunks:
+        out.append(flat.slice(pos, len(chunk)))
+        pos += len(chunk)
+    return out
+
+
+def prepare_texts(texts: pa.Array | pa.ChunkedArray, mask: bool) -> tuple[pa.Array | pa.ChunkedArray, dict[str, int]]:
     """clean_texts, then mask_pii if ``mask``, in one pass: both run only on the rows that need them.
 
     One regex scan of the whole column finds those rows (usually a small share); the
-    replacements, each a full scan too, then run on that subset only.
+    replacements, each a full scan too, then run once on that subset, which is put back
+    chunk by chunk (no copy of the whole column into one piece).
     """
-    texts = _array(texts)
     counts = {kind: 0 for kind, _, _ in PII_PATTERNS}
-    needs = pc.match_substring_regex(texts, RE_NEEDS_CLEANING + ("|" + RE_PII_HINT if mask else ""))
-    if not pc.any(needs).as_py():
+    needs = _match_regex(texts, RE_NEEDS_CLEANING + ("|" + RE_PII_HINT if mask else ""))
+    if not _count(needs):
         return texts, counts
-    sub = _clean(texts.filter(needs))
+    sub = _clean(_array(texts.filter(needs)))
     if mask:
         sub, counts = _mask(sub)
-    return pc.replace_with_mask(texts, needs, sub), counts
+    return _scatter(texts, needs, sub), counts
 
 
-def clean_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+def clean_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Unescape HTML entities, strip tags, delete invisible characters, collapse whitespace, trim."""
     return prepare_texts(texts, mask=False)[0]
 
 
-def mask_pii(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, dict[str, int]]:
+def mask_pii(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array | pa.ChunkedArray, dict[str, int]]:
     """Replace ID card numbers, mobile numbers and e-mail addresses by placeholders.
 
     Returns the masked texts and how many of each kind were replaced (counted as new
     placeholders, so text that already said "[PHONE]" is not counted).
     """
-    texts = _array(texts)
-    hint = pc.match_substring_regex(texts, RE_PII_HINT)
-    if not pc.any(hint).as_py():
+    hint = _match_regex(texts, RE_PII_HINT)
+    if not _count(hint):
         return texts, {kind: 0 for kind, _, _ in PII_PATTERNS}
-    sub, counts = _mask(texts.filter(hint))
-    return pc.replace_with_mask(texts, hint, sub), counts
+    sub, counts = _mask(_array(texts.filter(hint)))
+    return _scatter(texts, hint, sub), counts
 
 
 @dataclass
@@ -447,7 +508,11 @@ def length_filter(table: pa.Table, col: str, lo: int, hi: int, what: str, stats:
 
 def text_codes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Equal texts get equal integer codes (Arrow's dictionary encoding)."""
-    return _array(pc.dictionary_encode(_array(texts))).indices.to_numpy().astype(np.int64)
+    encoded = pc.dictionary_encode(texts)  # one dictionary for all chunks: indices are global
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    if not chunks:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
 
 
 def unique_pairs(question_codes: np.ndarray, answers: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -465,7 +530,9 @@ def unique_pairs(question_codes: np.ndarray, answers: pa.Array | pa.ChunkedArray
     _, inverse, counts = np.unique(question_codes * (int(alen.max()) + 1) + alen, return_inverse=True, return_counts=True)
     maybe = np.flatnonzero(counts[inverse] > 1)
     if len(maybe):
-        ac = text_codes(answers.take(pa.array(maybe)))
+        candidates = np.zeros(len(keep), dtype=bool)
+        candidates[maybe] = True
+        ac = text_codes(answers.filter(pa.array(candidates)))  # filter works per chunk; take would concatenate
         _, first = np.unique(question_codes[maybe] * (int(ac.max()) + 1) + ac, return_index=True)
         keep[maybe] = False
         keep[maybe[first]] = True
@@ -506,6 +573,12 @@ def official_split(qids: np.ndarray, dev_ids: np.ndarray, test_ids: np.ndarray) 
 # ----------------------------------------------------------------------------- format
 
 
+def _offsets(texts: pa.Array) -> np.ndarray:
+    """The (int64) offsets of a string array's values in its data buffer."""
+    dtype = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    return np.frombuffer(texts.buffers()[1], dtype=dtype)[texts.offset : texts.offset + len(texts) + 1].astype(np.int64)
+
+
 def _rows_with_bytes(texts: pa.Array, values: bytes, block: int = 1 << 22) -> np.ndarray:
     """Boolean mask of the strings that contain any of the given ASCII bytes.
 
@@ -514,11 +587,10 @@ def _rows_with_bytes(texts: pa.Array, values: bytes, block: int = 1 << 22) -> np
     the few hits are mapped to rows through the offsets. Far cheaper than a regex or
     substring kernel over every row.
     """
-    texts = texts.cast(pa.large_string())
     mask = np.zeros(len(texts), dtype=bool)
     if not len(texts):
         return mask
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    offsets = _offsets(texts)
     view = memoryview(texts.buffers()[2])
     hits = []
     for start in range(int(offsets[0]), int(offsets[-1]), block):
@@ -533,16 +605,18 @@ def _rows_with_bytes(texts: pa.Array, values: bytes, block: int = 1 << 22) -> np
     return mask
 
 
-def _json_escape(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _json_escape(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     # Cleaned texts hold no control characters, so '\' and '"' are all JSON needs escaped;
     # the result equals orjson's output byte for byte (a test checks it).
-    texts = _array(texts)
-    mask = _rows_with_bytes(texts, b'"\\')
-    if not mask.any():
-        return texts
-    sub = texts.filter(pa.array(mask))
-    sub = pc.replace_substring(pc.replace_substring(sub, "\\", "\\\\"), '"', '\\"')
-    return pc.replace_with_mask(texts, pa.array(mask), sub.cast(texts.type))
+    def one(chunk: pa.Array) -> pa.Array:
+        mask = _rows_with_bytes(chunk, b'"\\')
+        if not mask.any():
+            return chunk
+        sub = chunk.filter(pa.array(mask))
+        sub = pc.replace_substring(pc.replace_substring(sub, "\\", "\\\\"), '"', '\\"')
+        return pc.replace_with_mask(chunk, pa.array(mask), sub.cast(chunk.type))
+
+    return _per_chunk(one, texts)
 
 
 def _chatml_lines(qids, aids, questions_json, answers_json, system_prompt: str) -> pa.Array:
@@ -565,16 +639,52 @@ def chatml_lines(pairs: pa.Table, system_prompt: str) -> pa.Array:
                          _json_escape(pairs["answer"]), system_prompt)
 
 
+def _chunk_views(lines: pa.Array | pa.ChunkedArray):
+    """(offsets relative to the data view, data view) of each non-empty chunk of strings."""
+    for chunk in lines.chunks if isinstance(lines, pa.ChunkedArray) else [lines]:
+        if not len(chunk):
+            continue
+        offsets = _offsets(chunk)
+        yield offsets - offsets[0], memoryview(chunk.buffers()[2])[offsets[0] : offsets[-1]]
+
+
 def write_lines(path: Path, lines: pa.Array | pa.ChunkedArray) -> None:
     """Write strings that already end in a newline, straight from Arrow's buffers."""
     with open(path, "wb") as fh:
-        chunks = lines.chunks if isinstance(lines, pa.ChunkedArray) else [lines]
-        for chunk in chunks:
-            if not len(chunk):
-                continue
-            chunk = chunk.cast(pa.large_string())  # 64-bit offsets: no 2 GB limit
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
-            fh.write(memoryview(chunk.buffers()[2])[offsets[0] : offsets[-1]])
+        for _, view in _chunk_views(lines):
+            fh.write(view)
+
+
+def write_examples(
+    paths: list[Path], examples: pa.Table, split: np.ndarray, questions_json: pa.Array, system_prompt: str,
+    block: int = 1 << 14,
+) -> None:
+    """Write example i's ChatML line to paths[split[i]], in order, a block of rows at a time.
+
+    ``examples`` has question_id, ans_id, answer and qpos (row of the question in
+    ``questions_json``, the JSON-escaped question texts). Lines are built per block and
+    written as runs of consecutive rows: the memory of one block is reused by the next,
+    where building all lines first (or reordering them by split) would take fresh memory
+    for every byte of output.
+    """
+    handles = [open(p, "wb") for p in paths]
+    try:
+        for start in range(0, len(examples), block):
+            part = examples.slice(start, block)
+            lines = _chatml_lines(part["question_id"], part["ans_id"], questions_json.take(part["qpos"]),
+                                  _json_escape(part["answer"]), system_prompt)
+            row = start
+            for offsets, view in _chunk_views(lines):
+                n = len(offsets) - 1
+                s = split[row : row + n]
+                starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+                ends = np.r_[starts[1:], n]
+                for a, b, k in zip(offsets[starts].tolist(), offsets[ends].tolist(), s[starts].tolist()):
+                    handles[k].write(view[a:b])
+                row += n
+    finally:
+        for fh in handles:
+            fh.close()
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -765,6 +875,18 @@ def load_inputs(raw_dir: Path, stats: Stats) -> tuple[pa.Table, pa.Table, pa.Tab
 
 
 def main(params: Params) -> None:
+    # The stage makes few Python objects but many collections would be triggered by
+    # passing allocations, each scanning every imported module's objects: ~10% of the run.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _main(params)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _main(params: Params) -> None:
     data: DataParams = params.data
     cfg: ProcessParams = params.process
     log.info("process params: %s; data: %s", cfg, data)
@@ -855,8 +977,8 @@ def main(params: Params) -> None:
         stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
         lists = official_candidates(test_cands, questions, answers, test_qids, stats)
     else:
-        in_test = np.flatnonzero(pair_split == 2)
-        test_pairs = pairs.take(pa.array(in_test[np.argsort(pair_qids[in_test], kind="stable")]))
+        test_pairs = pairs.filter(pa.array(pair_split == 2))  # filter per chunk, then sort the few rows
+        test_pairs = test_pairs.take(pa.array(np.argsort(test_pairs["question_id"].to_numpy(), kind="stable")))
         test_pairs = test_pairs.append_column("question", q_text.take(test_pairs["qpos"]))
         if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
             cap = np.unique(test_pairs["question_id"].to_numpy())[: cfg.max_candidate_questions]
@@ -878,17 +1000,10 @@ def main(params: Params) -> None:
         if not split_counts[name]:
             log.warning("the %s split is empty (%d questions in all)", name, len(uniq_qids))
 
-    # All lines at once, born grouped by split (the inputs are taken in that order), then
-    # written as three slices. Questions are escaped once per question, not once per answer.
-    order = pa.array(np.argsort(ex_split, kind="stable"))
-    ordered = examples.take(order)
-    lines = _chatml_lines(ordered["question_id"], ordered["ans_id"], _json_escape(q_text).take(ordered["qpos"]),
-                          _json_escape(ordered["answer"]), cfg.system_prompt)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        start = 0
-        for name in SPLITS:
-            write_lines(tmp / f"{name}.jsonl", lines.slice(start, split_counts[name]))
-            start += split_counts[name]
+        # Questions are escaped once per question, not once per answer.
+        write_examples([tmp / f"{name}.jsonl" for name in SPLITS], examples, ex_split, _array(_json_escape(q_text)),
+                       cfg.system_prompt)
         write_lines(tmp / "test_candidates.jsonl", candidate_lines(lists, cfg.system_prompt))
 
     q_len = pc.utf8_length(q_text.take(pairs["qpos"].take(pa.array(first_pair)))).to_numpy()
