@@ -158,18 +158,19 @@ def test_same_seed_same_bytes_other_rank_other_adapter(workdir, repo_params):
         main(params)
         return Path("models/adapter/adapter_model.safetensors").read_bytes(), md5_dir("models/adapter")
 
-    params = small(repo_params, max_steps=2, max_eval_examples=8)
+    params = small(repo_params, max_steps=2, per_device_train_batch_size=2, max_eval_examples=8)
     first = run(params)
     second = run(params)
     assert first[0] == second[0]
     assert first[1] == second[1]
-    other = run(small(repo_params, lora={"r": 8}, max_steps=2, max_eval_examples=8))
+    other = run(small(repo_params, lora={"r": 8}, max_steps=2, per_device_train_batch_size=2, max_eval_examples=8))
     assert other[0] != first[0] and len(other[0]) < len(first[0])  # rank 8: half the LoRA weights
     assert read_json("models/adapter/adapter_config.json")["r"] == 8
 
 
 def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
-    params = small(repo_params, max_steps=6, save_steps=2, eval_steps=6, max_eval_examples=8)
+    params = small(repo_params, max_steps=6, per_device_train_batch_size=2, save_steps=2, eval_steps=6,
+                   max_eval_examples=8)
     write_params(params, workdir / "params.yaml")
     cmd = [sys.executable, "-m", "stages.train"]
     with open(workdir / "first.log", "w") as log:
@@ -204,7 +205,7 @@ def test_checkpoints_of_other_params_are_discarded(workdir, repo_params, caplog)
     stale.mkdir(parents=True)
     (stale / "trainer_state.json").write_text("{}")
     Path("models/checkpoints", RUN_FILE).write_text(json.dumps({"fingerprint": "other", "eval_loss_step0": 1.0}))
-    main(small(repo_params, max_steps=1, max_eval_examples=8))
+    main(small(repo_params, max_steps=1, per_device_train_batch_size=2, max_eval_examples=8))
     metrics = read_json("metrics/train.json")
     assert metrics["steps"] == 1 and metrics["eval_loss_step0"] > 5  # measured afresh, not taken over
     assert "discarding old checkpoints in models/checkpoints: they come from other params or data" in caplog.text
