@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import codecs
 import gc
-import html
 import logging
 import re
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +141,8 @@ def read_raw(path: Path) -> bytes:
     """Bytes of a file, or of the single CSV/TXT member of a .zip."""
     if path.suffix.lower() != ".zip":
         return path.read_bytes()
+    import zipfile  # here: only zipped inputs need it, and every import costs start-up time
+
     try:
         with zipfile.ZipFile(path) as zf:
             members = [m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX")]
@@ -363,6 +363,8 @@ def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...
 
 def _unescape_html(texts: pa.Array) -> pa.Array:
     # Entities are rare, so Python's complete html.unescape runs only on rows with "&".
+    import html  # here: its entity table is a large import few runs need
+
     has_amp = pc.match_substring(texts, "&")
     if not pc.any(has_amp).as_py():
         return texts
@@ -496,14 +498,31 @@ def dedupe_ids(path: str, table: pa.Table, id_col: str, what: str, stats: Stats)
 
 
 def length_filter(table: pa.Table, col: str, lo: int, hi: int, what: str, stats: Stats) -> pa.Table:
-    """Drop empty, too-short and too-long texts, counting each reason."""
-    n = pc.utf8_length(table[col]).to_numpy()
+    """Drop empty, too-short and too-long texts, counting each reason.
+
+    Adds the lengths as column ``chars`` (reused by the stats, not measured twice).
+    """
+    lengths = pc.utf8_length(table[col])
+    n = lengths.to_numpy()
     empty, short, long_ = n == 0, (n > 0) & (n < lo), n > hi
     stats.drop(f"{what}_empty", empty.sum())
     stats.drop(f"{what}_too_short", short.sum())
     stats.drop(f"{what}_too_long", long_.sum())
     drop = empty | short | long_
+    table = table.append_column("chars", lengths)
     return table.filter(pa.array(~drop)) if drop.any() else table  # a filter copies every column
+
+
+def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct values in order of first appearance, index of each one's first row, code of each row).
+
+    Hash-based (Arrow's dictionary encoding): linear time, unlike np.unique's sort.
+    """
+    encoded = pc.dictionary_encode(pa.array(values))
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    first = np.empty(len(encoded.dictionary), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the last write wins: the first row
+    return encoded.dictionary.to_numpy(zero_copy_only=False), first, codes
 
 
 def text_codes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -527,8 +546,8 @@ def unique_pairs(question_codes: np.ndarray, answers: pa.Array | pa.ChunkedArray
     if not len(keep):
         return keep
     alen = pc.binary_length(answers).to_numpy().astype(np.int64)
-    _, inverse, counts = np.unique(question_codes * (int(alen.max()) + 1) + alen, return_inverse=True, return_counts=True)
-    maybe = np.flatnonzero(counts[inverse] > 1)
+    _, _, codes = factorize(question_codes * (int(alen.max()) + 1) + alen)
+    maybe = np.flatnonzero(np.bincount(codes)[codes] > 1)
     if len(maybe):
         candidates = np.zeros(len(keep), dtype=bool)
         candidates[maybe] = True
@@ -940,6 +959,7 @@ def _main(params: Params) -> None:
         "ans_id": answers_kept["ans_id"],
         "qpos": idx.cast(pa.int64()),
         "answer": answers_kept["content"],
+        "chars": answers_kept["chars"],
     })
     keep = unique_pairs(text_codes(questions["content"])[pairs["qpos"].to_numpy()], pairs["answer"])
     stats.drop("duplicate_pairs", int((~keep).sum()))
@@ -954,7 +974,7 @@ def _main(params: Params) -> None:
     q_text = _array(questions["content"])
 
     pair_qids = pairs["question_id"].to_numpy()
-    uniq_qids, first_pair, inverse = np.unique(pair_qids, return_index=True, return_inverse=True)
+    uniq_qids, first_pair, inverse = factorize(pair_qids)
     if dev_cands is not None:
         split_of_q = official_split(uniq_qids, dev_cands["question_id"].to_numpy(), test_cands["question_id"].to_numpy())
         stats.other["split_method"] = "official"
@@ -971,24 +991,22 @@ def _main(params: Params) -> None:
         stats.drop("answer_not_first", int((~first).sum()))
         examples, ex_split = pairs.filter(pa.array(first)), pair_split[first]
 
-    if dev_cands is not None:
-        official_test = np.unique(test_cands["question_id"].to_numpy())
-        test_qids = official_test[np.isin(official_test, input_qids)]
-        stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
-        lists = official_candidates(test_cands, questions, answers, test_qids, stats)
-    else:
-        test_pairs = pairs.filter(pa.array(pair_split == 2))  # filter per chunk, then sort the few rows
-        test_pairs = test_pairs.take(pa.array(np.argsort(test_pairs["question_id"].to_numpy(), kind="stable")))
-        test_pairs = test_pairs.append_column("question", q_text.take(test_pairs["qpos"]))
-        if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
-            cap = np.unique(test_pairs["question_id"].to_numpy())[: cfg.max_candidate_questions]
-            test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], pa.array(cap)))
-        pool = pairs.filter(pa.array(pair_split >= 1))
-        lists = sampled_candidates(test_pairs, pool, cfg.num_negatives, cfg.seed, stats)
-    if cfg.max_candidate_questions:
-        lists = lists.head(cfg.max_candidate_questions)
-    if not len(lists):
-        log.warning("no test question has a candidate list (see dropped.candidate_* in %s)", cfg.metrics_file)
+    def build_lists() -> CandidateLists:
+        if dev_cands is not None:
+            official_test = np.unique(test_cands["question_id"].to_numpy())
+            test_qids = official_test[np.isin(official_test, input_qids)]
+            stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
+            lists = official_candidates(test_cands, questions, answers, test_qids, stats)
+        else:
+            test_pairs = pairs.filter(pa.array(pair_split == 2))  # filter per chunk, then sort the few rows
+            test_pairs = test_pairs.take(pa.array(np.argsort(test_pairs["question_id"].to_numpy(), kind="stable")))
+            test_pairs = test_pairs.append_column("question", q_text.take(test_pairs["qpos"]))
+            if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
+                cap = np.unique(test_pairs["question_id"].to_numpy())[: cfg.max_candidate_questions]
+                test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], pa.array(cap)))
+            pool = pairs.filter(pa.array(pair_split >= 1))
+            lists = sampled_candidates(test_pairs, pool, cfg.num_negatives, cfg.seed, stats)
+        return lists.head(cfg.max_candidate_questions) if cfg.max_candidate_questions else lists
 
     split_counts = {name: int((ex_split == i).sum()) for i, name in enumerate(SPLITS)}
     if not split_counts["train"]:
@@ -1000,14 +1018,20 @@ def _main(params: Params) -> None:
         if not split_counts[name]:
             log.warning("the %s split is empty (%d questions in all)", name, len(uniq_qids))
 
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True) as tmp, ThreadPoolExecutor(1) as worker:
+        # The candidate lists are built (mostly in Arrow/numpy, without the GIL) while this
+        # thread writes the examples.
+        candidates = worker.submit(lambda: (lists := build_lists(), candidate_lines(lists, cfg.system_prompt)))
         # Questions are escaped once per question, not once per answer.
         write_examples([tmp / f"{name}.jsonl" for name in SPLITS], examples, ex_split, _array(_json_escape(q_text)),
                        cfg.system_prompt)
-        write_lines(tmp / "test_candidates.jsonl", candidate_lines(lists, cfg.system_prompt))
+        lists, lines = candidates.result()
+        write_lines(tmp / "test_candidates.jsonl", lines)
+    if not len(lists):
+        log.warning("no test question has a candidate list (see dropped.candidate_* in %s)", cfg.metrics_file)
 
-    q_len = pc.utf8_length(q_text.take(pairs["qpos"].take(pa.array(first_pair)))).to_numpy()
-    a_len = pc.utf8_length(examples["answer"]).to_numpy()
+    q_len = _array(questions["chars"]).take(pa.array(pairs["qpos"].to_numpy()[first_pair])).to_numpy()
+    a_len = examples["chars"].to_numpy()
     metrics = {
         "rows_read": stats.rows_read,
         "encoding": stats.encoding,
