@@ -92,6 +92,51 @@ PII_PATTERNS = (
 RE_PII_HINT = r"[0-9]{11}|@"  # every pattern above needs one of these
 
 
+# pyarrow imports pandas (~0.3 s of start-up and ~100 MB) the first time pa.array(),
+# pa.scalar() or Array.to_numpy() runs. The stage never needs pandas, so numpy <-> Arrow
+# conversions go through the buffers instead (zero-copy both ways for numbers).
+_NUMPY_TYPES = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+                pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
+                pa.float32(): np.float32, pa.float64(): np.float64}
+
+
+def _np(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Numbers or booleans as numpy (values in null slots are unspecified)."""
+    if isinstance(values, pa.ChunkedArray):
+        parts = [_np(c) for c in values.chunks]
+        if parts:
+            return np.concatenate(parts)
+        return np.zeros(0, dtype=bool if values.type == pa.bool_() else _NUMPY_TYPES[values.type])
+    if values.type == pa.bool_():
+        bits = np.frombuffer(values.buffers()[1], dtype=np.uint8) if len(values) else np.zeros(0, np.uint8)
+        return np.unpackbits(bits, bitorder="little", count=values.offset + len(values))[values.offset :].astype(bool)
+    dtype = _NUMPY_TYPES[values.type]
+    if not len(values):
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(values.buffers()[1], dtype=dtype)[values.offset : values.offset + len(values)]
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A numpy array of numbers or booleans as an Arrow array."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == bool:
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def _strings(texts: list[str]) -> pa.Array:
+    """A list of str as an Arrow string array."""
+    data = [t.encode("utf-8") for t in texts]
+    offsets = np.zeros(len(data) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    return pa.Array.from_buffers(pa.large_string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]).cast(pa.string())
+
+
+def _lit(text: str) -> pa.Scalar:
+    """A string scalar (for the literal pieces of binary_join_element_wise)."""
+    return _strings([text])[0]
+
+
 def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
@@ -280,7 +325,7 @@ def _int_check(path: str, values: pa.Array, col: str) -> None:
 def _parse_csv(
     path: str, data: bytes | Path, columns: tuple[str, ...], int_columns: tuple[str, ...], n_fields: int
 ) -> pa.Table:
-    """Parse UTF-8 CSV from bytes, or from a file (memory-mapped: no copy of the input)."""
+    """Parse UTF-8 CSV from bytes, or from a file (read by Arrow itself: no Python copy of it)."""
     types = {c: (pa.int64() if c in int_columns else pa.string()) for c in columns}
 
     def read(types: dict, threads: bool = True) -> pa.Table:
@@ -288,9 +333,10 @@ def _parse_csv(
             include_columns=list(columns), column_types=types,
             strings_can_be_null=False, quoted_strings_can_be_null=False,
         )
-        source = pa.memory_map(str(data)) if isinstance(data, Path) else pa.BufferReader(data)
-        with source:
-            return pcsv.read_csv(source, convert_options=convert, read_options=pcsv.ReadOptions(use_threads=threads))
+        # A path, not a memory map: Arrow's own reads reuse their buffers, while faulting in
+        # a mapped file costs more system time than the copy it saves.
+        source = str(data) if isinstance(data, Path) else pa.BufferReader(data)
+        return pcsv.read_csv(source, convert_options=convert, read_options=pcsv.ReadOptions(use_threads=threads))
 
     try:
         return read(types)
@@ -323,7 +369,7 @@ def _parse_csv(
 def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...]) -> tuple[pa.Table, str]:
     """One input table (ids int64, texts str, only ``columns``) and the encoding it was in.
 
-    When the head looks like UTF-8 the file is parsed straight from a memory map, and the
+    When the head looks like UTF-8 the file is parsed straight from disk, and the
     CSV parser's own UTF-8 validation is the whole-file check (decoding it separately would
     cost as much as the parse). Only if that fails, or for other encodings, is the whole
     file decoded: to pick the codec and convert it, or to name the bad byte.
@@ -369,7 +415,7 @@ def _unescape_html(texts: pa.Array) -> pa.Array:
     if not pc.any(has_amp).as_py():
         return texts
     rows = texts.filter(has_amp).to_pylist()
-    return pc.replace_with_mask(texts, has_amp, pa.array([html.unescape(t) for t in rows], pa.string()))
+    return pc.replace_with_mask(texts, has_amp, _strings([html.unescape(t) for t in rows]))
 
 
 def _clean(texts: pa.Array) -> pa.Array:
@@ -467,18 +513,18 @@ class Stats:
 
 def _keep_first(table: pa.Table, keys: list[str]) -> pa.Table:
     """Rows whose key occurs for the first time (file order kept)."""
-    t = table.append_column("_row", pa.array(np.arange(len(table), dtype=np.int64)))
+    t = table.append_column("_row", _arrow(np.arange(len(table), dtype=np.int64)))
     first = t.group_by(keys, use_threads=False).aggregate([("_row", "min")])["_row_min"]
     mask = np.zeros(len(table), dtype=bool)
-    mask[first.to_numpy()] = True
-    return table.filter(pa.array(mask))
+    mask[_np(first)] = True
+    return table.filter(_arrow(mask))
 
 
 def dedupe_ids(path: str, table: pa.Table, id_col: str, what: str, stats: Stats) -> pa.Table:
     """Drop repeated rows of one id; the same id with different content is an error."""
     if pc.count_distinct(table[id_col]).as_py() == len(table):
         return table
-    ids = table[id_col].to_numpy()
+    ids = _np(table[id_col])
     value_cols = [c for c in table.column_names if c != id_col]
     unique_rows = _keep_first(table, table.column_names)
     per_id = unique_rows.group_by([id_col], use_threads=False).aggregate([(id_col, "count")])
@@ -503,14 +549,14 @@ def length_filter(table: pa.Table, col: str, lo: int, hi: int, what: str, stats:
     Adds the lengths as column ``chars`` (reused by the stats, not measured twice).
     """
     lengths = pc.utf8_length(table[col])
-    n = lengths.to_numpy()
+    n = _np(lengths)
     empty, short, long_ = n == 0, (n > 0) & (n < lo), n > hi
     stats.drop(f"{what}_empty", empty.sum())
     stats.drop(f"{what}_too_short", short.sum())
     stats.drop(f"{what}_too_long", long_.sum())
     drop = empty | short | long_
     table = table.append_column("chars", lengths)
-    return table.filter(pa.array(~drop)) if drop.any() else table  # a filter copies every column
+    return table.filter(_arrow(~drop)) if drop.any() else table  # a filter copies every column
 
 
 def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -518,11 +564,11 @@ def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Hash-based (Arrow's dictionary encoding): linear time, unlike np.unique's sort.
     """
-    encoded = pc.dictionary_encode(pa.array(values))
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    encoded = pc.dictionary_encode(_arrow(values))
+    codes = _np(encoded.indices).astype(np.int64)
     first = np.empty(len(encoded.dictionary), dtype=np.int64)
     first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the last write wins: the first row
-    return encoded.dictionary.to_numpy(zero_copy_only=False), first, codes
+    return _np(encoded.dictionary), first, codes
 
 
 def text_codes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -531,7 +577,7 @@ def text_codes(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
     chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
     if not chunks:
         return np.zeros(0, dtype=np.int64)
-    return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
+    return np.concatenate([_np(c.indices) for c in chunks]).astype(np.int64)
 
 
 def unique_pairs(question_codes: np.ndarray, answers: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -545,13 +591,13 @@ def unique_pairs(question_codes: np.ndarray, answers: pa.Array | pa.ChunkedArray
     keep = np.ones(len(question_codes), dtype=bool)
     if not len(keep):
         return keep
-    alen = pc.binary_length(answers).to_numpy().astype(np.int64)
+    alen = _np(pc.binary_length(answers)).astype(np.int64)
     _, _, codes = factorize(question_codes * (int(alen.max()) + 1) + alen)
     maybe = np.flatnonzero(np.bincount(codes)[codes] > 1)
     if len(maybe):
         candidates = np.zeros(len(keep), dtype=bool)
         candidates[maybe] = True
-        ac = text_codes(answers.filter(pa.array(candidates)))  # filter works per chunk; take would concatenate
+        ac = text_codes(answers.filter(_arrow(candidates)))  # filter works per chunk; take would concatenate
         _, first = np.unique(question_codes[maybe] * (int(ac.max()) + 1) + ac, return_index=True)
         keep[maybe] = False
         keep[maybe[first]] = True
@@ -631,9 +677,9 @@ def _json_escape(texts: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArra
         mask = _rows_with_bytes(chunk, b'"\\')
         if not mask.any():
             return chunk
-        sub = chunk.filter(pa.array(mask))
+        sub = chunk.filter(_arrow(mask))
         sub = pc.replace_substring(pc.replace_substring(sub, "\\", "\\\\"), '"', '\\"')
-        return pc.replace_with_mask(chunk, pa.array(mask), sub.cast(chunk.type))
+        return pc.replace_with_mask(chunk, _arrow(mask), sub.cast(chunk.type))
 
     return _per_chunk(one, texts)
 
@@ -642,9 +688,9 @@ def _chatml_lines(qids, aids, questions_json, answers_json, system_prompt: str) 
     head = '{"messages":[{"role":"system","content":' + orjson.dumps(system_prompt).decode()
     head += '},{"role":"user","content":"'
     return pc.binary_join_element_wise(
-        head, questions_json, '"},{"role":"assistant","content":"', answers_json,
-        '"}],"question_id":', pc.cast(qids, pa.string()), ',"ans_id":', pc.cast(aids, pa.string()), "}\n",
-        "",  # separator
+        _lit(head), questions_json, _lit('"},{"role":"assistant","content":"'), answers_json,
+        _lit('"}],"question_id":'), pc.cast(qids, pa.string()), _lit(',"ans_id":'), pc.cast(aids, pa.string()),
+        _lit("}\n"), _lit(""),  # the last one is the separator
     )
 
 
@@ -726,7 +772,7 @@ class CandidateLists:
     def head(self, n: int) -> CandidateLists:
         keep = self.group < n
         return CandidateLists(self.qids[:n], self.questions[:n], self.group[keep], self.ans_ids[keep],
-                              self.contents.filter(pa.array(keep)), self.labels[keep])
+                              self.contents.filter(_arrow(keep)), self.labels[keep])
 
 
 def _group_starts(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -745,14 +791,14 @@ def official_candidates(
     the official ones, and each list keeps the file's order (true answers first): breaking
     score ties fairly is the evaluator's job. Lists come out by question id.
     """
-    cands = cands.filter(pc.is_in(cands["question_id"], pa.array(test_qids, pa.int64())))
+    cands = cands.filter(pc.is_in(cands["question_id"], _arrow(np.asarray(test_qids, dtype=np.int64))))
     # Group without trusting the file to keep each list contiguous; stable keeps list order.
-    cands = cands.take(pa.array(np.argsort(cands["question_id"].to_numpy(), kind="stable")))
-    cq, ca, cl = (cands[c].to_numpy() for c in ("question_id", "ans_id", "label"))
+    cands = cands.take(_arrow(np.argsort(_np(cands["question_id"]), kind="stable")))
+    cq, ca, cl = (_np(cands[c]) for c in ("question_id", "ans_id", "label"))
     qpos = _array(pc.index_in(cands["question_id"], value_set=questions["question_id"]))
     apos = _array(pc.index_in(cands["ans_id"], value_set=answers["ans_id"]))
-    q_ok = qpos.is_valid().to_numpy(zero_copy_only=False)
-    a_ok = apos.is_valid().to_numpy(zero_copy_only=False)
+    q_ok = _np(qpos.is_valid())
+    a_ok = _np(apos.is_valid())
     starts, gid = _group_starts(cq)
     has_question = q_ok[starts] if len(starts) else np.zeros(0, bool)
     in_list = has_question[gid]
@@ -766,10 +812,10 @@ def official_candidates(
     new_gid = np.cumsum(list_ok) - 1
     return CandidateLists(
         qids=cq[starts][list_ok],
-        questions=_array(questions["content"]).take(pa.array(qpos.to_numpy(zero_copy_only=False)[starts][list_ok].astype(np.int64))),
+        questions=_array(questions["content"]).take(_arrow(_np(qpos)[starts][list_ok].astype(np.int64))),
         group=new_gid[gid[keep]],
         ans_ids=ca[keep],
-        contents=_array(answers["content"]).take(pa.array(apos.to_numpy(zero_copy_only=False)[keep].astype(np.int64))),
+        contents=_array(answers["content"]).take(_arrow(_np(apos)[keep].astype(np.int64))),
         labels=cl[keep],
     )
 
@@ -782,11 +828,11 @@ def sampled_candidates(test_pairs: pa.Table, pool: pa.Table, num_negatives: int,
     shuffled with the seed so a true answer's position says nothing.
     """
     rng = np.random.default_rng(seed)
-    tq = test_pairs["question_id"].to_numpy()
+    tq = _np(test_pairs["question_id"])
     starts, pos_group = _group_starts(tq)
     n_lists = len(starts)
     list_qids = tq[starts] if n_lists else tq[:0]
-    pool_q = pool["question_id"].to_numpy()
+    pool_q = _np(pool["question_id"])
     if n_lists and len(pool_q):
         # Everyone's draws at once; a few spare columns cover own answers and repeats.
         draws = rng.integers(0, len(pool_q), size=(n_lists, 2 * num_negatives + 8))
@@ -814,16 +860,16 @@ def sampled_candidates(test_pairs: pa.Table, pool: pa.Table, num_negatives: int,
     stats.other["candidate_lists_short"] = int(sum(
         1 for g in short.tolist() if (neg_group == g).sum() < num_negatives))
     group = np.r_[pos_group, neg_group].astype(np.int64)
-    ans_ids = np.r_[test_pairs["ans_id"].to_numpy(), pool["ans_id"].to_numpy()[neg_idx]]
+    ans_ids = np.r_[_np(test_pairs["ans_id"]), _np(pool["ans_id"])[neg_idx]]
     labels = np.r_[np.ones(len(pos_group), np.int64), np.zeros(len(neg_group), np.int64)]
-    contents = pa.concat_arrays([_array(test_pairs["answer"]), _array(pool["answer"]).take(pa.array(neg_idx))])
+    contents = pa.concat_arrays([_array(test_pairs["answer"]), _array(pool["answer"]).take(_arrow(neg_idx.astype(np.int64)))])
     order = np.lexsort((rng.random(len(group)), group))  # shuffle within each list
     return CandidateLists(
         qids=list_qids,
-        questions=_array(test_pairs["question"]).take(pa.array(starts)),
+        questions=_array(test_pairs["question"]).take(_arrow(starts.astype(np.int64))),
         group=group[order],
         ans_ids=ans_ids[order],
-        contents=contents.take(pa.array(order)),
+        contents=contents.take(_arrow(order.astype(np.int64))),
         labels=labels[order],
     )
 
@@ -831,17 +877,17 @@ def sampled_candidates(test_pairs: pa.Table, pool: pa.Table, num_negatives: int,
 def candidate_lines(lists: CandidateLists, system_prompt: str) -> pa.Array:
     """One JSON line per list: {"question_id", "system", "question", "candidates": [...]}."""
     items = pc.binary_join_element_wise(
-        '{"ans_id":', pc.cast(pa.array(lists.ans_ids), pa.string()),
-        ',"content":"', _json_escape(lists.contents),
-        '","label":', pc.cast(pa.array(lists.labels), pa.string()),
-        "}", "",
+        _lit('{"ans_id":'), pc.cast(_arrow(lists.ans_ids.astype(np.int64)), pa.string()),
+        _lit(',"content":"'), _json_escape(lists.contents),
+        _lit('","label":'), pc.cast(_arrow(lists.labels.astype(np.int64)), pa.string()),
+        _lit("}"), _lit(""),
     )
     offsets = np.r_[0, np.cumsum(np.bincount(lists.group, minlength=len(lists)))].astype(np.int32)
-    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), items), ",")
+    joined = pc.binary_join(pa.ListArray.from_arrays(_arrow(offsets), items), _lit(","))
     return pc.binary_join_element_wise(
-        '{"question_id":', pc.cast(pa.array(lists.qids, pa.int64()), pa.string()),
-        ',"system":' + orjson.dumps(system_prompt).decode() + ',"question":"', _json_escape(lists.questions),
-        '","candidates":[', joined, "]}\n", "",
+        _lit('{"question_id":'), pc.cast(_arrow(np.asarray(lists.qids, dtype=np.int64)), pa.string()),
+        _lit(',"system":' + orjson.dumps(system_prompt).decode() + ',"question":"'), _json_escape(lists.questions),
+        _lit('","candidates":['), joined, _lit("]}\n"), _lit(""),
     )
 
 
@@ -888,7 +934,7 @@ def load_inputs(raw_dir: Path, stats: Stats) -> tuple[pa.Table, pa.Table, pa.Tab
         log.info("read %s: %d rows, %s (%.2fs)", path, len(table), enc, time.perf_counter() - t0)
         tables[key] = table
     for key in ("dev_candidates", "test_candidates"):
-        if key in tables and not pc.all(pc.is_in(tables[key]["label"], pa.array([0, 1], pa.int64()))).as_py():
+        if key in tables and not pc.all(pc.is_in(tables[key]["label"], _arrow(np.array([0, 1], dtype=np.int64)))).as_py():
             raise ProcessError(f"{raw_dir}/{key}: column 'label' must be 0 or 1")
     return tables["question"], tables["answer"], tables.get("dev_candidates"), tables.get("test_candidates")
 
@@ -939,7 +985,7 @@ def _main(params: Params) -> None:
         questions = questions.slice(0, cfg.limit)
         answers = answers.filter(pc.is_in(answers["question_id"], questions["question_id"]))
         log.info("process.limit=%d: %d questions, %d answers kept", cfg.limit, len(questions), len(answers))
-    input_qids = questions["question_id"].to_numpy()  # before the length filters: what cleaning may lose
+    input_qids = _np(questions["question_id"])  # before the length filters: what cleaning may lose
 
     questions = length_filter(questions, "content", cfg.min_question_chars, cfg.max_question_chars, "question", stats)
     answers = length_filter(answers, "content", cfg.min_answer_chars, cfg.max_answer_chars, "answer", stats)
@@ -961,10 +1007,10 @@ def _main(params: Params) -> None:
         "answer": answers_kept["content"],
         "chars": answers_kept["chars"],
     })
-    keep = unique_pairs(text_codes(questions["content"])[pairs["qpos"].to_numpy()], pairs["answer"])
+    keep = unique_pairs(text_codes(questions["content"])[_np(pairs["qpos"])], pairs["answer"])
     stats.drop("duplicate_pairs", int((~keep).sum()))
     if not keep.all():
-        pairs = pairs.filter(pa.array(keep))
+        pairs = pairs.filter(_arrow(keep))
     if not len(pairs):
         raise ProcessError(
             f"no question/answer pairs left after cleaning {raw_dir} (drops: {stats.dropped}, answers without "
@@ -973,10 +1019,10 @@ def _main(params: Params) -> None:
         )
     q_text = _array(questions["content"])
 
-    pair_qids = pairs["question_id"].to_numpy()
+    pair_qids = _np(pairs["question_id"])
     uniq_qids, first_pair, inverse = factorize(pair_qids)
     if dev_cands is not None:
-        split_of_q = official_split(uniq_qids, dev_cands["question_id"].to_numpy(), test_cands["question_id"].to_numpy())
+        split_of_q = official_split(uniq_qids, _np(dev_cands["question_id"]), _np(test_cands["question_id"]))
         stats.other["split_method"] = "official"
     else:
         split_of_q = split_ids(uniq_qids, cfg.seed, cfg.val_ratio, cfg.test_ratio)
@@ -989,22 +1035,22 @@ def _main(params: Params) -> None:
         first = np.zeros(len(pairs), dtype=bool)
         first[first_pair] = True
         stats.drop("answer_not_first", int((~first).sum()))
-        examples, ex_split = pairs.filter(pa.array(first)), pair_split[first]
+        examples, ex_split = pairs.filter(_arrow(first)), pair_split[first]
 
     def build_lists() -> CandidateLists:
         if dev_cands is not None:
-            official_test = np.unique(test_cands["question_id"].to_numpy())
+            official_test = np.unique(_np(test_cands["question_id"]))
             test_qids = official_test[np.isin(official_test, input_qids)]
             stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
             lists = official_candidates(test_cands, questions, answers, test_qids, stats)
         else:
-            test_pairs = pairs.filter(pa.array(pair_split == 2))  # filter per chunk, then sort the few rows
-            test_pairs = test_pairs.take(pa.array(np.argsort(test_pairs["question_id"].to_numpy(), kind="stable")))
+            test_pairs = pairs.filter(_arrow(pair_split == 2))  # filter per chunk, then sort the few rows
+            test_pairs = test_pairs.take(_arrow(np.argsort(_np(test_pairs["question_id"]), kind="stable")))
             test_pairs = test_pairs.append_column("question", q_text.take(test_pairs["qpos"]))
             if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
-                cap = np.unique(test_pairs["question_id"].to_numpy())[: cfg.max_candidate_questions]
-                test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], pa.array(cap)))
-            pool = pairs.filter(pa.array(pair_split >= 1))
+                cap = np.unique(_np(test_pairs["question_id"]))[: cfg.max_candidate_questions]
+                test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], _arrow(cap)))
+            pool = pairs.filter(_arrow(pair_split >= 1))
             lists = sampled_candidates(test_pairs, pool, cfg.num_negatives, cfg.seed, stats)
         return lists.head(cfg.max_candidate_questions) if cfg.max_candidate_questions else lists
 
@@ -1030,8 +1076,8 @@ def _main(params: Params) -> None:
     if not len(lists):
         log.warning("no test question has a candidate list (see dropped.candidate_* in %s)", cfg.metrics_file)
 
-    q_len = _array(questions["chars"]).take(pa.array(pairs["qpos"].to_numpy()[first_pair])).to_numpy()
-    a_len = examples["chars"].to_numpy()
+    q_len = _np(_array(questions["chars"]).take(_arrow(_np(pairs["qpos"])[first_pair])))
+    a_len = _np(examples["chars"])
     metrics = {
         "rows_read": stats.rows_read,
         "encoding": stats.encoding,
