@@ -451,14 +451,13 @@ def _scatter(texts: pa.Array | pa.ChunkedArray, where: pa.Array | pa.ChunkedArra
 
 def _rechunk(values: pa.Array | pa.ChunkedArray, like: pa.ChunkedArray) -> list[pa.Array]:
     """values cut into the chunk lengths of ``like`` (zero-copy slices)."""
-    flat = _array(values) if isinstance(values, pa.ChunkedArray) and values.num_chunks != like.num_chunks else values
-    if isinstance(flat, pa.ChunkedArray) and all(len(a) == len(b) for a, b in zip(flat.chunks, like.chunks)):
-        return flat.chunks
-    flat = _array(flat)
-    out, pos = [], 0
-    for chunk in like.chunks:
-        out.append(flat.slice(pos, len(chunk)))
-        pos += len(chunk)
+    lengths = [len(c) for c in like.chunks]
+    if isinstance(values, pa.ChunkedArray) and [len(c) for c in values.chunks] == lengths:
+        return values.chunks
+    flat, out, pos = _array(values), [], 0
+    for n in lengths:
+        out.append(flat.slice(pos, n))
+        pos += n
     return out
 
 
@@ -497,18 +496,31 @@ def mask_pii(texts: pa.Array | pa.ChunkedArray) -> tuple[pa.Array | pa.ChunkedAr
     return _scatter(texts, hint, sub), counts
 
 
+# Every reason a row can be dropped for; all are reported (0 when unused) so the metric keys
+# are the same in every run and `dvc metrics diff` lines up.
+DROP_REASONS = (
+    "question_duplicate_rows", "answer_duplicate_rows",  # the same row repeated
+    "question_empty", "question_too_short", "question_too_long",
+    "answer_empty", "answer_too_short", "answer_too_long",
+    "answer_question_missing",  # its question is not in the file or was dropped
+    "duplicate_pairs",  # same question text and answer text under other ids
+    "answer_not_first",  # process.answers_per_question: first
+    "candidates_answer_missing", "candidate_lists_question_missing", "candidate_lists_no_positive",
+)
+
+
 @dataclass
 class Stats:
     """Everything the metrics file reports; filled as the stage goes."""
 
     rows_read: dict[str, int] = field(default_factory=dict)
     encoding: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     pii_masked: dict[str, int] = field(default_factory=dict)
     other: dict[str, object] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
+        self.dropped[reason] += int(n)  # KeyError for a reason missing from DROP_REASONS
 
 
 def _keep_first(table: pa.Table, keys: list[str]) -> pa.Table:

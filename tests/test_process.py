@@ -24,6 +24,7 @@ import pytest
 from stages.fileio import read_jsonl
 from stages.params import with_overrides
 from stages.process import (
+    DROP_REASONS,
     OUTPUT_FILES,
     CandidateLists,
     ProcessError,
@@ -218,6 +219,14 @@ def test_official_candidate_lists_keep_labels_and_order(tmp_path, shared_sample,
 def test_embedded_sample_keeps_answers_of_a_question_together(tmp_path, repo_params):
     raw = ROOT / "data" / "sample"
     outputs, metrics = _run(repo_params, raw, tmp_path)
+    assert set(metrics) == {
+        "rows_read", "encoding", "answers_without_questions", "questions_without_answers", "split_method",
+        "candidate_lists_short", "official_test_questions_not_in_input", "dropped", "pii_masked", "examples",
+        "questions", "candidate_questions", "candidates", "length",
+    }
+    assert set(metrics["dropped"]) == set(DROP_REASONS) and not any(metrics["dropped"].values())
+    assert set(metrics["length"]) == {f"{w}_{s}" for w in ("question", "answer") for s in ("p50", "p95", "max")}
+    assert metrics["rows_read"] == {"question": 102, "answer": 129}
     assert metrics["encoding"] == {"question": "utf-8", "answer": "gbk"}
     assert metrics["split_method"] == "hash"
     answers = defaultdict(set)
@@ -380,7 +389,7 @@ def test_duplicates_dropped_and_counted(tmp_path, shared_sample, repo_params):
 
 
 def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]:
-    """name -> (files to write/override (None = remove), process param overrides, expected message parts)."""
+    """name -> (files to write/override (None = remove; str or bytes), process param overrides, message parts)."""
     q, a = texts["question.csv"], texts["answer.csv"]
     q_lines = q.splitlines(keepends=True)
     dup_id = q_lines[3].split(",")[0]
@@ -388,7 +397,13 @@ def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]
     non_int = q_lines[0] + q_lines[1] + "abc," + q_lines[2].split(",", 1)[1] + "".join(q_lines[3:])
     extra_field = a.splitlines(keepends=True)
     extra_field[7] = extra_field[7].rstrip("\n") + ",多出来的字段\n"
+    a_bytes = a.encode()
+    cut = a_bytes.index(b"\n", len(a_bytes) * 3 // 4) + 4  # inside a row, past the 64 KB head
+    bad_utf8 = a_bytes[:cut] + b"\xff" + a_bytes[cut:]
+    bad_line = bad_utf8.count(b"\n", 0, cut) + 1
     return {
+        "undecodable byte": ({"answer.csv": bad_utf8}, {},
+                             ["answer.csv", f"byte offset {cut} ", f"(line {bad_line},", "as utf-8"]),
         "missing file": ({"answer.csv": None}, {}, ["no answer table", "answer.csv", "make data"]),
         "renamed column": ({"question.csv": q.replace("question_id,content", "question_id,text", 1)}, {},
                            ["question.csv", "missing column(s) content", "rename"]),
@@ -421,7 +436,7 @@ def test_bad_inputs_fail_clearly_and_keep_previous_outputs(tmp_path, shared_samp
             if content is None:
                 (raw / fname).unlink()
             else:
-                (raw / fname).write_bytes(content.encode())
+                (raw / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(ProcessError) as err:
             main(_params(repo_params, raw, tmp_path, **overrides))
         for part in expected:
@@ -430,6 +445,20 @@ def test_bad_inputs_fail_clearly_and_keep_previous_outputs(tmp_path, shared_samp
         assert after == before, name
         assert (tmp_path / "metrics" / "process.json").read_bytes() == metrics_before, name
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
+
+
+def test_cli_runs_without_importing_pandas(tmp_path, repo_params):
+    """The stage's speed relies on never loading pandas (pyarrow would import it on pa.array)."""
+    params = repo_params.to_dict()
+    params["data"] = {"raw_dir": str(ROOT / "data" / "sample"), "processed_dir": str(tmp_path / "processed")}
+    params["process"]["metrics_file"] = str(tmp_path / "process.json")
+    (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")
+    code = ("import runpy, sys; sys.argv = ['stages.process']; runpy.run_module('stages.process', run_name='__main__');"
+            " assert 'pandas' not in sys.modules, 'pandas was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == sorted(OUTPUT_FILES)
 
 
 def test_cli_exits_nonzero_with_the_message(tmp_path, repo_params):
