@@ -454,7 +454,7 @@ def main(
     """Check the inputs, start vLLM, block until it exits or is stopped.
 
     Args:
-        adapters: adapter dirs to serve (default: ``[train.output_dir]``); ignored with ``merged``.
+        adapters: adapter dirs to serve (default: ``[train.output_dir]``); not with ``merged``.
         merged: serve ``merge.output_dir`` instead of base + LoRA.
         host, port: default ``serve.host`` / ``serve.port``.
         api_key: require ``Authorization: Bearer <key>`` on /v1 routes.
