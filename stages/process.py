@@ -886,6 +886,34 @@ def sampled_candidates(test_pairs: pa.Table, pool: pa.Table, num_negatives: int,
     )
 
 
+def build_candidates(
+    cfg: ProcessParams, pairs: pa.Table, pair_split: np.ndarray, question_texts: pa.Array,
+    test_cands: pa.Table | None, questions: pa.Table, answers: pa.Table, input_qids: np.ndarray, stats: Stats,
+) -> CandidateLists:
+    """The test questions' lists: official ones when ``test_cands`` is given, else sampled.
+
+    ``pairs`` (question_id, ans_id, qpos, answer) and ``pair_split`` are the cleaned pairs
+    and their split; ``input_qids`` the question ids before the length filters (an official
+    list whose question was lost in cleaning is counted as dropped, one whose question was
+    never in the input is not).
+    """
+    if test_cands is not None:
+        official_test = np.unique(_np(test_cands["question_id"]))
+        test_qids = official_test[np.isin(official_test, input_qids)]
+        stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
+        lists = official_candidates(test_cands, questions, answers, test_qids, stats)
+    else:
+        test_pairs = pairs.filter(_arrow(pair_split == 2))  # filter per chunk, then sort the few rows
+        test_pairs = test_pairs.take(_arrow(np.argsort(_np(test_pairs["question_id"]), kind="stable")))
+        test_pairs = test_pairs.append_column("question", question_texts.take(test_pairs["qpos"]))
+        if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
+            cap = np.unique(_np(test_pairs["question_id"]))[: cfg.max_candidate_questions]
+            test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], _arrow(cap)))
+        pool = pairs.filter(_arrow(pair_split >= 1))
+        lists = sampled_candidates(test_pairs, pool, cfg.num_negatives, cfg.seed, stats)
+    return lists.head(cfg.max_candidate_questions) if cfg.max_candidate_questions else lists
+
+
 def candidate_lines(lists: CandidateLists, system_prompt: str) -> pa.Array:
     """One JSON line per list: {"question_id", "system", "question", "candidates": [...]}."""
     items = pc.binary_join_element_wise(
@@ -1049,23 +1077,6 @@ def _main(params: Params) -> None:
         stats.drop("answer_not_first", int((~first).sum()))
         examples, ex_split = pairs.filter(_arrow(first)), pair_split[first]
 
-    def build_lists() -> CandidateLists:
-        if dev_cands is not None:
-            official_test = np.unique(_np(test_cands["question_id"]))
-            test_qids = official_test[np.isin(official_test, input_qids)]
-            stats.other["official_test_questions_not_in_input"] = int(len(official_test) - len(test_qids))
-            lists = official_candidates(test_cands, questions, answers, test_qids, stats)
-        else:
-            test_pairs = pairs.filter(_arrow(pair_split == 2))  # filter per chunk, then sort the few rows
-            test_pairs = test_pairs.take(_arrow(np.argsort(_np(test_pairs["question_id"]), kind="stable")))
-            test_pairs = test_pairs.append_column("question", q_text.take(test_pairs["qpos"]))
-            if cfg.max_candidate_questions:  # cap before sampling: no work for lists that are cut
-                cap = np.unique(_np(test_pairs["question_id"]))[: cfg.max_candidate_questions]
-                test_pairs = test_pairs.filter(pc.is_in(test_pairs["question_id"], _arrow(cap)))
-            pool = pairs.filter(_arrow(pair_split >= 1))
-            lists = sampled_candidates(test_pairs, pool, cfg.num_negatives, cfg.seed, stats)
-        return lists.head(cfg.max_candidate_questions) if cfg.max_candidate_questions else lists
-
     split_counts = {name: int((ex_split == i).sum()) for i, name in enumerate(SPLITS)}
     if not split_counts["train"]:
         raise ProcessError(
@@ -1079,7 +1090,10 @@ def _main(params: Params) -> None:
     with atomic_path(out_dir, is_dir=True) as tmp, ThreadPoolExecutor(1) as worker:
         # The candidate lists are built (mostly in Arrow/numpy, without the GIL) while this
         # thread writes the examples.
-        candidates = worker.submit(lambda: (lists := build_lists(), candidate_lines(lists, cfg.system_prompt)))
+        candidates = worker.submit(lambda: (
+            lists := build_candidates(cfg, pairs, pair_split, q_text, test_cands, questions, answers, input_qids, stats),
+            candidate_lines(lists, cfg.system_prompt),
+        ))
         # Questions are escaped once per question, not once per answer.
         write_examples([tmp / f"{name}.jsonl" for name in SPLITS], examples, ex_split, _array(_json_escape(q_text)),
                        cfg.system_prompt)

@@ -266,7 +266,7 @@ def test_embedded_sample_keeps_answers_of_a_question_together(tmp_path, repo_par
         assert set(neg) <= held_out - answers[r["question_id"]]
 
 
-def test_first_answer_only_and_limit(tmp_path, shared_sample, repo_params):
+def test_first_answer_only_candidate_cap_and_limit(tmp_path, shared_sample, repo_params):
     raw = ROOT / "data" / "sample"
     first = {}
     with (raw / "answer.csv").open(encoding="gbk") as fh:
@@ -280,6 +280,11 @@ def test_first_answer_only_and_limit(tmp_path, shared_sample, repo_params):
         for ex in read_jsonl(tmp_path / "a" / "processed" / name):
             seen[ex["question_id"]] = ex["ans_id"]
     assert seen == first
+
+    _, metrics = _run(repo_params, raw, tmp_path / "c", max_candidate_questions=3, num_negatives=4)
+    lists = read_jsonl(tmp_path / "c" / "processed" / "test_candidates.jsonl")
+    assert metrics["candidate_questions"] == len(lists) == 3
+    assert all(sum(c["label"] == 0 for c in r["candidates"]) == 4 for r in lists)
 
     outputs, metrics = _run(repo_params, shared_sample, tmp_path / "b", limit=50)
     assert sum(metrics["questions"].values()) == 50
