@@ -123,7 +123,8 @@ def fetch(url: str, dest: Path, blob: str, timeout: float, attempts: int = ATTEM
                 break
             except NETWORK_ERRORS as e:  # dropped mid-transfer: resume from what arrived
                 last_error = e
-                log.warning("%s: %r after %d bytes (attempt %d/%d)", dest.name, e, part.stat().st_size, attempt, attempts)
+                got_bytes = part.stat().st_size if part.exists() else 0
+                log.warning("%s: %r after %d bytes (attempt %d/%d)", dest.name, e, got_bytes, attempt, attempts)
                 if attempt < attempts:
                     time.sleep(attempt)
         else:
