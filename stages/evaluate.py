@@ -52,7 +52,8 @@ from stages.params import VLLM_LORA_RANKS, Params, load_params
 
 log = logging.getLogger(__name__)
 
-LOGPROB_CHUNK = 256  # rows of hidden states turned into vocab-sized logits at once (memory)
+# Rows turned into vocab-sized float32 logits at once: 1024 x 152k x 4 B = 0.6 GB peak.
+LOGPROB_CHUNK = 1024
 PARITY_PROMPTS = 4   # prompts for the vLLM-vs-peft greedy parity check
 SELECTION_KEYS = ("p_at_1", "mrr", "map")
 
@@ -109,7 +110,8 @@ def load_inputs(params: Params) -> Inputs:
     questions = [q for q in read_jsonl(processed / "test_candidates.jsonl") if q["candidates"]]
     if not test or not questions:
         raise EvalError(f"{processed} has an empty test split: check process params (test_ratio, limit)")
-    first_per_question = list({r["question_id"]: r for r in reversed(test)}.values())[::-1]
+    seen: set[int] = set()
+    first_per_question = [r for r in test if not (r["question_id"] in seen or seen.add(r["question_id"]))]
     return Inputs(
         base_dir, adapter_dir, merged_dir,
         examples=_cap(test, params.eval.max_questions),
@@ -125,30 +127,54 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def logits_workspace(model) -> torch.Tensor | None:
+    """A reusable float32 buffer for one chunk of output-layer logits (CPU, float32 head).
+
+    Fresh 100s-of-MB tensors per chunk are page-faulted in by the OS every time; reusing
+    one buffer makes the output layer ~1.4x faster on CPU. Other cases (a bfloat16 head, a
+    GPU with its caching allocator) return None and allocate per chunk.
+    """
+    head = model.get_output_embeddings()
+    if head.weight.dtype != torch.float32 or getattr(head, "bias", None) is not None or head.weight.is_cuda:
+        return None
+    return torch.empty(LOGPROB_CHUNK, head.weight.shape[0], dtype=torch.float32, device=head.weight.device)
+
+
 @torch.no_grad()
-def target_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    workspace: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target | hidden) per row, with the vocab-sized logits made a chunk at a time.
 
-    A (batch x length x 152k) float32 logits tensor would need gigabytes; only the row's
-    target log-prob is kept.
+    On a small model nearly all the cost is here (152k-vocab output layer), so rows go
+    through in large chunks (matmul efficiency), into ``workspace`` when given, and the
+    normaliser is computed in place (fewer passes over the logits than logsumexp); a
+    (batch x length x vocab) tensor is never built.
     """
     out = []
     for i in range(0, hidden.shape[0], LOGPROB_CHUNK):
-        logits = head(hidden[i:i + LOGPROB_CHUNK]).float()
-        tgt = targets[i:i + LOGPROB_CHUNK, None]
-        out.append(logits.gather(1, tgt)[:, 0] - logits.logsumexp(-1))
+        h = hidden[i:i + LOGPROB_CHUNK]
+        if workspace is not None:
+            logits = torch.mm(h, head.weight.t(), out=workspace[:h.shape[0]])
+        else:
+            logits = head(h).float()
+        tgt = logits.gather(1, targets[i:i + LOGPROB_CHUNK, None])[:, 0]
+        peak = logits.amax(-1, keepdim=True)
+        log_norm = logits.sub_(peak).exp_().sum(-1).log_() + peak[:, 0]
+        out.append(tgt - log_norm)
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 @torch.no_grad()
-def score_candidates(model, prompt: list[int], candidates: list[list[int]], batch_size: int) -> list[float]:
+def score_candidates(model, prompt: list[int], candidates: list[list[int]], batch_size: int,
+                     workspace: torch.Tensor | None = None) -> list[float]:
     """Mean log-prob per answer token of each candidate after ``prompt`` (shared prefix).
 
     The prompt runs once; its KV cache is copied for each batch of candidates (a
     DynamicCache grows in place during forward, so every batch gets a fresh one). The first
     answer token is predicted by the prompt's last position, the rest by the candidate's own
-    positions; candidates are right-padded and masked, and sorted by length so little
-    padding is computed.
+    positions. Candidates go through the transformer in length-sorted, right-padded,
+    masked batches; the hidden states of their real positions are then pooled, so the
+    output layer (most of the cost on small models) runs over large chunks of rows.
     """
     from transformers import DynamicCache
 
@@ -158,32 +184,33 @@ def score_candidates(model, prompt: list[int], candidates: list[list[int]], batc
     layers = [(k, v) for k, v, *_ in prefix.past_key_values]
     p = len(prompt)
 
-    scores = [0.0] * len(candidates)
+    lengths = torch.tensor([len(c) for c in candidates], device=device)
+    total = first_lp[torch.tensor([c[0] for c in candidates], device=device)]
+    hidden_rows, target_rows, owner_rows = [], [], []
     order = sorted(range(len(candidates)), key=lambda i: len(candidates[i]))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        cands = [candidates[i] for i in idx]
-        lengths = torch.tensor([len(c) for c in cands], device=device)
-        total = first_lp[torch.tensor([c[0] for c in cands], device=device)]
-        width = int(lengths.max()) - 1  # the last token of each candidate is only a target
-        if width > 0:
-            n = len(cands)
-            ids = torch.zeros(n, width + 1, dtype=torch.long, device=device)
-            for row, c in enumerate(cands):
-                ids[row, :len(c)] = torch.tensor(c, device=device)
-            valid = torch.arange(width, device=device)[None, :] < (lengths[:, None] - 1)
-            mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), valid.long()], 1)
-            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in layers],
-                                 config=model.config)
-            hidden = body(
-                input_ids=ids[:, :width], attention_mask=mask, past_key_values=cache, use_cache=True,
-                position_ids=torch.arange(p, p + width, device=device).expand(n, -1),
-            ).last_hidden_state
-            lp = target_logprobs(head, hidden[valid], ids[:, 1:][valid])
-            total = total.index_add(0, valid.nonzero()[:, 0], lp)
-        for row, i in enumerate(idx):
-            scores[i] = float(total[row] / lengths[row])
-    return scores
+        idx = torch.tensor(order[start:start + batch_size], device=device)
+        n, width = len(idx), int(lengths[idx].max()) - 1  # a candidate's last token is only a target
+        if width == 0:
+            continue
+        ids = torch.zeros(n, width + 1, dtype=torch.long, device=device)
+        for row, i in enumerate(idx.tolist()):
+            ids[row, :len(candidates[i])] = torch.tensor(candidates[i], device=device)
+        valid = torch.arange(width, device=device)[None, :] < (lengths[idx, None] - 1)
+        mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), valid.long()], 1)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in layers],
+                             config=model.config)
+        hidden = body(
+            input_ids=ids[:, :width], attention_mask=mask, past_key_values=cache, use_cache=True,
+            position_ids=torch.arange(p, p + width, device=device).expand(n, -1),
+        ).last_hidden_state
+        hidden_rows.append(hidden[valid])
+        target_rows.append(ids[:, 1:][valid])
+        owner_rows.append(idx[valid.nonzero()[:, 0]])
+    if hidden_rows:
+        lp = target_logprobs(head, torch.cat(hidden_rows), torch.cat(target_rows), workspace)
+        total = total.index_add(0, torch.cat(owner_rows), lp)
+    return (total / lengths).tolist()
 
 
 @torch.no_grad()
@@ -209,11 +236,12 @@ def encode_question(tokenizer, q: dict, max_length: int) -> tuple[list[int], lis
     return prompt, cands, [int(c["label"]) for c in q["candidates"]]
 
 
-def score_questions(model, tokenizer, questions: list[dict], max_length: int, batch_size: int, desc: str) -> list[list[float]]:
-    out = []
+def score_questions(model, tokenizer, questions: list[dict], max_length: int, batch_size: int,
+                    desc: str) -> list[list[float]]:
+    out, workspace = [], logits_workspace(model)
     for q in tqdm(questions, desc=f"selection {desc}", unit="q", leave=False):
         prompt, cands, _ = encode_question(tokenizer, q, max_length)
-        out.append(score_candidates(model, prompt, cands, batch_size))
+        out.append(score_candidates(model, prompt, cands, batch_size, workspace))
     return out
 
 
@@ -221,8 +249,9 @@ def score_questions(model, tokenizer, questions: list[dict], max_length: int, ba
 def answer_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size: int) -> dict:
     """Token-weighted NLL of assistant tokens (chatml labels) and its perplexity."""
     device, body, head = _device(model), model.get_decoder(), model.get_output_embeddings()
-    encoded = sorted((encode_example(tokenizer, e["messages"], max_length) for e in examples), key=lambda e: len(e.input_ids))
-    nll, tokens = 0.0, 0
+    encoded = [encode_example(tokenizer, e["messages"], max_length) for e in examples]
+    encoded.sort(key=lambda e: len(e.input_ids))  # similar lengths per batch: little padding
+    nll, tokens, workspace = 0.0, 0, logits_workspace(model)
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         width = max(len(e.input_ids) for e in batch)
@@ -236,7 +265,7 @@ def answer_loss(model, tokenizer, examples: list[dict], max_length: int, batch_s
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != -100
-        lp = target_logprobs(head, hidden[keep], targets[keep])
+        lp = target_logprobs(head, hidden[keep], targets[keep], workspace)
         nll -= float(lp.sum())
         tokens += int(keep.sum())
     loss = nll / max(tokens, 1)
@@ -252,7 +281,8 @@ def _first_positive_and_ap(ranked_labels: np.ndarray) -> tuple[int, float]:
     return int(hits[0]), ap
 
 
-def selection_ranks(scores: list[list[float]], labels: list[list[int]], rng: np.random.Generator) -> list[tuple[int, float]]:
+def selection_ranks(scores: list[list[float]], labels: list[list[int]],
+                    rng: np.random.Generator) -> list[tuple[int, float]]:
     """(rank of the first positive, average precision) per question with a positive.
 
     Descending score; ties broken by a random key from ``rng`` (never by list order).
@@ -270,7 +300,10 @@ def selection_ranks(scores: list[list[float]], labels: list[list[int]], rng: np.
 
 def selection_metrics(scores: list[list[float]], labels: list[list[int]], rng: np.random.Generator) -> dict:
     """P@1 (top-1 accuracy), MRR and MAP over questions that have at least one positive."""
-    ranks = selection_ranks(scores, labels, rng)
+    return metrics_from_ranks(selection_ranks(scores, labels, rng))
+
+
+def metrics_from_ranks(ranks: list[tuple[int, float]]) -> dict:
     if not ranks:
         raise EvalError("no test question has a correct candidate (label 1): check test_candidates.jsonl")
     first = np.array([r for r, _ in ranks])
@@ -380,21 +413,24 @@ def kv_cache_bytes(base_dir: Path, tokens: int) -> int:
     return max(64 << 20, 2 * tokens * per_token)
 
 
-def open_vllm(base_dir: Path, adapter_dir: Path, rank: int, max_model_len: int, max_seqs: int, seed: int):
-    """A float32 vLLM engine on the base with LoRA enabled (one adapter, rank rounded up
-    to the nearest rank vLLM serves). It runs in vLLM's own worker process; close it with
-    ``close_vllm``."""
+def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len: int, max_seqs: int, seed: int):
+    """A float32 vLLM engine on the base, with LoRA enabled when ``adapter_dir`` is given
+    (one adapter, rank rounded up to the nearest rank vLLM serves). It runs in vLLM's own
+    worker process; close it with ``close_vllm``."""
     from vllm import LLM
 
-    memory = {}
+    options = {}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the HF models of this process are gone; hand their memory back
     else:
-        memory["kv_cache_memory_bytes"] = kv_cache_bytes(base_dir, max_seqs * max_model_len)
+        options["kv_cache_memory_bytes"] = kv_cache_bytes(base_dir, max_seqs * max_model_len)
+    if adapter_dir is not None:
+        options.update(enable_lora=True, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= rank), max_loras=1)
+    # eager: no graph capture/compilation at startup, which would cost more than a few
+    # dozen evaluation answers take to generate
     return LLM(
-        model=str(base_dir), tokenizer=str(adapter_dir), dtype="float32", seed=seed,
-        enable_lora=True, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= rank), max_loras=1,
-        max_model_len=max_model_len, enforce_eager=True, **memory,
+        model=str(base_dir), tokenizer=str(adapter_dir or base_dir), dtype="float32", seed=seed,
+        max_model_len=max_model_len, enforce_eager=True, **options,
     )
 
 
@@ -530,14 +566,16 @@ def rank_csv(ranks: dict[str, list[int]], labels: list[list[int]]) -> str:
 
 
 def evaluate_model(path: Path, params: Params, inputs: Inputs, tokenizer, prompts, labels, generate: bool, name: str):
-    """Loss, selection and (with the hf backend) generation of one model. Returns (metrics, ranks, generated ids)."""
+    """Loss, selection and (hf backend) generation of one model: (metrics, first-positive ranks, ids)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, params.model, resolve_dtype(params.model)).to(device)
     e = params.eval
     metrics = answer_loss(model, tokenizer, inputs.examples, e.max_seq_length, e.batch_size)
     scores = score_questions(model, tokenizer, inputs.questions, e.max_seq_length, e.batch_size, name)
-    sel = selection_metrics(scores, labels, np.random.default_rng(e.seed))
-    ranks = [r for r, _ in selection_ranks(scores, labels, np.random.default_rng(e.seed))]
+    # the same seed for both models: equal scores get the same tie-breaking draw
+    ranked = selection_ranks(scores, labels, np.random.default_rng(e.seed))
+    sel = metrics_from_ranks(ranked)
+    ranks = [r for r, _ in ranked]
     metrics.update({k: sel[k] for k in SELECTION_KEYS})
     generated = generate_hf(model, tokenizer, prompts, e.max_new_tokens, e.batch_size) if generate else None
     log.info(
@@ -565,6 +603,41 @@ def resolve_backend(requested: str, rank_ok: bool) -> tuple[str, str]:
     return "hf", f"auto: {why if not ok else 'adapter rank not servable by vLLM'}"
 
 
+def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]], vllm_tuned: list[list[int]]):
+    """Greedy ids of vLLM + LoRA equal to peft (base + adapter, float32) on a few prompts?"""
+    from peft import PeftModel
+
+    n = min(PARITY_PROMPTS, len(prompts))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_model(inputs.base_dir, params.model, torch.float32).to(device)
+    model = PeftModel.from_pretrained(base, str(inputs.adapter_dir)).eval()
+    peft_ids = generate_hf(model, tokenizer, prompts[:n], params.eval.max_new_tokens, params.eval.batch_size)
+    del model, base
+    gc.collect()
+    eos, _ = special_ids(tokenizer)
+
+    def cut(ids):
+        return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
+
+    same = sum(cut(a) == cut(b) for a, b in zip(peft_ids, vllm_tuned[:n]))
+    return same == n, f"{same}/{n} greedy outputs identical (vLLM LoRA vs peft, float32)"
+
+
+def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]]):
+    """(base ids, tuned ids, parity flag, parity reason) from one vLLM engine with the LoRA."""
+    e = params.eval
+    rank = int(json.loads((inputs.adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+    eos, _ = special_ids(tokenizer)
+    llm = open_vllm(inputs.base_dir, inputs.adapter_dir, rank, max(map(len, prompts)) + e.max_new_tokens,
+                    len(prompts), e.seed)
+    try:
+        base = generate_vllm(llm, prompts, e.max_new_tokens, eos)
+        tuned = generate_vllm(llm, prompts, e.max_new_tokens, eos, inputs.adapter_dir)
+    finally:
+        close_vllm(llm)
+    return (base, tuned, *vllm_peft_parity(params, inputs, tokenizer, prompts, tuned))
+
+
 def main(params: Params) -> None:
     e = params.eval
     log.info("eval params: %s", e)
@@ -576,22 +649,15 @@ def main(params: Params) -> None:
     backend, backend_reason = resolve_backend(e.backend, flags["rank_servable"])
     log.info("generation backend: %s (%s)", backend, backend_reason)
 
-    base, base_ranks, base_gen = evaluate_model(inputs.base_dir, params, inputs, tokenizer, prompts, labels, backend == "hf", "base")
-    tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, params, inputs, tokenizer, prompts, labels, backend == "hf", "tuned")
-
-    if backend == "vllm":
-        rank = int(json.loads((inputs.adapter_dir / "adapter_config.json").read_text())["r"])
-        eos, _ = special_ids(tokenizer)
-        llm = open_vllm(inputs.base_dir, inputs.adapter_dir, rank, max(map(len, prompts)) + e.max_new_tokens,
-                        len(prompts), e.seed)
-        try:
-            base_gen = generate_vllm(llm, prompts, e.max_new_tokens, eos)
-            tuned_gen = generate_vllm(llm, prompts, e.max_new_tokens, eos, inputs.adapter_dir)
-        finally:
-            close_vllm(llm)
-        flags["vllm_parity"], reasons["vllm_parity"] = vllm_peft_parity(params, inputs, tokenizer, prompts, tuned_gen)
-    else:
+    hf = backend == "hf"
+    args = (params, inputs, tokenizer, prompts, labels, hf)
+    base, base_ranks, base_gen = evaluate_model(inputs.base_dir, *args, "base")
+    tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, *args, "tuned")
+    if hf:
         flags["vllm_parity"], reasons["vllm_parity"] = None, backend_reason.removeprefix("auto: ")
+    else:
+        base_gen, tuned_gen, parity, reasons["vllm_parity"] = vllm_generations(params, inputs, tokenizer, prompts)
+        flags["vllm_parity"] = parity
 
     loss_tokens = base.pop("tokens")
     tuned.pop("tokens")
@@ -602,46 +668,32 @@ def main(params: Params) -> None:
         refs = [split_messages(r["messages"])[2] for r in inputs.generations]
         metrics.update(generation_metrics(texts[name], refs, [th for _, th in cleaned]))
 
-    flags["ready"] = all(flags[k] for k in ("rank_servable", "no_modules_to_save", "targets_matched")) and flags["vllm_parity"] is not False
-    random = random_baseline(labels)
+    # not ready on a failed parity; an unchecked one (no vLLM here) does not count against it
+    flags["ready"] = all(flags[k] for k in ("rank_servable", "no_modules_to_save", "targets_matched")) \
+        and flags["vllm_parity"] is not False
     results = {
         "base": base,
         "tuned": tuned,
         "delta": {k: tuned[k] - base[k] for k in base},
-        "random": random,
+        "random": random_baseline(labels),
         "serve_ready": flags,
     }
     write_outputs(params, inputs, results, texts, {"base": base_ranks, "tuned": tuned_ranks}, labels, {
         "backend": backend,
         "backend_reason": backend_reason,
-        "tuned_model": str(inputs.merged_dir) if backend == "hf" else f"{inputs.merged_dir} (loss, selection); "
+        "tuned_model": str(inputs.merged_dir) if hf else f"{inputs.merged_dir} (loss, selection); "
                        f"{inputs.base_dir} + LoRA {inputs.adapter_dir} in vLLM (generation)",
         "serve_ready_reasons": reasons,
-        "counts": {"loss_examples": len(inputs.examples), "loss_tokens": loss_tokens, "selection_questions": len(inputs.questions),
-                   "candidates": sum(map(len, labels)), "generations": len(inputs.generations)},
+        "counts": {"loss_examples": len(inputs.examples), "loss_tokens": loss_tokens,
+                   "selection_questions": len(inputs.questions), "candidates": sum(map(len, labels)),
+                   "generations": len(inputs.generations)},
         "tie_break_seed": e.seed,
     })
     log.info("tuned - base: %s", {k: round(v, 4) for k, v in results["delta"].items()})
 
 
-def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]], vllm_tuned: list[list[int]]):
-    """Greedy ids of vLLM + LoRA equal to peft (base + adapter, float32) on a few prompts?"""
-    from peft import PeftModel
-
-    n = min(PARITY_PROMPTS, len(prompts))
-    model = PeftModel.from_pretrained(load_model(inputs.base_dir, params.model, torch.float32), str(inputs.adapter_dir))
-    peft_ids = generate_hf(model.eval(), tokenizer, prompts[:n], params.eval.max_new_tokens, params.eval.batch_size)
-    del model
-    eos, _ = special_ids(tokenizer)
-
-    def cut(ids):
-        return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
-
-    same = sum(cut(a) == cut(b) for a, b in zip(peft_ids, vllm_tuned[:n]))
-    return same == n, f"{same}/{n} greedy outputs identical (vLLM LoRA vs peft, float32)"
-
-
-def write_outputs(params: Params, inputs: Inputs, results: dict, texts: dict, ranks: dict, labels: list, report: dict) -> None:
+def write_outputs(params: Params, inputs: Inputs, results: dict, texts: dict, ranks: dict, labels: list,
+                  report: dict) -> None:
     e = params.eval
     samples = [
         {
