@@ -341,8 +341,31 @@ def _callbacks(dvclive_dir: str, resume: bool):
     return [StepDVCLive(live=live, log_model=False), EvalLine()]
 
 
-def _logged(history: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(h["step"], h[key]) for h in history if key in h]
+def run_metrics(history: list[dict], trainer_train_loss: float) -> dict[str, float]:
+    """train_loss and final eval_loss from the trainer's log history.
+
+    train_loss is the mean of the logged training losses: unlike Trainer's own figure it
+    covers the whole run also after a resume (log_history is restored from the checkpoint).
+    The last evaluation is the one Trainer runs at the final step.
+    """
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return {
+        "train_loss": sum(losses) / len(losses) if losses else trainer_train_loss,
+        "eval_loss": evals[-1],
+    }
+
+
+def publish_adapter(staging: Path, output_dir: Path, lineage_record: dict) -> None:
+    """Atomically replace output_dir with the saved adapter + tokenizer and its lineage.json."""
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        for f in sorted(staging.iterdir()):
+            # training_args.bin is a pickle; peft's README is an empty model-card template
+            if f.is_file() and f.name not in ("training_args.bin", "README.md"):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "lineage.json").write_text(
+            json.dumps(lineage_record, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
 
 
 def _barrier() -> None:
@@ -418,24 +441,14 @@ def main(params: Params) -> None:
     _barrier()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    history = trainer.state.log_history
-    train_losses = [loss for _, loss in _logged(history, "loss")]
-    evals = _logged(history, "eval_loss")
     metrics = {
-        # mean of the logged training losses: unlike Trainer's own figure it covers the whole
-        # run also after a resume (log_history is restored from the checkpoint)
-        "train_loss": sum(train_losses) / len(train_losses) if train_losses else output.training_loss,
-        "eval_loss": evals[-1][1],
+        **run_metrics(trainer.state.log_history, output.training_loss),
         "eval_loss_step0": eval_loss_step0,
         "steps": trainer.state.global_step,
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": train_stats.examples,
-        "train_truncated": train_stats.truncated,
-        "train_dropped": train_stats.dropped,
-        "val_examples": val_stats.examples,
-        "val_truncated": val_stats.truncated,
-        "val_dropped": val_stats.dropped,
+        **{f"train_{k}": v for k, v in dataclasses.asdict(train_stats).items()},
+        **{f"val_{k}": v for k, v in dataclasses.asdict(val_stats).items()},
         "nonpad_fraction": trainer.real_tokens / trainer.batch_tokens if trainer.batch_tokens else None,
     }
 
@@ -448,15 +461,7 @@ def main(params: Params) -> None:
     trainer.save_model(str(staging))
     _barrier()
     if is_main:
-        with atomic_path(train.output_dir, is_dir=True) as tmp:
-            for f in sorted(staging.iterdir()):
-                # training_args.bin is a pickle; peft's README is an empty model-card template
-                if f.name not in ("training_args.bin", "README.md"):
-                    shutil.copyfile(f, tmp / f.name)
-            (tmp / "lineage.json").write_text(
-                json.dumps(lineage(params, data_md5, metrics), ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                encoding="utf-8",
-            )
+        publish_adapter(staging, Path(train.output_dir), lineage(params, data_md5, metrics))
         write_json(train.metrics_file, metrics)
         clear_checkpoints(ckpt_dir)
         log.info("adapter written to %s: %s", train.output_dir, json.dumps(metrics, sort_keys=True))
