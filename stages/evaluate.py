@@ -429,7 +429,8 @@ def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len
     # eager: no graph capture/compilation at startup, which would cost more than a few
     # dozen evaluation answers take to generate
     return LLM(
-        model=str(base_dir), tokenizer=str(adapter_dir or base_dir), dtype="float32", seed=seed,
+        # prompts go in as token ids; the tokenizer only decodes, and the base's has the same vocabulary
+        model=str(base_dir), tokenizer=str(base_dir), dtype="float32", seed=seed,
         max_model_len=max_model_len, enforce_eager=True, **options,
     )
 
