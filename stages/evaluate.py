@@ -24,6 +24,15 @@ Metrics, per model:
   ``distinct_2`` (unique/total character bigrams), ``mean_length`` (chars),
   ``empty_share`` and ``think_share`` (outputs containing ``<think>``; must be 0 in the
   non-thinking format) over ``eval.max_generations`` greedy answers.
+Generation backend (``eval.backend``, recorded in the report): ``auto`` uses vLLM's
+offline engine when ``import vllm`` works (one float32 engine: the base, and base + LoRA
+through a LoRARequest), else transformers ``generate`` on the base and the merged model.
+
+``serve_ready``: the adapter's rank is one vLLM serves, every configured target module
+matched the base (and ``lora_modules`` > 0), no ``modules_to_save``, and vLLM + LoRA
+greedy output equals peft's on a few prompts (null when vLLM is not used); ``ready`` is
+their conjunction, an unchecked parity not counting against it.
+
 Cost is bounded by ``eval.max_questions`` (0 = the whole test set), ``eval.max_generations``,
 ``eval.max_new_tokens`` and ``eval.batch_size``.
 """
@@ -370,7 +379,8 @@ def clean_generation(tokenizer, ids: list[int]) -> tuple[str, bool]:
         start = ids.index(think_open)
         end = ids.index(think_close, start) + 1 if think_close in ids[start:] else len(ids)
         ids = ids[:start] + ids[end:]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip(), has_think
+    # a character cut in half by max_new_tokens decodes to U+FFFD: not part of the answer
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd").strip(), has_think
 
 
 @torch.no_grad()
