@@ -64,8 +64,8 @@ def offline_help(params: DownloadParams) -> str:
     return (
         f"Without network access here, copy these files by hand into {params.out_dir}/ "
         f"(from github.com/zhangsheng93/cMedQA2 at the commit in download.base_url):\n" + "\n".join(lines) +
-        f"\nthen run `make data` again: files already there are verified (`git hash-object FILE` "
-        f"must print the id above), unzipped and tracked, without any download."
+        "\nthen run `make data` again: files already there are verified (`git hash-object FILE` "
+        "must print the id above), unzipped and tracked, without any download."
     )
 
 

@@ -91,7 +91,7 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     if save_tokenizer:  # the base's tokenizer carries the project's chat template
         load_tokenizer(base_dir).save_pretrained(out)
     lineage = {
-        "name": "medqa-test0000-test0000",
+        "name": f"medqa-{seed:08x}-{r:08x}",  # distinct per (seed, r), like real lineage names
         "base": {"id": base_id, "revision": "main", "config_md5": md5_file(base_dir / "config.json")},
         "data": {"train_md5": "0" * 32, "val_md5": "0" * 32},
         "params": {"lora": {"r": r, "target_modules": list(target_modules)}, "train": {}},

@@ -374,7 +374,7 @@ def test_duplicates_dropped_and_counted(tmp_path, shared_sample, repo_params):
         a_lines[1],  # the same answer row again
         f"99999992,{qid},{answer}\n",  # same answer text under a new id, same question
         f"99999993,99999991,{answer}\n",  # same pair again under the new question id
-        f"99999994,99999991,另一个不同的回答，内容足够长。\n",  # a genuinely new pair
+        "99999994,99999991,另一个不同的回答，内容足够长。\n",  # a genuinely new pair
     ]
     raw = _write(tmp_path / "raw", {"question.csv": "".join(q_lines + extra_q).encode(),
                                      "answer.csv": "".join(a_lines + extra_a).encode()})

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from stages.params import Params, with_overrides
+from tests.adapter_kit import write_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-0123"
@@ -53,32 +54,8 @@ def vllm_skip_reason() -> str | None:
 
 
 def make_adapter(base: Path, out: Path, r: int = 8, base_id: str = "tiny", seed: int = 0) -> Path:
-    """A peft LoRA adapter with random (non-zero) A and B, in the train stage's layout."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from stages.base import load_tokenizer
-    from stages.fileio import md5_file
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    get_peft_model(model, config).save_pretrained(str(out))
-    load_tokenizer(base).save_pretrained(str(out))
-    (out / "README.md").unlink(missing_ok=True)
-    lineage = {
-        "name": f"medqa-{seed:08x}-{r:08x}",
-        "base": {"id": base_id, "revision": "main", "config_md5": md5_file(base / "config.json")},
-        "data": {"train_md5": "0" * 32, "val_md5": "1" * 32},
-        "params": {"lora": {"r": r}, "train": {}},
-        "git_commit": "test",
-        "versions": {},
-        "metrics": {"train_loss": 1.5, "eval_loss": 1.75},
-    }
-    (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return out
+    """A non-zero LoRA on every projection, in the train stage's layout (see adapter_kit)."""
+    return write_adapter(base, out, r=r, target_modules=LORA_TARGETS, seed=seed, base_id=base_id)
 
 
 def write_project(dst: Path, params: Params, base: Path, adapter: Path) -> Path:
