@@ -13,8 +13,9 @@ and prints, for each, the fraction of non-pad tokens per batch, trained tokens p
 ``trainer.train()``), and peak RSS; then the ratios. Targets: (a) >= 95% non-pad tokens and
 >= 2x the trained-token throughput of (b).
 
-Data: data/processed/train.jsonl when present, else ChatML examples built from the shared
-real sample (question.csv + answer.csv). Base: models/base/tiny when present, else the
+Data: ChatML examples built from the real cMedQA2 sample (500 question/answer pairs,
+``--sample``) when present, else data/processed/train.jsonl (the 104 illustrative
+examples: too few batches for length grouping to show its real padding share). Base: models/base/tiny when present, else the
 tiny base is built in a temporary folder from params.yaml's `tiny` section.
 
     python bench/train.py [--steps 12] [--batch-size N] [--max-seq-length N]
@@ -132,12 +133,14 @@ def main() -> None:
     opts = ap.parse_args()
 
     processed = ROOT / params.data.processed_dir / "train.jsonl"
-    if processed.is_file():
+    if (opts.sample / "question.csv").is_file():
+        examples, source = sample_examples(opts.sample, params.process.system_prompt), "shared sample (question.csv + answer.csv)"
+    elif processed.is_file():
         from stages.fileio import read_jsonl
 
         examples, source = read_jsonl(processed), str(processed.relative_to(ROOT))
     else:
-        examples, source = sample_examples(opts.sample, params.process.system_prompt), "shared sample (question.csv + answer.csv)"
+        sys.exit(f"no data: neither {opts.sample}/question.csv nor {processed}; run `dvc repro process`")
 
     with tempfile.TemporaryDirectory() as tmp:
         base = ROOT / params.model.dir / "tiny"

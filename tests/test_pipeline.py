@@ -2,7 +2,8 @@
 
 `dvc repro` runs process -> base -> train -> merge -> evaluate on the embedded default;
 a second `dvc repro` runs nothing; `dvc exp run -S lora.r=32` reruns train and what
-depends on it but not process; `dvc exp show` lists both experiments.
+depends on it but not process; `dvc metrics diff` shows what it changed; `dvc exp show`
+lists both experiments.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def test_repro_then_experiment(tmp_path):
     assert _ran(exp) == {"train", "merge", "evaluate"}, exp
     config = json.loads((repo / "models" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 32
+
+    # The experiment sits in the workspace: diff it against the committed r=16 baseline.
+    diff = json.loads(_run(dvc + ["metrics", "diff", "--json"], repo, env))
+    changed = diff["metrics/eval.json"]
+    assert changed["tuned.loss"]["old"] != changed["tuned.loss"]["new"]
+    assert "base.loss" not in changed  # the base model did not change
 
     shown = json.loads(_run(dvc + ["exp", "show", "--json"], repo, env))
     ranks = set()
