@@ -10,19 +10,10 @@ from pathlib import Path
 import pytest
 
 from stages.fileio import read_jsonl
-from tests.test_serve import QUESTION, make_adapter, peft_greedy, stage_env, vllm_skip_reason, write_project
+# The same module-scoped `adapter` and `project` fixtures as the server tests (one each here).
+from tests.test_serve import QUESTION, adapter, peft_greedy, project, stage_env, vllm_skip_reason  # noqa: F401
 
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_base, tmp_path_factory) -> Path:
-    return make_adapter(tiny_base, tmp_path_factory.mktemp("adapter"), r=8)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, repo_params, tiny_base, adapter) -> Path:
-    return write_project(tmp_path_factory.mktemp("project"), repo_params, tiny_base, adapter)
 
 
 def _infer(project: Path, *args: str) -> subprocess.CompletedProcess:
