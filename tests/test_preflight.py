@@ -1,0 +1,209 @@
+"""The pre-flight plan: exact arithmetic on published Qwen3 configs, ordering properties,
+LLaMA-Factory's published memory table, and the measured peak RSS of real CPU training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stages import preflight as pf
+from stages.params import with_overrides
+from tests.adapter_kit import candidates, sample_pairs
+from tests.conftest import ROOT
+
+GB = 1e9
+
+
+def _params(repo_params, **train):
+    return with_overrides(repo_params, train=train) if train else repo_params
+
+
+# ---------------------------------------------------------------- exact arithmetic
+
+
+def test_qwen3_8b_weights_and_lora_params_exact(repo_params):
+    arch = pf.Arch.from_config(pf.qwen3_config("Qwen3-8B"))
+    n = pf.param_counts(arch)
+    assert n["embed"] == n["head"] == 151936 * 4096  # untied: the head is a second matrix
+    per_layer = 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 12288
+    assert n["linear"] == 36 * per_layer
+    assert n["other"] == 36 * (2 * 4096 + 2 * 128) + 4096
+    assert sum(n.values()) == 8_190_735_360  # Qwen3-8B's published 8.19B
+    assert pf.weight_bytes(arch, 2) == 2 * 8_190_735_360
+    # r x (in + out) per adapted linear, 36 layers
+    r = repo_params.lora.r
+    per_layer_lora = r * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 2 * (4096 + 12288) + (12288 + 4096))
+    assert pf.lora_param_count(arch, r, repo_params.lora.target_modules) == 36 * per_layer_lora == 43_646_976
+    assert pf.lora_param_count(arch, r, ["q_proj", "v_proj"]) == 36 * r * (8192 + 5120)
+
+
+def test_tied_embeddings_count_once():
+    tied = pf.param_counts(pf.Arch.from_config(pf.qwen3_config("Qwen3-0.6B")))
+    assert tied["head"] == 0
+    assert sum(tied.values()) == 596_049_920  # Qwen3-0.6B's published 0.6B (0.44B without embeddings)
+    untied = pf.param_counts(pf.Arch.from_config({**pf.qwen3_config("Qwen3-0.6B"), "tie_word_embeddings": False}))
+    assert sum(untied.values()) - sum(tied.values()) == 151936 * 1024
+
+
+def test_kv_cache_per_token_and_dtype(repo_params):
+    cfg = pf.qwen3_config("Qwen3-8B")
+    bf16 = pf.plan(cfg, repo_params, "bfloat16")["serve"]
+    assert bf16["kv_per_token"] == 2 * 36 * 8 * 128 * 2 == 147_456  # 144 KiB per token
+    assert bf16["kv_per_sequence"] == 147_456 * repo_params.serve.max_model_len
+    assert pf.plan(cfg, repo_params, "float32")["serve"]["kv_per_token"] == 2 * bf16["kv_per_token"]
+    assert pf.plan(cfg, repo_params, "float32")["train"]["weights"] == 2 * bf16["weights"]
+
+
+def test_config_without_size_fields_is_refused():
+    with pytest.raises(ValueError, match="hidden_size"):
+        pf.Arch.from_config({"model_type": "qwen3"})
+
+
+# ---------------------------------------------------------------- ordering properties
+
+
+def test_orderings(repo_params):
+    p = _params(repo_params, per_device_eval_batch_size=1)
+    peaks = [pf.train_plan(pf.Arch.from_config(pf.qwen3_config(n)), p, "bfloat16") for n in pf.QWEN3]
+    assert [t["weights"] for t in peaks] == sorted(t["weights"] for t in peaks)
+    assert [t["peak_gc"] for t in peaks] == sorted(t["peak_gc"] for t in peaks)
+    for t in peaks:  # gradient checkpointing keeps far fewer activations
+        assert t["activations_gc"] < t["activations_no_gc"] / 4
+        assert t["peak_gc"] < t["peak_no_gc"]
+    arch = pf.Arch.from_config(pf.qwen3_config("Qwen3-8B"))
+    small, big = (pf.train_plan(arch, _params(repo_params, per_device_train_batch_size=b), "bfloat16") for b in (1, 8))
+    assert big["activations_no_gc"] == 8 * small["activations_no_gc"] and big["logits"] == 8 * small["logits"]
+    long = pf.train_plan(arch, _params(repo_params, max_seq_length=2048), "bfloat16")
+    assert long["activations"] > pf.train_plan(arch, repo_params, "bfloat16")["activations"]
+    assert pf.train_plan(arch, repo_params, "bfloat16", weight_bits=4)["weights"] < big["weights"] / 2
+    gc = _params(repo_params, gradient_checkpointing=True)
+    assert pf.train_plan(arch, gc, "bfloat16")["peak"] == pf.train_plan(arch, gc, "bfloat16")["peak_gc"]
+
+
+def test_logits_dominate_small_models(repo_params):
+    tiny = pf.train_plan(pf.Arch.from_config(json.loads(_tiny_config(repo_params))), repo_params, "float32")
+    assert tiny["logits"] > 5 * (tiny["weights"] + tiny["activations"])
+
+
+def _tiny_config(repo_params) -> str:
+    t = repo_params.tiny
+    return json.dumps({"model_type": "qwen3", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+                       "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+                       "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "vocab_size": 151936,
+                       "tie_word_embeddings": t.tie_word_embeddings, "torch_dtype": "float32"})
+
+
+# ---------------------------------------------------------------- published figures
+
+
+def test_llama_factory_table_7b(repo_params):
+    """LLaMA-Factory's README: LoRA 16-bit 7B ~16 GB, QLoRA 4-bit 7B ~6 GB.
+
+    Its setting: a LLaMA-2-7B-shaped model, batch 1, 1024 tokens, gradient checkpointing
+    on (its default); plus ~1 GB for the CUDA runtime the plan leaves out.
+    """
+    llama7b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+               "tie_word_embeddings": False, "torch_dtype": "float16"}
+    p = _params(repo_params, per_device_train_batch_size=1, per_device_eval_batch_size=1, max_seq_length=1024,
+                gradient_checkpointing=True)
+    arch = pf.Arch.from_config(llama7b)
+    lora16 = pf.train_plan(arch, p, "bfloat16")["peak"] + 1 * GB
+    qlora4 = pf.train_plan(arch, p, "bfloat16", weight_bits=4)["peak"] + 1 * GB
+    assert lora16 == pytest.approx(16 * GB, rel=0.15), lora16 / GB
+    assert qlora4 == pytest.approx(6 * GB, rel=0.15), qlora4 / GB
+
+
+# ---------------------------------------------------------------- evaluation counts
+
+
+def test_candidate_counts_from_processed_file(repo_params, shared_sample, tmp_path):
+    pairs = sample_pairs(shared_sample, 12)
+    rows = candidates(pairs[:5], pairs, negatives=3)
+    (tmp_path / "test_candidates.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    p = with_overrides(repo_params, data={"processed_dir": str(tmp_path)}, eval={"max_questions": 4})
+    counts = pf.candidate_counts(p)
+    assert counts["questions"] == 4 and counts["candidates"] == 16
+    chars = sum(len(c["content"]) for r in rows[:4] for c in r["candidates"])
+    assert counts["answer_tokens"] == pytest.approx(chars * pf.TOKENS_PER_CHAR + 16, abs=1)
+    e = pf.plan(json.loads(_tiny_config(repo_params)), p, "float32")["eval"]
+    assert e["official_answer_tokens"] == pytest.approx(400_000 * counts["answer_tokens"] / 16, rel=1e-6)
+    assert pf.candidate_counts(with_overrides(repo_params, data={"processed_dir": str(tmp_path / "none")})) is None
+
+
+# ---------------------------------------------------------------- measured on a real run
+
+MEASURE = r"""
+import json, resource, sys
+import torch
+import transformers
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from stages.params import parse_params
+from stages.train import attach_lora
+
+cfg, params, steps = json.loads(sys.argv[1]), parse_params(json.loads(sys.argv[2])), int(sys.argv[3])
+torch.manual_seed(0)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+before = rss()  # interpreter + torch + transformers + peft: the runtime the plan leaves out
+model = Qwen3ForCausalLM(Qwen3Config(**cfg)).float()
+model = attach_lora(model, params.lora)
+t = params.train
+if t.gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(0, cfg["vocab_size"], (t.per_device_train_batch_size, t.max_seq_length))
+for _ in range(steps):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    del loss
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak}))
+"""
+
+
+def measure(config: dict, params) -> dict:
+    # glibc's malloc raises its mmap threshold after large frees and then keeps freed
+    # tensors' pages in its heap: default RSS stays at 1.6-2.6x the live bytes on the
+    # layer-heavy cases below. A fixed threshold returns freed tensors to the OS, so the
+    # peak RSS measures what was alive at once, which is what the plan (and a GPU) counts.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config), json.dumps(params.to_dict()), "2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CASES = {
+    # the tiny default's shape (152k vocab, tied): the fp32 logits are nearly everything
+    "tiny-vocab152k": ({"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 151936, "tie_word_embeddings": True},
+                       dict(per_device_train_batch_size=4, max_seq_length=256)),
+    # small vocab, more and wider layers: the per-layer activation formula dominates
+    "layers-vocab4k": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                        "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096, "tie_word_embeddings": False},
+                       dict(per_device_train_batch_size=4, max_seq_length=512)),
+    "layers-vocab4k-gc": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096,
+                           "tie_word_embeddings": False},
+                          dict(per_device_train_batch_size=4, max_seq_length=512, gradient_checkpointing=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimate_within_30_percent_of_measured_cpu_training(case, repo_params):
+    config, train = CASES[case]
+    params = _params(repo_params, per_device_eval_batch_size=1, **train)
+    got = measure(config, params)
+    used = got["peak"] - got["before"]
+    estimate = pf.train_plan(pf.Arch.from_config({"model_type": "qwen3", **config}), params, "float32")["peak"]
+    print(f"{case}: estimate {estimate / 2**20:.0f} MiB, measured peak RSS {got['peak'] / 2**20:.0f} MiB "
+          f"- runtime {got['before'] / 2**20:.0f} MiB = {used / 2**20:.0f} MiB ({estimate / used:.2f}x)")
+    assert estimate == pytest.approx(used, rel=0.30)
