@@ -12,7 +12,19 @@
    agree to 1e-4. Prints candidates/s for both and the ratio (target >= 3x), and the
    output-layer rows per candidate of each (on the tiny model that layer is nearly all
    the cost).
-2. Generation: greedy answers with exactly --new-tokens tokens each (end tokens ignored, so
+2. Answer-selection scorers at official scale: the stage's shared-prefix transformers
+   scorer vs vLLM prompt log-probabilities (`stages.scoring.score_questions_vllm`: one
+   request per candidate, prompt_logprobs=0, max_tokens=1), without and with prefix
+   caching, on the same candidates, on two bases:
+     tiny        the default (float32, 2 layers, hidden 128, tied)
+     rehearsal   a Qwen3 config with Qwen3-8B's head layout (32 heads, 8 KV heads,
+                 head_dim 128, untied, vocab 151,936, rope_theta 1e6) scaled to hidden 512,
+                 4 layers, intermediate 1536, random weights in bfloat16
+   float32 scores must agree to 1e-4 (see tests/test_evaluate.py for why that bound);
+   bfloat16 differences are printed, not asserted. Prints candidates/s of each, the ratio
+   vLLM/transformers and the projected time of the full official test (4,000 questions x
+   100 candidates = 400,000 candidates) at the measured rate of each scorer.
+3. Generation: greedy answers with exactly --new-tokens tokens each (end tokens ignored, so
    both backends produce the same number), vLLM's offline engine vs transformers
    `generate` (batched, left padding); tokens/s for both. Skipped, with the reason, when
    vLLM cannot be imported.
@@ -22,7 +34,8 @@ answer.csv); each question's candidates are its own answer plus other questions'
 Base: models/base/tiny when present, else built in a temporary folder from params.yaml.
 
     python bench/evaluate.py [--questions 20] [--candidates 10] [--batch-size 16]
-                             [--prompts 16] [--new-tokens 48] [--sample DIR]
+                             [--scorer-questions 6] [--prompts 16] [--new-tokens 48]
+                             [--sample DIR] [--skip-generation]
 """
 
 from __future__ import annotations
@@ -100,6 +113,87 @@ def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
           f"({(prompt_tokens + answer_tokens) / answer_tokens:.2f}x fewer)")
 
 
+OFFICIAL_CANDIDATES = 4000 * 100
+# Qwen3-8B's published config.json with only the size fields scaled down.
+REHEARSAL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                 rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, bos_token_id=151643,
+                 eos_token_id=151645, attention_bias=False)
+
+
+def build_rehearsal(out: Path, tokenizer_dir: Path) -> Path:
+    """Random bfloat16 weights in Qwen3-8B's head layout, the tiny base's tokenizer files."""
+    import shutil
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**REHEARSAL)).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+def open_scoring_engine(model_dir: Path, dtype: str, max_len: int, prefix_caching: bool):
+    """vLLM's offline engine as the stage opens it for scoring (eager, bounded KV cache on CPU)."""
+    import torch
+
+    from stages.vllm_engine import kv_cache_bytes, open_llm, prepare_process_env
+
+    gpu = torch.cuda.is_available()
+    prepare_process_env(1, gpu)
+    options = {} if gpu else {"kv_cache_memory_bytes": kv_cache_bytes(model_dir, 64 * max_len, 4)}
+    if prefix_caching and not gpu:
+        options["block_size"] = 32  # the CPU backend's smallest block (its default, 128, exceeds most prompts)
+    return open_llm(model_dir, dtype, max_len + 1, 0, tokenizer=str(model_dir), enforce_eager=True,
+                    enable_prefix_caching=prefix_caching, **options)
+
+
+def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict], batch_size: int) -> None:
+    import numpy as np
+    import torch
+
+    from stages import scoring, vllm_engine
+    from stages.models import load_model
+    from stages.params import load_params
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
+    n = sum(len(c) for _, c in encoded)
+    model = load_model(model_dir, load_params(ROOT / "params.yaml").model, getattr(torch, dtype)).to(device)
+    workspace = scoring.logits_workspace(model)
+    scoring.score_candidates(model, *encoded[0], batch_size, workspace)  # warm-up
+    hf, t_hf = timed(lambda: [scoring.score_candidates(model, p, c, batch_size, workspace) for p, c in encoded])
+    del model
+    print(f"scorers on {name} ({dtype}): {len(rows)} questions x {n // len(rows)} candidates = {n} candidates")
+    print(f"  transformers shared prefix, batch {batch_size}: {n / t_hf:8.2f} candidates/s  ({t_hf:.2f} s)  "
+          f"full test {OFFICIAL_CANDIDATES / (n / t_hf) / 3600:7.1f} h")
+    ok, why = vllm_engine.vllm_status()
+    if not ok:
+        print(f"  vLLM: skipped ({why})")
+        return
+    max_len = max(len(p) + len(c) for p, cands in encoded for c in cands)
+    for caching in (False, True):
+        llm, t_init = timed(lambda: open_scoring_engine(model_dir, dtype, max_len, caching))
+        try:
+            scoring.score_questions_vllm(llm, encoded[:1])  # warm-up
+            llm.reset_prefix_cache()
+            got, t = timed(lambda: scoring.score_questions_vllm(llm, encoded))
+        finally:
+            vllm_engine.close_llm(llm)
+        diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(got, hf))
+        same_top = np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(got, hf)])
+        if dtype == "float32":
+            assert diff < 1e-4, f"vLLM and transformers scores disagree: max |diff| {diff:.2e}"
+        label = "vLLM prompt logprobs, prefix cache" + (" on " if caching else " off")
+        print(f"  {label}:  {n / t:8.2f} candidates/s  ({t:.2f} s; engine start {t_init:.0f} s)  "
+              f"full test {OFFICIAL_CANDIDATES / (n / t) / 3600:7.1f} h")
+        print(f"    ratio vLLM/transformers {t_hf / t:.2f}x   max |score diff| {diff:.2e}   same top-1 {same_top:.0%}")
+
+
 def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: int, new_tokens: int, batch_size: int) -> None:
     from stages import eval_metrics, scoring, vllm_engine
     from stages import evaluate as ev
@@ -136,7 +230,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--scorer-questions", type=int, default=6, help="questions for the scorer comparison")
     ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE)
+    ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -159,7 +255,13 @@ def main() -> None:
         tok = load_tokenizer(base_dir)
         rows = question_rows(args.sample, params.process.system_prompt, args.questions, args.candidates)
         bench_selection(model, tok, rows, args.batch_size)
-        bench_generation(model, tok, base_dir, rows, args.prompts, args.new_tokens, args.batch_size)
+        scorer_rows = rows[:args.scorer_questions]
+        bench_scorers("tiny", base_dir, "float32", tok, scorer_rows, args.batch_size)
+        rehearsal = build_rehearsal(Path(tmp) / "rehearsal", base_dir)
+        bench_scorers("rehearsal (Qwen3-8B head layout, hidden 512, 4 layers)", rehearsal, "bfloat16", tok,
+                      scorer_rows, args.batch_size)
+        if not args.skip_generation:
+            bench_generation(model, tok, base_dir, rows, args.prompts, args.new_tokens, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ from stages.eval_metrics import (
     selection_ranks, special_ids,
 )
 from stages.fileio import atomic_path, dump_jsonl, md5_file, read_jsonl, write_json
-from stages.models import check_model_dir, load_model, load_tokenizer, resolve_dtype
+from stages.models import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from stages.params import Params, load_params
-from stages.scoring import answer_loss, generate_hf, score_questions
+from stages.preflight import log_plan
+from stages.scoring import answer_loss, encode_question, generate_hf, score_questions, score_questions_vllm
 from stages.vllm_engine import close_llm, kv_cache_bytes, open_llm, vllm_status
 
 log = logging.getLogger(__name__)
@@ -138,18 +139,29 @@ def load_inputs(params: Params) -> Inputs:
 # ---------------------------------------------------------------- generation
 
 
-def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len: int, max_seqs: int, seed: int):
+def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len: int, max_seqs: int, seed: int,
+              prefix_caching: bool = False):
     """A float32 vLLM engine on the base, with one LoRA slot when ``adapter_dir`` is given.
 
-    It runs in vLLM's own worker process; close it with ``close_llm``.
+    ``prefix_caching``: candidates of one question share their prompt's KV blocks (the
+    vLLM scorer). The CPU backend takes blocks in multiples of 32 and defaults to 128,
+    longer than most question prompts, so 32 there. It runs in vLLM's own worker process;
+    close it with ``close_llm``.
     """
-    options = {}
+    options = {"enable_prefix_caching": prefix_caching}
+    if prefix_caching and not torch.cuda.is_available():
+        options["block_size"] = 32
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the HF models of this process are gone; hand their memory back
     else:
         options["kv_cache_memory_bytes"] = kv_cache_bytes(base_dir, max_seqs * max_model_len)
     if adapter_dir is not None:
         options.update(enable_lora=True, max_lora_rank=vllm_rank(rank), max_loras=1)
+        targets = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
+        if isinstance(targets, list):
+            # only the adapted modules: a LoRA-wrapped LM head is slower and its CPU kernel
+            # fails on prompt log-probs (one row per prompt token, not per request)
+            options["lora_target_modules"] = targets
     # float32 so that greedy answers are comparable with peft's (the parity check); eager:
     # no graph capture/compilation at startup, which would cost more than a few dozen
     # evaluation answers take to generate. Prompts go in as token ids; the tokenizer only
@@ -229,23 +241,30 @@ def adapter_checks(adapter_dir: Path, base_dir: Path) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- main
 
 
-def evaluate_model(path: Path, params: Params, inputs: Inputs, tokenizer, prompts, labels, generate: bool, name: str):
-    """Loss, selection and (hf backend) generation of one model: (metrics, first-positive ranks, ids)."""
+def selection(scores: list[list[float]], labels: list[list[int]], seed: int) -> tuple[dict, list[int]]:
+    """P@1/MRR/MAP and first-positive ranks; the same seed for both models, so equal
+    scores get the same tie-breaking draw."""
+    ranked = selection_ranks(scores, labels, np.random.default_rng(seed))
+    return metrics_from_ranks(ranked), [r for r, _ in ranked]
+
+
+def evaluate_model(path: Path, params: Params, inputs: Inputs, tokenizer, prompts, labels, generate: bool, name: str,
+                   score: bool = True):
+    """Loss, selection (``score``: hf scorer) and (hf backend) generation of one model:
+    (metrics, first-positive ranks or None, ids)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, params.model, resolve_dtype(params.model)).to(device)
     e = params.eval
     metrics = answer_loss(model, tokenizer, inputs.examples, e.max_seq_length, e.batch_size)
-    scores = score_questions(model, tokenizer, inputs.questions, e.max_seq_length, e.batch_size, name)
-    # the same seed for both models: equal scores get the same tie-breaking draw
-    ranked = selection_ranks(scores, labels, np.random.default_rng(e.seed))
-    sel = metrics_from_ranks(ranked)
-    ranks = [r for r, _ in ranked]
-    metrics.update({k: sel[k] for k in SELECTION_KEYS})
+    ranks = None
+    if score:
+        sel, ranks = selection(score_questions(model, tokenizer, inputs.questions, e.max_seq_length, e.batch_size,
+                                               name), labels, e.seed)
+        metrics.update({k: sel[k] for k in SELECTION_KEYS})
+        log.info("%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (transformers scorer)",
+                 name, sel["p_at_1"], sel["mrr"], sel["map"], sel["questions"])
     generated = generate_hf(model, tokenizer, prompts, e.max_new_tokens, e.batch_size) if generate else None
-    log.info(
-        "%s: loss %.4f ppl %.2f | P@1 %.4f MRR %.4f MAP %.4f over %d questions",
-        name, metrics["loss"], metrics["perplexity"], sel["p_at_1"], sel["mrr"], sel["map"], sel["questions"],
-    )
+    log.info("%s: loss %.4f ppl %.2f", name, metrics["loss"], metrics["perplexity"])
     del model
     gc.collect()
     return metrics, ranks, generated
@@ -265,6 +284,17 @@ def resolve_backend(requested: str, rank_ok: bool) -> tuple[str, str]:
     if ok and rank_ok:
         return "vllm", "auto: vllm importable"
     return "hf", f"auto: {why if not ok else 'adapter rank not servable by vLLM'}"
+
+
+def resolve_scorer(requested: str, backend: str) -> str:
+    """auto: vLLM prompt log-probs whenever the vLLM backend is used (faster, same scores:
+    bench/evaluate.py), else the transformers scorer."""
+    if requested == "vllm" and backend != "vllm":
+        raise EvalError("eval.scorer=vllm needs the vLLM engine, but the generation backend is hf: "
+                        "set eval.backend to auto or vllm, or eval.scorer to hf")
+    if requested == "auto":
+        return "vllm" if backend == "vllm" else "hf"
+    return requested
 
 
 def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]], vllm_tuned: list[list[int]]):
@@ -287,41 +317,60 @@ def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[li
     return same == n, f"{same}/{n} greedy outputs identical (vLLM LoRA vs peft, float32)"
 
 
-def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]]):
-    """(base ids, tuned ids, parity flag, parity reason) from one vLLM engine with the LoRA."""
+def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]], score: bool):
+    """(base ids, tuned ids, parity flag, parity reason, {"base", "tuned": candidate scores}
+    when ``score``) from one vLLM engine on the base with the LoRA."""
+    from vllm.lora.request import LoRARequest
+
     e = params.eval
     rank = adapter_rank(json.loads((inputs.adapter_dir / "adapter_config.json").read_text(encoding="utf-8")))
     eos, _ = special_ids(tokenizer)
-    llm = open_vllm(inputs.base_dir, inputs.adapter_dir, rank, max(map(len, prompts)) + e.max_new_tokens,
-                    len(prompts), e.seed)
+    encoded = [encode_question(tokenizer, q, e.max_seq_length)[:2] for q in inputs.questions] if score else []
+    max_len = max([len(p) + e.max_new_tokens for p in prompts] + [len(p) + len(c) + 1 for p, cs in encoded for c in cs])
+    llm = open_vllm(inputs.base_dir, inputs.adapter_dir, rank, max_len, max(len(prompts), 64), e.seed,
+                    prefix_caching=score)
     try:
         base = generate_vllm(llm, prompts, e.max_new_tokens, eos)
         tuned = generate_vllm(llm, prompts, e.max_new_tokens, eos, inputs.adapter_dir)
+        scores = {"base": score_questions_vllm(llm, encoded),
+                  "tuned": score_questions_vllm(llm, encoded, LoRARequest("tuned", 1, str(inputs.adapter_dir)))
+                  } if score else None
     finally:
         close_llm(llm)
-    return (base, tuned, *vllm_peft_parity(params, inputs, tokenizer, prompts, tuned))
+    return (base, tuned, *vllm_peft_parity(params, inputs, tokenizer, prompts, tuned), scores)
 
 
 def main(params: Params) -> None:
     e = params.eval
     log.info("eval params: %s", e)
+    log_plan(params, "evaluate", log, dtype_name(resolve_dtype(params.model)))  # before anything is loaded
     inputs = load_inputs(params)
     tokenizer = load_tokenizer(inputs.merged_dir)
     labels = [[int(c["label"]) for c in q["candidates"]] for q in inputs.questions]
     prompts = [encode_prompt(tokenizer, *split_messages(r["messages"])[:2]) for r in inputs.generations]
     flags, reasons = adapter_checks(inputs.adapter_dir, inputs.base_dir)
     backend, backend_reason = resolve_backend(e.backend, flags["rank_servable"])
-    log.info("generation backend: %s (%s)", backend, backend_reason)
+    scorer = resolve_scorer(e.scorer, backend)
+    log.info("generation backend: %s (%s); answer-selection scorer: %s", backend, backend_reason, scorer)
 
     hf = backend == "hf"
     args = (params, inputs, tokenizer, prompts, labels, hf)
-    base, base_ranks, base_gen = evaluate_model(inputs.base_dir, *args, "base")
-    tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, *args, "tuned")
+    base, base_ranks, base_gen = evaluate_model(inputs.base_dir, *args, "base", score=scorer == "hf")
+    tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, *args, "tuned", score=scorer == "hf")
     if hf:
         flags["vllm_parity"], reasons["vllm_parity"] = None, backend_reason.removeprefix("auto: ")
     else:
-        base_gen, tuned_gen, parity, reasons["vllm_parity"] = vllm_generations(params, inputs, tokenizer, prompts)
+        base_gen, tuned_gen, parity, reasons["vllm_parity"], scores = vllm_generations(
+            params, inputs, tokenizer, prompts, score=scorer == "vllm")
         flags["vllm_parity"] = parity
+        if scores:  # tuned = base + LoRA in vLLM (the merged model's weights, unmerged)
+            ranks = {}
+            for name, metrics in (("base", base), ("tuned", tuned)):
+                sel, ranks[name] = selection(scores[name], labels, e.seed)
+                metrics.update({k: sel[k] for k in SELECTION_KEYS})
+                log.info("%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (vLLM scorer)",
+                         name, sel["p_at_1"], sel["mrr"], sel["map"], sel["questions"])
+            base_ranks, tuned_ranks = ranks["base"], ranks["tuned"]
 
     loss_tokens = base.pop("tokens")
     tuned.pop("tokens")
@@ -345,8 +394,10 @@ def main(params: Params) -> None:
     write_outputs(params, inputs, results, texts, {"base": base_ranks, "tuned": tuned_ranks}, labels, {
         "backend": backend,
         "backend_reason": backend_reason,
-        "tuned_model": str(inputs.merged_dir) if hf else f"{inputs.merged_dir} (loss, selection); "
-                       f"{inputs.base_dir} + LoRA {inputs.adapter_dir} in vLLM (generation)",
+        "scorer": scorer,
+        "tuned_model": str(inputs.merged_dir) if hf else
+                       f"{inputs.merged_dir} (loss{'' if scorer == 'vllm' else ', selection'}); {inputs.base_dir} + "
+                       f"LoRA {inputs.adapter_dir} in vLLM (generation{', selection' if scorer == 'vllm' else ''})",
         "serve_ready_reasons": reasons,
         "counts": {"loss_examples": len(inputs.examples), "loss_tokens": loss_tokens,
                    "selection_questions": len(inputs.questions), "candidates": sum(map(len, labels)),

@@ -236,6 +236,7 @@ class MergeParams:
 @dataclass(frozen=True)
 class EvalParams:
     backend: str
+    scorer: str  # answer selection: auto | hf | vllm
     max_questions: int
     max_generations: int
     max_new_tokens: int
@@ -251,6 +252,8 @@ class EvalParams:
         out = []
         if self.backend not in ("auto", "vllm", "hf"):
             out.append(f"eval.backend: {self.backend!r} must be auto, vllm or hf")
+        if self.scorer not in ("auto", "vllm", "hf"):
+            out.append(f"eval.scorer: {self.scorer!r} must be auto, vllm or hf")
         if self.max_questions < 0:
             out.append("eval.max_questions: must be >= 0 (0 = the whole test split)")
         if self.max_generations < 1:

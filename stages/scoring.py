@@ -192,3 +192,49 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
         )
         out.extend(g[width:].tolist() for g in gen.cpu())
     return out
+
+
+# ---------------------------------------------------------------- vLLM prompt log-probabilities
+
+# Questions whose candidates go to vLLM in one generate call: bounds the Python objects
+# vLLM returns (one dict per prompt position) while leaving it thousands of sequences to batch.
+VLLM_QUESTIONS_PER_CALL = 32
+
+
+def score_questions_vllm(llm, encoded: list[tuple[list[int], list[list[int]]]], lora=None) -> list[list[float]]:
+    """Mean log-prob per answer token of every (prompt, candidates) pair, from vLLM.
+
+    Each candidate is one request ``prompt + candidate`` with ``prompt_logprobs=0`` (the
+    log-prob of each actual prompt token) and ``max_tokens=1``. With prefix caching the
+    shared question prompt is computed once per question, but vLLM then returns no
+    log-probs for cached positions: a candidate whose cached span reaches into its own
+    tokens (an identical start shared with another candidate across a whole cache block)
+    is scored again with the cache skipped, so every score covers all its tokens.
+    """
+    from vllm import SamplingParams
+
+    cached = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=False)
+    fresh = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=True)
+
+    def run(pairs, sampling):
+        outs = llm.generate([{"prompt_token_ids": p + c} for p, c in pairs], sampling, lora_request=lora,
+                            use_tqdm=False)
+        return [(o.prompt_logprobs, o.num_cached_tokens or 0) for o in outs]
+
+    scores: list[list[float]] = []
+    for start in tqdm(range(0, len(encoded), VLLM_QUESTIONS_PER_CALL), desc="selection vllm", unit="batch",
+                      leave=False):
+        chunk = encoded[start:start + VLLM_QUESTIONS_PER_CALL]
+        pairs = [(p, c) for p, cands in chunk for c in cands]
+        results = run(pairs, cached)
+        # entry i holds log p(token i | tokens < i); it is computed only for i > cached tokens
+        redo = [i for i, ((p, _), (_, n_cached)) in enumerate(zip(pairs, results)) if n_cached >= len(p)]
+        for i, r in zip(redo, run([pairs[i] for i in redo], fresh)):
+            results[i] = r
+        flat = []
+        for (p, c), (logprobs, _) in zip(pairs, results):
+            flat.append(sum(logprobs[len(p) + j][t].logprob for j, t in enumerate(c)) / len(c))
+        for _, cands in chunk:
+            scores.append(flat[:len(cands)])
+            flat = flat[len(cands):]
+    return scores

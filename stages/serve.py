@@ -44,6 +44,7 @@ import click
 from stages.artifacts import Adapter, ArtifactError, Merged, check_adapter, check_merged, vllm_rank
 from stages.models import BaseModelError, check_model_dir, dtype_name, gpu_available, resolve_dtype
 from stages.params import VLLM_LORA_RANKS, Params, ParamsError, load_params
+from stages.preflight import log_plan
 from stages.vllm_engine import base_env, cpu_env, lora_target_modules, local_url
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,7 @@ def main(
         served = [check_adapter(p, params.model, max_lora_rank) for p in (adapters or [params.train.output_dir])]
         merged_model = None
     gpu = gpu_available()
+    log_plan(params, "serve", log, dtype_name(resolve_dtype(params.model, gpu)))
     cmd = build_command(params, served, merged_model, host, port, gpu=gpu, max_lora_rank=max_lora_rank)
     env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)))
     if dry_run:

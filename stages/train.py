@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from stages.models import check_model_dir, load_model, load_tokenizer, resolve_dtype
+from stages.models import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from stages.chatml import CHAT_TEMPLATE, encode_example
 from stages.fileio import atomic_path, md5_file, read_jsonl, write_json
 from stages.params import LoraParams, Params, ParamsError, TrainParams, load_params
+from stages.preflight import log_plan
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,7 @@ def main(params: Params) -> None:
     check_model_dir(params.model.path)
     train_path, val_path = data_files(params)
     dtype = resolve_dtype(params.model)
+    log_plan(params, "train", log, dtype_name(dtype))  # before anything is loaded
     args = training_arguments(train, dtype)  # also sets up the process group under accelerate
     is_main = args.should_save
     if not is_main:

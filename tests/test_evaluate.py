@@ -106,6 +106,37 @@ def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, shared_sample,
         assert max(fast) - min(fast) > 1e-3  # the candidates really are told apart
 
 
+def test_vllm_scorer_equals_transformers_scorer(tiny_base, tok, shared_sample, repo_params):
+    """vLLM prompt log-probs (prefix caching on) give the stage's scores to 1e-4.
+
+    Bound: both sides compute float32 log-softmax over 151,936 logits with different kernels
+    (vLLM's CPU attention and GEMMs vs SDPA); per-token log-probs of magnitude ~12 then
+    differ by ~1e-6..1e-5 (measured max 4e-6), while candidates differ by >1e-3.
+    """
+    ok, why = vllm_status()
+    if not ok:
+        pytest.skip(why)
+    model = load_model(tiny_base, repo_params.model, torch.float32)
+    pairs = sample_pairs(shared_sample, 12)
+    encoded = []
+    for q in candidates(pairs[:2], pairs, negatives=5):
+        prompt, cands, _ = scoring.encode_question(tok, q, max_length=512)
+        encoded.append((prompt, cands + [cands[0]]))  # a duplicate shares whole cache blocks
+    want = [scoring.score_candidates(model, p, c, batch_size=4) for p, c in encoded]
+    max_len = max(len(p) + len(c) for p, cs in encoded for c in cs)
+    llm = ev.open_vllm(tiny_base, None, 0, max_len + 1, 16, 0, prefix_caching=True)
+    try:
+        first = scoring.score_questions_vllm(llm, encoded)
+        # again: now every candidate's blocks are cached, so the scorer must notice the
+        # positions vLLM skipped and rescore those candidates without the cache
+        again = scoring.score_questions_vllm(llm, encoded)
+    finally:
+        ev.close_llm(llm)
+    for got in (first, again):
+        for g, w in zip(got, want, strict=True):
+            assert np.allclose(g, w, atol=1e-4, rtol=0), (g, w)
+
+
 def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, shared_sample, repo_params):
     model = load_model(tiny_base, repo_params.model, torch.float32)
     prompts = [encode_prompt(tok, SYSTEM, p["question"]) for p in sample_pairs(shared_sample, 3)]
@@ -199,6 +230,7 @@ def test_main_writes_metrics_samples_plots_and_report(trained):
     report = json.loads((root / "eval" / "report.json").read_text())
     vllm_ok, _ = vllm_status()
     assert report["backend"] == ("vllm" if vllm_ok else "hf")
+    assert report["scorer"] == report["backend"]  # auto: vLLM prompt log-probs with the vLLM backend
     if vllm_ok:
         assert serve["vllm_parity"] is True, report["serve_ready_reasons"]["vllm_parity"]
     else:
