@@ -23,7 +23,10 @@
    float32 scores must agree to 1e-4 (see tests/test_evaluate.py for why that bound);
    bfloat16 differences are printed, not asserted. Prints candidates/s of each, the ratio
    vLLM/transformers and the projected time of the full official test (4,000 questions x
-   100 candidates = 400,000 candidates) at the measured rate of each scorer.
+   100 candidates = 400,000 candidates) at the measured rate of each scorer. Timed
+   in alternating rounds with both engines open (every question through transformers,
+   then all of them in one vLLM call per engine, as the stage batches them), so all arms
+   share the same background load on average.
 3. Generation: greedy answers with exactly --new-tokens tokens each (end tokens ignored, so
    both backends produce the same number), vLLM's offline engine vs transformers
    `generate` (batched, left padding); tokens/s for both. Skipped, with the reason, when
@@ -114,6 +117,7 @@ def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
 
 
 OFFICIAL_CANDIDATES = 4000 * 100
+ROUNDS = 2  # alternating timing rounds of the scorer comparison
 # Qwen3-8B's published config.json with only the size fields scaled down.
 REHEARSAL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
@@ -153,6 +157,7 @@ def open_scoring_engine(model_dir: Path, dtype: str, max_len: int, prefix_cachin
 
 
 def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict], batch_size: int) -> None:
+    """Both scorers on the same candidates, in alternating rounds (shared cores: same load)."""
     import numpy as np
     import torch
 
@@ -163,34 +168,51 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
     n = sum(len(c) for _, c in encoded)
+    total = ROUNDS * n
     model = load_model(model_dir, load_params(ROOT / "params.yaml").model, getattr(torch, dtype)).to(device)
     workspace = scoring.logits_workspace(model)
     scoring.score_candidates(model, *encoded[0], batch_size, workspace)  # warm-up
-    hf, t_hf = timed(lambda: [scoring.score_candidates(model, p, c, batch_size, workspace) for p, c in encoded])
-    del model
     print(f"scorers on {name} ({dtype}): {len(rows)} questions x {n // len(rows)} candidates = {n} candidates")
-    print(f"  transformers shared prefix, batch {batch_size}: {n / t_hf:8.2f} candidates/s  ({t_hf:.2f} s)  "
-          f"full test {OFFICIAL_CANDIDATES / (n / t_hf) / 3600:7.1f} h")
     ok, why = vllm_engine.vllm_status()
-    if not ok:
+    engines = {}
+    if ok:
+        max_len = max(len(p) + len(c) for p, cands in encoded for c in cands)
+        for caching in (False, True):
+            llm, t_init = timed(lambda: open_scoring_engine(model_dir, dtype, max_len, caching))
+            scoring.score_questions_vllm(llm, encoded[-1:])  # warm-up on a question not timed first
+            engines[caching] = llm
+            print(f"  vLLM engine (prefix cache {'on' if caching else 'off'}) started in {t_init:.0f} s")
+    else:
         print(f"  vLLM: skipped ({why})")
-        return
-    max_len = max(len(p) + len(c) for p, cands in encoded for c in cands)
-    for caching in (False, True):
-        llm, t_init = timed(lambda: open_scoring_engine(model_dir, dtype, max_len, caching))
-        try:
-            scoring.score_questions_vllm(llm, encoded[:1])  # warm-up
-            llm.reset_prefix_cache()
-            got, t = timed(lambda: scoring.score_questions_vllm(llm, encoded))
-        finally:
+    scores = {"hf": [], False: [], True: []}
+    times = dict.fromkeys(scores, 0.0)
+    try:
+        # Rounds of: every question through transformers, then all of them in one vLLM call
+        # per engine (as the stage batches them), so each arm sees the same load on average.
+        for _ in range(ROUNDS):
+            scores["hf"], t = timed(lambda: [scoring.score_candidates(model, p, c, batch_size, workspace)
+                                             for p, c in encoded])
+            times["hf"] += t
+            for caching, llm in engines.items():
+                llm.reset_prefix_cache()  # a later round must not find this round's blocks
+                scores[caching], t = timed(lambda: scoring.score_questions_vllm(llm, encoded))
+                times[caching] += t
+    finally:
+        for llm in engines.values():
             vllm_engine.close_llm(llm)
-        diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(got, hf))
-        same_top = np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(got, hf)])
+    del model
+    t_hf = times["hf"]
+    print(f"  transformers shared prefix, batch {batch_size}: {total / t_hf:8.2f} candidates/s  ({t_hf:.2f} s)  "
+          f"full test {OFFICIAL_CANDIDATES / (total / t_hf) / 3600:7.1f} h")
+    for caching in engines:
+        t = times[caching]
+        diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(scores[caching], scores["hf"]))
+        same_top = np.mean([int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(scores[caching], scores["hf"])])
         if dtype == "float32":
             assert diff < 1e-4, f"vLLM and transformers scores disagree: max |diff| {diff:.2e}"
         label = "vLLM prompt logprobs, prefix cache" + (" on " if caching else " off")
-        print(f"  {label}:  {n / t:8.2f} candidates/s  ({t:.2f} s; engine start {t_init:.0f} s)  "
-              f"full test {OFFICIAL_CANDIDATES / (n / t) / 3600:7.1f} h")
+        print(f"  {label}:  {total / t:8.2f} candidates/s  ({t:.2f} s)  "
+              f"full test {OFFICIAL_CANDIDATES / (total / t) / 3600:7.1f} h")
         print(f"    ratio vLLM/transformers {t_hf / t:.2f}x   max |score diff| {diff:.2e}   same top-1 {same_top:.0%}")
 
 

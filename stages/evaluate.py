@@ -28,6 +28,10 @@ Generation backend (``eval.backend``, recorded in the report): ``auto`` uses vLL
 offline engine when ``import vllm`` works (one float32 engine: the base, and base + LoRA
 through a LoRARequest), else transformers ``generate`` on the base and the merged model.
 
+Answer-selection scorer (``eval.scorer``, in the report): ``auto`` scores with vLLM
+prompt log-probabilities in that same engine (prefix caching on; tuned = base + LoRA)
+when the vLLM backend is used, else with the transformers shared-prefix scorer.
+
 ``serve_ready``: the adapter's rank is one vLLM serves, every configured target module
 matched the base (and ``lora_modules`` > 0), no ``modules_to_save``, and vLLM + LoRA
 greedy output equals peft's on a few prompts (null when vLLM is not used); ``ready`` is
@@ -287,8 +291,8 @@ def resolve_backend(requested: str, rank_ok: bool) -> tuple[str, str]:
 
 
 def resolve_scorer(requested: str, backend: str) -> str:
-    """auto: vLLM prompt log-probs whenever the vLLM backend is used (faster, same scores:
-    bench/evaluate.py), else the transformers scorer."""
+    """auto: vLLM prompt log-probs whenever the vLLM backend is used (same scores, as fast
+    or faster with prefix caching: bench/evaluate.py), else the transformers scorer."""
     if requested == "vllm" and backend != "vllm":
         raise EvalError("eval.scorer=vllm needs the vLLM engine, but the generation backend is hf: "
                         "set eval.backend to auto or vllm, or eval.scorer to hf")
