@@ -189,11 +189,17 @@ def resolve_dtype_name(requested: str) -> str:
 
 
 def train_plan(arch: Arch, params: Params, dtype: str, weight_bits: int | None = None,
-               gradient_checkpointing: bool | None = None) -> dict[str, int]:
-    """Bytes of one training process at its peak (see the module docstring)."""
+               gradient_checkpointing: bool | None = None, seq_len: int | None = None) -> dict[str, int]:
+    """Bytes of one training process at its peak (see the module docstring).
+
+    ``seq_len``: the longest padded batch (default ``train.max_seq_length``). Batches are
+    padded to their own longest example, so data shorter than the cap peaks lower: pass
+    the longest encoded example to compare with a measured run.
+    """
     t, a = params.train, DTYPE_BYTES[dtype]
     gc = t.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    tokens = t.per_device_train_batch_size * t.max_seq_length
+    seq_len = min(seq_len or t.max_seq_length, t.max_seq_length)
+    tokens = t.per_device_train_batch_size * seq_len
     layer = layer_activation_bytes(arch, a, params.lora.target_modules)
     full = arch.layers * layer * tokens
     checkpointed = (arch.layers * a * arch.hidden + layer) * tokens
@@ -206,7 +212,7 @@ def train_plan(arch: Arch, params: Params, dtype: str, weight_bits: int | None =
         "activations_no_gc": full,
         "activations_gc": checkpointed,
         "logits": 3 * 4 * tokens * arch.vocab,
-        "eval_logits": 2 * 4 * t.per_device_eval_batch_size * t.max_seq_length * arch.vocab,
+        "eval_logits": 2 * 4 * t.per_device_eval_batch_size * seq_len * arch.vocab,
     }
     step = out["activations"] + out["logits"]
     out["peak"] = out["weights"] + out["lora_state"] + max(step, out["eval_logits"])
@@ -215,9 +221,10 @@ def train_plan(arch: Arch, params: Params, dtype: str, weight_bits: int | None =
     return out
 
 
-def train_peak_bytes(config: dict, params: Params) -> int:
-    """Estimated peak bytes of the train stage for this base config and params."""
-    return train_plan(Arch.from_config(config), params, resolve_dtype_name(params.model.dtype))["peak"]
+def train_peak_bytes(config: dict, params: Params, seq_len: int | None = None) -> int:
+    """Estimated peak bytes of the train stage for this base config and params (framework
+    not included), for batches of ``seq_len`` tokens (default ``train.max_seq_length``)."""
+    return train_plan(Arch.from_config(config), params, resolve_dtype_name(params.model.dtype), seq_len=seq_len)["peak"]
 
 
 def candidate_counts(params: Params) -> dict[str, int] | None:

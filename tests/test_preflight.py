@@ -80,6 +80,12 @@ def test_orderings(repo_params):
     long = pf.train_plan(arch, _params(repo_params, max_seq_length=2048), "bfloat16")
     assert long["activations"] > pf.train_plan(arch, repo_params, "bfloat16")["activations"]
     assert pf.train_plan(arch, repo_params, "bfloat16", weight_bits=4)["weights"] < big["weights"] / 2
+    short = pf.train_plan(arch, repo_params, "bfloat16", seq_len=128)  # data shorter than the cap
+    assert short["logits"] * 4 == pf.train_plan(arch, repo_params, "bfloat16")["logits"]
+    assert pf.train_plan(arch, repo_params, "bfloat16", seq_len=4096) == pf.train_plan(arch, repo_params, "bfloat16")
+    tiny = json.loads(_tiny_config(repo_params))
+    assert pf.train_peak_bytes(tiny, repo_params) == pf.train_plan(pf.Arch.from_config(tiny), repo_params,
+                                                                   pf.resolve_dtype_name("auto"))["peak"]
     gc = _params(repo_params, gradient_checkpointing=True)
     assert pf.train_plan(arch, gc, "bfloat16")["peak"] == pf.train_plan(arch, gc, "bfloat16")["peak_gc"]
 
