@@ -37,7 +37,8 @@ DEMO_QUESTION ?= 孩子发烧38.5度，精神还可以，需要马上去医院�
 
 demo: install
 	$(DVC) repro
-	$(DVC) metrics show
+	@echo "Base vs tuned (all metrics: dvc metrics show):"
+	@$(PY) -m stages.summary
 	@echo "One answer from the tuned tiny model (vLLM, offline; it proves the plumbing, not medicine):"
 	$(PY) -m stages.chat --offline --temperature 0 --max-tokens 48 --question "$(DEMO_QUESTION)"
 
