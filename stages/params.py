@@ -285,6 +285,32 @@ class ServeParams:
 
 
 @dataclass(frozen=True)
+class ReviewParams:
+    """Clinician review: `make ui`'s blind A/B tab and the `review` stage."""
+
+    judgments_file: str = "review/judgments.jsonl"
+    answers_file: str = "review/answers.jsonl"
+    metrics_file: str = "metrics/review.json"
+    plots_file: str = "review/plots/win_rates.json"
+    seed: int = 0
+    max_questions: int = 50
+    max_tokens: int = 512
+    temperature: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_questions < 1:
+            out.append("review.max_questions: must be >= 1")
+        if self.max_tokens < 1:
+            out.append("review.max_tokens: must be >= 1")
+        if self.temperature < 0:
+            out.append("review.temperature: must be >= 0 (0 = greedy, the same answer every time)")
+        if len({self.judgments_file, self.answers_file, self.metrics_file, self.plots_file}) < 4:
+            out.append("review.judgments_file/answers_file/metrics_file/plots_file: must be four different files")
+        return out
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     download: DownloadParams
@@ -296,6 +322,7 @@ class Params:
     merge: MergeParams
     eval: EvalParams
     serve: ServeParams
+    review: ReviewParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
