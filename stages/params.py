@@ -290,14 +290,14 @@ class ServeParams:
 class ReviewParams:
     """Clinician review: `make ui`'s blind A/B tab and the `review` stage."""
 
-    judgments_file: str = "review/judgments.jsonl"
-    answers_file: str = "review/answers.jsonl"
-    metrics_file: str = "metrics/review.json"
-    plots_file: str = "review/plots/win_rates.json"
-    seed: int = 0
-    max_questions: int = 50
-    max_tokens: int = 512
-    temperature: float = 0.0
+    judgments_file: str
+    answers_file: str
+    metrics_file: str
+    plots_file: str
+    seed: int
+    max_questions: int
+    max_tokens: int
+    temperature: float
 
     def problems(self) -> list[str]:
         out = []
