@@ -421,7 +421,7 @@ def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: s
     check_bind_host(host, allow_remote)
     url = server or server_url(params.serve.host, port or params.serve.port)
     models = Models(url, api_key, params.process.system_prompt, parallel)
-    trusted = [h for h in LOOPBACK_NAMES] + ["[::1]"] if is_loopback(host) else None
+    trusted = [*LOOPBACK_NAMES, "[::1]"] if is_loopback(host) else None
     app = create_app(params, models, trusted)
     shown = f"[{host}]" if ":" in host else host
     log.info("review app on http://%s:%d (model server %s)", shown, ui_port, url)
