@@ -70,7 +70,7 @@ class UIError(RuntimeError):
     """Something to fix before or while serving the page; the message says what."""
 
 
-# ---------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------- pure functions
 
 
 def is_loopback(host: str) -> bool:
@@ -91,7 +91,11 @@ def check_bind_host(host: str, allow_remote: bool) -> None:
 
 
 def server_url(host: str, port: int) -> str:
-    """Where this machine reaches the model server (a wildcard bind is reached on loopback)."""
+    """Where this machine reaches the model server (a wildcard bind is reached on loopback).
+
+    The same rule as ``vllm_engine.local_url`` plus ``/v1``; that module imports torch
+    (about 4 s), which a web page talking HTTP has no use for.
+    """
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
@@ -175,7 +179,7 @@ class Review:
         self.answers = AnswerCache(self.cfg.answers_file)
         self.generate = generate
         self._write = threading.Lock()
-        read_judgments(self.cfg.judgments_file)  # a bad line stops the app at start, not mid-session
+        read_judgments(self.cfg.judgments_file)  # a bad line stops the app at start, not mid-review
 
     def judged(self, reviewer: str, pair: tuple[str, str]) -> set[str]:
         """Question ids this reviewer already judged for this pair (read from the file: the record)."""

@@ -164,7 +164,7 @@ async function startReview() {
   localStorage.setItem("review-pair", JSON.stringify(pair));
   state.reviewer = reviewer;
   state.pair = pair;
-  // the name is entered once per session; reload the page to change it
+  // the name is entered once; reload the page to change it
   for (const id of ["reviewer", "review-model-1", "review-model-2", "review-start"]) $(id).disabled = true;
   setStatus($("review-status"), "Loading answers...");
   try {
