@@ -373,3 +373,33 @@ def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(app,
                                               "question_id": QUESTIONS[0][0], "choice": "B"})
     assert status == 400 and "already judged" in body["error"]
     assert len(_judgments(ui_project)) == 2
+
+
+# ---------------------------------------------------------------- pure functions (no server, no browser)
+
+
+def test_ab_order_is_seeded_per_question_and_balanced():
+    from stages.ui import ab_order
+
+    orders = [ab_order(0, f"q{i}", ("medqa", "base")) for i in range(200)]
+    assert all(set(o) == {"base", "medqa"} for o in orders)
+    assert orders == [ab_order(0, f"q{i}", ("base", "medqa")) for i in range(200)]  # whoever picked them
+    assert 70 < sum(o[0] == "base" for o in orders) < 130  # a fair coin, not a fixed side
+    assert orders != [ab_order(1, f"q{i}", ("base", "medqa")) for i in range(200)]  # review.seed matters
+
+
+def test_bind_host_and_test_split_checks(tmp_path):
+    from stages.ui import UIError, check_bind_host, load_questions
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind_host(host, allow_remote=False)
+    for host in ("0.0.0.0", "192.168.1.5", "example.org"):
+        with pytest.raises(UIError, match="--allow-remote"):
+            check_bind_host(host, allow_remote=False)
+        check_bind_host(host, allow_remote=True)
+    with pytest.raises(UIError, match=r"test.jsonl: not found; run `dvc repro process`"):
+        load_questions(tmp_path, 10)
+    (tmp_path / "test.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}], "question_id": 1}\n',
+                                         encoding="utf-8")
+    with pytest.raises(UIError, match=r"test.jsonl:1: not a ChatML row"):
+        load_questions(tmp_path, 10)
