@@ -15,8 +15,12 @@ TORCH_ARGS ?=
 VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters.
 SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(filter 1,$(MERGED)),--merged) $(if $(ADAPTER),--adapter $(ADAPTER))
+# `make ui` options: PORT (and API_KEY) of the running `make serve`; UI_PORT for the app;
+# HOST the app's address (loopback unless ALLOW_REMOTE=1); SERVER_URL for a server elsewhere.
+UI_PORT ?= 7860
+UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro serve chat bench bench-process bench-train bench-evaluate bench-serve clean
+.PHONY: install demo test data base repro serve chat ui bench bench-process bench-train bench-evaluate bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -70,6 +74,9 @@ serve: install
 
 chat: install
 	$(PY) -m stages.chat
+
+ui: install
+	$(PY) -m stages.ui $(UI_ARGS)
 
 bench-serve: install
 	$(PY) bench/serve.py

@@ -287,6 +287,32 @@ class ServeParams:
 
 
 @dataclass(frozen=True)
+class ReviewParams:
+    """Clinician review: `make ui`'s blind A/B tab and the `review` stage."""
+
+    judgments_file: str
+    answers_file: str
+    metrics_file: str
+    plots_file: str
+    seed: int
+    max_questions: int
+    max_tokens: int
+    temperature: float
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_questions < 1:
+            out.append("review.max_questions: must be >= 1")
+        if self.max_tokens < 1:
+            out.append("review.max_tokens: must be >= 1")
+        if self.temperature < 0:
+            out.append("review.temperature: must be >= 0 (0 = greedy, the same answer every time)")
+        if len({self.judgments_file, self.answers_file, self.metrics_file, self.plots_file}) < 4:
+            out.append("review.judgments_file/answers_file/metrics_file/plots_file: must be four different files")
+        return out
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     download: DownloadParams
@@ -298,6 +324,7 @@ class Params:
     merge: MergeParams
     eval: EvalParams
     serve: ServeParams
+    review: ReviewParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
