@@ -35,24 +35,37 @@ class Experiment:
     baseline: str  # the commit it was run from
 
 
-def list_experiments(repo_root: str | Path = ".") -> list[Experiment]:
-    """Every experiment of the repository, on any baseline commit (``dvc exp list -A``)."""
-    from dvc.repo import Repo
+def _git(repo_root: str | Path):
+    from dvc.scm import SCM
 
-    with Repo(str(repo_root)) as repo:
-        found = repo.experiments.ls(all_commits=True)
-    return sorted((Experiment(name, rev, baseline) for baseline, exps in found.items() for name, rev in exps if rev),
-                  key=lambda e: e.name)
+    return SCM(str(repo_root))
+
+
+def list_experiments(repo_root: str | Path = ".") -> list[Experiment]:
+    """Every experiment of the repository, on any baseline commit (what ``dvc exp list -A`` shows).
+
+    Read from the git refs directly, as ``dvc exp list`` does, but without taking DVC's
+    repository lock: a ``dvc exp run`` holds it for its whole run, and serving or loading
+    a finished experiment meanwhile is the point.
+    """
+    from dvc.repo.experiments.utils import exp_refs
+
+    scm = _git(repo_root)
+    try:
+        found = [Experiment(ref.name, scm.get_ref(str(ref)), ref.baseline_sha) for ref in exp_refs(scm)]
+    finally:
+        scm.close()
+    return sorted((e for e in found if e.rev), key=lambda e: e.name)
 
 
 def _head(repo_root: str | Path) -> str | None:
-    from dvc.repo import Repo
-
-    with Repo(str(repo_root)) as repo:
-        try:
-            return repo.scm.get_rev()
-        except Exception:  # no commit yet: then there are no experiments either
-            return None
+    scm = _git(repo_root)
+    try:
+        return scm.get_rev()
+    except Exception:  # no commit yet: then there are no experiments either
+        return None
+    finally:
+        scm.close()
 
 
 def resolve(names: Iterable[str], repo_root: str | Path = ".") -> list[Experiment]:
