@@ -52,7 +52,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import click
 
