@@ -272,9 +272,19 @@ class ServeParams:
     base_name: str  # the base model's name in /v1/models (adapters are named by lineage)
     cpu_kv_cache_gib: int  # VLLM_CPU_KVCACHE_SPACE on CPU-only machines
     startup_timeout_s: float  # give up if vLLM is not healthy by then
+    experiments_dir: str  # adapters of DVC experiments (--exp), copied out of the DVC cache
+    runtime_max_loras: int  # extra --max-loras slots for adapters loaded at runtime
+    runtime_max_lora_rank: int  # --max-lora-rank with --runtime-lora: later adapters must fit
 
     def problems(self) -> list[str]:
         out = []
+        if self.runtime_max_lora_rank not in VLLM_LORA_RANKS:
+            out.append(f"serve.runtime_max_lora_rank: {self.runtime_max_lora_rank} must be one of vLLM's ranks "
+                       f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+        if self.runtime_max_loras < 1:
+            out.append("serve.runtime_max_loras: must be >= 1 (one slot per adapter loaded at runtime)")
+        if not self.experiments_dir:
+            out.append("serve.experiments_dir: must name a folder (git-ignored, e.g. models/experiments)")
         if not 0 < self.port < 65536:
             out.append(f"serve.port: {self.port} must be in 1..65535")
         if self.max_model_len < 16:
