@@ -26,6 +26,7 @@ import codecs
 import contextlib
 import hashlib
 import html
+import io
 import itertools
 import logging
 import re
@@ -52,26 +53,22 @@ class ProcessError(ValueError):
     """The input data cannot be processed; the message names the file/column/row and the fix."""
 
 
-# Input tables: accepted names (most specific first; `make data` unzips the official archives,
-# whose members are question.csv, answer.csv, dev_candidates.txt and test_candidates.txt),
-# the columns read and which of them are integer ids. The candidates' `cnt` (0..99) is not needed.
+# Input tables: accepted names, most specific first (`make data` unzips the official archives,
+# whose members are question.csv, answer.csv, dev_candidates.txt and test_candidates.txt), the
+# columns read and which are integer ids. The candidates' `cnt` (0..99) is not needed.
 CANDIDATE_COLUMNS = ("question_id", "ans_id", "label")
 INPUTS = {
-    "question": (("question.csv", "questions.csv", "question.zip", "questions.zip"),
-                 ("question_id", "content"), ("question_id",)),
-    "answer": (("answer.csv", "answers.csv", "answer.zip", "answers.zip"),
-               ("ans_id", "question_id", "content"), ("ans_id", "question_id")),
-    "dev_candidates": (("dev_candidates.txt", "dev_candidates.csv", "dev_candidates.zip"),
-                       CANDIDATE_COLUMNS, CANDIDATE_COLUMNS),
-    "test_candidates": (("test_candidates.txt", "test_candidates.csv", "test_candidates.zip"),
-                        CANDIDATE_COLUMNS, CANDIDATE_COLUMNS),
+    "question": (("question.csv", "questions.csv", "question.zip", "questions.zip"), ("question_id", "content"),
+                 ("question_id",)),
+    "answer": (("answer.csv", "answers.csv", "answer.zip", "answers.zip"), ("ans_id", "question_id", "content"),
+               ("ans_id", "question_id")),
+    **{key: ((f"{key}.txt", f"{key}.csv", f"{key}.zip"), CANDIDATE_COLUMNS, CANDIDATE_COLUMNS)
+       for key in ("dev_candidates", "test_candidates")},
 }
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "test_candidates.jsonl")
 SPLITS = ("train", "val", "test")
 
-# chardet looks at the head only (it is slow on whole files); the choice is then verified on
-# the whole file, so a wrong guess cannot slip through.
-DETECT_BYTES = 64 * 1024
+DETECT_BYTES = 64 * 1024  # chardet reads the head only (it is slow); the whole file is then verified
 GB_FAMILY = ("gb2312", "gbk", "gb18030", "hz-gb-2312", "iso-2022-cn")
 
 # Cleaning, RE2 syntax (pyarrow compute). Format characters (zero-width space, joiners, BOM,
@@ -94,27 +91,15 @@ PII_PATTERNS = {
     "email": (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), "[EMAIL]"),
 }
 
-# Every reason a row can be dropped for; all are reported (0 when unused) so the metric keys
-# are the same in every run and `dvc metrics diff` lines up.
+# Every reason a row can be dropped for; all are reported (0 when unused) so the metric keys are
+# the same in every run and `dvc metrics diff` lines up. duplicate_rows: the same row repeated;
+# answer_question_missing: its question is not in the file or was dropped; duplicate_pairs: the
+# same question and answer texts under other ids; answer_not_first: answers_per_question=first.
 DROP_REASONS = (
-    "question_duplicate_rows", "answer_duplicate_rows",  # the same row repeated
-    "question_empty", "question_too_short", "question_too_long",
-    "answer_empty", "answer_too_short", "answer_too_long",
-    "answer_question_missing",  # its question is not in the file or was dropped
-    "duplicate_pairs",  # same question text and answer text under other ids
-    "answer_not_first",  # process.answers_per_question: first
-    "candidates_answer_missing", "candidate_lists_question_missing", "candidate_lists_no_positive",
+    "question_duplicate_rows", "answer_duplicate_rows", "question_empty", "question_too_short", "question_too_long",
+    "answer_empty", "answer_too_short", "answer_too_long", "answer_question_missing", "duplicate_pairs",
+    "answer_not_first", "candidates_answer_missing", "candidate_lists_question_missing", "candidate_lists_no_positive",
 )
-
-
-def new_stats() -> dict:
-    """The metrics file's counters, filled as the stage goes (the rest is added at the end)."""
-    return {"rows_read": {}, "encoding": {}, "dropped": dict.fromkeys(DROP_REASONS, 0),
-            "pii_masked": dict.fromkeys(PII_PATTERNS, 0), "candidate_lists_short": 0,
-            "official_test_questions_not_in_input": 0}
-
-
-# ----------------------------------------------------------------------------- read
 
 
 def read_raw(path: Path) -> bytes:
@@ -194,8 +179,7 @@ def to_utf8(data: bytes, encoding: str) -> bytes:
 
 def check_header(path: Path, head: bytes, columns: tuple[str, ...]) -> int:
     """Number of header fields of a UTF-8 table (``head``: its start); names a missing column or other delimiter."""
-    end = head.find(b"\n")
-    first = (head if end < 0 else head[:end]).rstrip(b"\r").decode("utf-8", "replace")
+    first = head[:DETECT_BYTES].split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
     header = [h.strip().strip('"').strip() for h in first.split(",")]
     missing = [c for c in columns if c not in header]
     if missing:
@@ -212,10 +196,6 @@ def check_header(path: Path, head: bytes, columns: tuple[str, ...]) -> int:
     return len(header)
 
 
-class NotUtf8(Exception):
-    """The CSV parser met bytes that are not UTF-8: the encoding guessed from the head was wrong."""
-
-
 def parse_csv(path: Path, source: Path | bytes, columns: tuple[str, ...], int_columns: tuple[str, ...],
               n_fields: int) -> pa.Table:
     """A UTF-8 CSV file (or its bytes) as a table of ``columns``: ``int_columns`` int64, the rest text."""
@@ -228,8 +208,8 @@ def parse_csv(path: Path, source: Path | bytes, columns: tuple[str, ...], int_co
             return pcsv.read_csv(str(source) if isinstance(source, Path) else pa.BufferReader(source),
                                  read_options=pcsv.ReadOptions(use_threads=threads), convert_options=convert)
         except pa.ArrowInvalid as e:
-            if "invalid UTF8" in str(e):
-                raise NotUtf8(str(e)) from e
+            if "invalid UTF8" in str(e):  # the encoding guessed from the head was wrong
+                raise UnicodeError(str(e)) from e
             raise
 
     types = {c: pa.int64() if c in int_columns else pa.string() for c in columns}
@@ -266,17 +246,14 @@ def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...
     head is in another encoding: to pick the codec and convert it, or to name the bad byte.
     """
     data = read_raw(path) if path.suffix.lower() == ".zip" else None
-    if data is None:
-        with path.open("rb") as fh:
-            head = fh.read(DETECT_BYTES)
-    else:
-        head = data[:DETECT_BYTES]
+    with path.open("rb") if data is None else io.BytesIO(data) as fh:
+        head = fh.read(DETECT_BYTES)
     if not head.strip():
         raise ProcessError(f"{path}: file is empty; expected a header {','.join(columns)} followed by rows")
     encoding, table = guess_encodings(head, str(path))[0], None
     if encoding in ("utf-8", "utf-8-sig"):
         n_fields = check_header(path, to_utf8(head, encoding), columns)
-        with contextlib.suppress(NotUtf8):  # the parser skips a BOM itself
+        with contextlib.suppress(UnicodeError):  # the parser skips a BOM itself
             table = parse_csv(path, path if data is None else data, columns, int_columns, n_fields)
     if table is None:
         data = read_raw(path) if data is None else data
@@ -285,8 +262,7 @@ def read_table(path: Path, columns: tuple[str, ...], int_columns: tuple[str, ...
         table = parse_csv(path, data, columns, int_columns, check_header(path, data, columns))
     if not len(table):
         raise ProcessError(f"{path}: has a header but no data rows")
-    # One chunk per column: every later take (filter, join, sort) of a chunked text column
-    # would first concatenate all of it again.
+    # One chunk per column: each later take (filter, join, sort) would concatenate the chunks again.
     return table.combine_chunks(), encoding
 
 
@@ -313,17 +289,13 @@ def load_inputs(raw_dir: Path, stats: dict) -> dict[str, tuple[Path, pa.Table]]:
     for key, path in paths.items():
         if path is None:
             continue
-        t0 = time.perf_counter()
         table, stats["encoding"][key] = read_table(path, *INPUTS[key][1:])
         stats["rows_read"][key] = len(table)
-        log.info("read %s: %d rows, %s (%.2fs)", path, len(table), stats["encoding"][key], time.perf_counter() - t0)
+        log.info("read %s: %d rows, %s", path, len(table), stats["encoding"][key])
         if key.endswith("candidates") and not pc.all(pc.is_in(table["label"], pa.array([0, 1]))).as_py():
             raise ProcessError(f"{raw_dir}/{key}: column 'label' must be 0 or 1")
         tables[key] = (path, table)
     return tables
-
-
-# ----------------------------------------------------------------------------- clean
 
 
 def clean_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -359,8 +331,7 @@ def clean_table(table: pa.Table, mask: bool, stats: dict) -> pd.DataFrame:
     (0.1 s for 226k answers) costs far less than the replacements on every row (0.3-0.7 s).
     """
     df = table.to_pandas()
-    needs = pc.match_substring_regex(table["content"], RE_NEEDS_CLEANING + ("|" + RE_PII_HINT if mask else ""))
-    needs = needs.to_numpy()
+    needs = pc.match_substring_regex(table["content"], RE_NEEDS_CLEANING + ("|" + RE_PII_HINT if mask else "")).to_numpy()
     if needs.any():
         texts = clean_texts(table["content"].filter(needs)).to_pylist()
         if mask:
@@ -368,9 +339,6 @@ def clean_table(table: pa.Table, mask: bool, stats: dict) -> pd.DataFrame:
             stats["pii_masked"] = {k: stats["pii_masked"][k] + counts[k] for k in counts}
         df.loc[needs, "content"] = texts
     return df
-
-
-# ----------------------------------------------------------------------------- tables
 
 
 def dedupe_ids(path: Path, df: pd.DataFrame, id_col: str, what: str, stats: dict) -> pd.DataFrame:
@@ -402,8 +370,7 @@ def length_filter(df: pd.DataFrame, lo: int, hi: int, what: str, stats: dict) ->
 
 
 def make_pairs(questions: pd.DataFrame, answers: pd.DataFrame, stats: dict) -> pd.DataFrame:
-    """Answers joined to their questions (ans_id, question_id, answer, chars, question_chars),
-    in answer.csv's order, without pairs whose question text and answer text came before."""
+    """Answers joined to their questions in answer.csv's order, less repeats of a (question, answer) text pair."""
     question_info = pd.DataFrame({"question_id": questions["question_id"], "question_chars": questions["chars"],
                                   "question_text": pd.factorize(questions["content"])[0]})  # equal texts, equal codes
     pairs = answers.rename(columns={"content": "answer"}).merge(question_info, on="question_id", validate="many_to_one")
@@ -420,25 +387,20 @@ def make_pairs(questions: pd.DataFrame, answers: pd.DataFrame, stats: dict) -> p
 def split_ids(qids: np.ndarray, seed: int, val_ratio: float, test_ratio: float) -> np.ndarray:
     """0/1/2 (train/val/test) per question id, from a seeded hash of the id.
 
-    A question's split depends only on its id and the seed: all its answers land together,
-    and adding or removing other questions never moves it. md5 gives the same split on every
-    machine and Python version (the built-in hash() of a str is salted per process).
+    A question's split depends only on its id and the seed: its answers land together, and
+    other questions never move it. md5 is the same on every machine (str hash() is salted).
     """
     u = np.array([int.from_bytes(hashlib.md5(f"{seed}:{q}".encode()).digest()[:6], "big") for q in qids.tolist()],
                  dtype=np.float64) / 2**48  # 48 bits: exact in a float64, uniform in [0, 1)
     return np.select([u < test_ratio, u < test_ratio + val_ratio], [2, 1], 0).astype(np.int8)
 
 
-# ----------------------------------------------------------------------------- candidates
-
-# A candidates table: one row per candidate, each list's rows together, lists in output
-# order; question_id is the list's question (its text is looked up when written).
+# A candidates table: one row per candidate (question_id: its list's question), lists contiguous and in order.
 CANDIDATE_FIELDS = ["question_id", "ans_id", "content", "label"]
 
 
-def official_candidates(
-    cands: pd.DataFrame, questions: pd.DataFrame, answers: pd.DataFrame, test_qids: np.ndarray, stats: dict
-) -> pd.DataFrame:
+def official_candidates(cands: pd.DataFrame, questions: pd.DataFrame, answers: pd.DataFrame, test_qids: np.ndarray,
+                        stats: dict) -> pd.DataFrame:
     """Official lists of the questions in ``test_qids``, with the cleaned answer texts.
 
     Candidates whose answer was dropped in cleaning are removed; a list left without its
@@ -509,9 +471,6 @@ def build_candidates(cfg: ProcessParams, pairs: pd.DataFrame, pair_split: np.nda
     return cands
 
 
-# ----------------------------------------------------------------------------- write
-
-
 def chatml_line(question_id: int, ans_id: int, question: str, answer: str, system_prompt: str) -> bytes:
     """One example as a JSON line in the data contract's ChatML layout."""
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question},
@@ -541,13 +500,8 @@ def write_examples(paths: list[Path], examples: pd.DataFrame, split: np.ndarray,
             files[k].write(chatml_line(qid, aid, question_text[qid], answer, system_prompt))
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def _percentiles(prefix: str, lengths: np.ndarray) -> dict[str, float]:
-    if not len(lengths):
-        return {f"{prefix}_p50": 0, f"{prefix}_p95": 0, f"{prefix}_max": 0}
-    p50, p95 = np.percentile(lengths, [50, 95])
+    p50, p95 = np.percentile(lengths, [50, 95])  # never empty: main stops when no pair is left
     return {f"{prefix}_p50": round(float(p50), 1), f"{prefix}_p95": round(float(p95), 1), f"{prefix}_max": int(lengths.max())}
 
 
@@ -557,7 +511,10 @@ def main(params: Params) -> None:
     log.info("process params: %s; data: %s", cfg, data)
     t_start = time.perf_counter()
     raw_dir, out_dir = Path(data.raw_dir), Path(data.processed_dir)
-    stats = new_stats()
+    # The metrics file, filled as the stage goes.
+    stats = {"rows_read": {}, "encoding": {}, "dropped": dict.fromkeys(DROP_REASONS, 0),
+             "pii_masked": dict.fromkeys(PII_PATTERNS, 0), "candidate_lists_short": 0,
+             "official_test_questions_not_in_input": 0}
     tables = load_inputs(raw_dir, stats)
     (qfile, questions), (afile, answers) = tables["question"], tables["answer"]
     # Cleaning (and masking) before the duplicate checks: rows that differ only in spacing or
