@@ -417,6 +417,7 @@ def test_duplicates_dropped_and_counted(tmp_path, repo_params):
         f"99999993,99999991,{answer}\n",  # same pair again under the new question id
         "99999994,99999991,另一个不同的回答，内容足够长。\n",  # a genuinely new pair
         f"99999995,{other_qid},{answer}\n",  # the same answer text to another question: kept
+        "99999996,88888888,这个回答的问题不在文件里。\n",  # an orphan: counted, then dropped
     ]
     raw = _write(tmp_path / "raw", {"question.csv": "".join(q_lines + extra_q).encode(),
                                      "answer.csv": "".join(a_lines + extra_a).encode()})
@@ -424,6 +425,8 @@ def test_duplicates_dropped_and_counted(tmp_path, repo_params):
     assert metrics["dropped"]["question_duplicate_rows"] == 1
     assert metrics["dropped"]["answer_duplicate_rows"] == 1
     assert metrics["dropped"]["duplicate_pairs"] == 2
+    assert metrics["answers_without_questions"] == metrics["dropped"]["answer_question_missing"] == 1
+    assert metrics["questions_without_answers"] == 0
     assert sum(metrics["examples"].values()) == 129 + 2
     ans_ids = {orjson.loads(line)["ans_id"] for f in SPLIT_FILES for line in outputs[f].splitlines()}
     assert {int(aid), 99999994, 99999995} <= ans_ids and not {99999992, 99999993} & ans_ids
