@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.base import BaseModelError, build_tiny, check_model_dir, load_tokenizer
+from stages.base import build_tiny
+from stages.models import BaseModelError, check_model_dir, load_tokenizer
 from stages.chatml import render_prompt
 from stages.fileio import md5_dir
 
