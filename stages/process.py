@@ -440,7 +440,7 @@ def sampled_candidates(pairs: pd.DataFrame, test_rows: np.ndarray, pool_rows: np
     stats["candidate_lists_short"] = sum(len(neg) < num_negatives for neg in negatives)
     rows = np.concatenate([test_rows, *negatives]).astype(np.int64)
     list_of = np.concatenate([qids[test_rows], np.repeat(lists, [len(neg) for neg in negatives])])
-    labels = (np.arange(len(rows)) < len(test_rows)).astype(np.int64)
+    labels = (np.arange(len(rows)) < len(test_rows)).astype(np.int64)  # the test rows are the true answers
     order = np.lexsort((rng.random(len(rows)), list_of))  # by list, shuffled within each
     cands = pairs.iloc[rows[order]].rename(columns={"answer": "content"})
     return cands.assign(question_id=list_of[order], label=labels[order])[CANDIDATE_FIELDS]
