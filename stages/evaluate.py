@@ -46,6 +46,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ from stages.models import check_model_dir, dtype_name, load_model, load_tokenize
 from stages.params import Params, load_params
 from stages.preflight import log_plan
 from stages.scoring import answer_loss, encode_question, generate_hf, score_questions, score_questions_vllm
-from stages.vllm_engine import close_llm, kv_cache_bytes, open_llm, vllm_status
+from stages.vllm_engine import base_env, close_llm, kv_cache_bytes, open_llm, vllm_status
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +346,7 @@ def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[li
 
 
 def main(params: Params) -> None:
+    os.environ.update(base_env(os.environ))  # before vLLM is imported: offline, warnings only
     e = params.eval
     log.info("eval params: %s", e)
     log_plan(params, "evaluate", log, dtype_name(resolve_dtype(params.model)))  # before anything is loaded

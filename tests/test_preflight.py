@@ -127,8 +127,8 @@ def test_llama_factory_table_7b(repo_params):
 # ---------------------------------------------------------------- evaluation counts
 
 
-def test_candidate_counts_from_processed_file(repo_params, shared_sample, tmp_path):
-    pairs = sample_pairs(shared_sample, 12)
+def test_candidate_counts_from_processed_file(repo_params, sample_data, tmp_path):
+    pairs = sample_pairs(sample_data, 12)
     rows = candidates(pairs[:5], pairs, negatives=3)
     (tmp_path / "test_candidates.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
