@@ -14,9 +14,11 @@ TORCH_ARGS ?=
 # See requirements-vllm-{cpu,gpu}.txt for what each installs and why.
 VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters.
+# `make rehearse` writes its JSON report here.
+REPORT ?= rehearsal/report.json
 SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(filter 1,$(MERGED)),--merged) $(if $(ADAPTER),--adapter $(ADAPTER))
 
-.PHONY: install demo test data base repro serve chat bench bench-process bench-train bench-evaluate bench-serve clean
+.PHONY: install demo test data base repro rehearse serve chat bench bench-process bench-train bench-evaluate bench-serve clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +54,11 @@ data: install
 
 base: install
 	$(PY) -m stages.base
+
+# The real job's commands end to end, offline: a Qwen3-8B-structured base on a loopback hub,
+# the official cMedQA2 layout, bf16 train/merge/evaluate, both servers, a queued sweep.
+rehearse: install
+	$(PY) -m rehearsal.run --report $(REPORT)
 
 bench: bench-process bench-train bench-evaluate bench-serve
 
