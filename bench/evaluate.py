@@ -69,23 +69,23 @@ def timed(fn):
 def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
     import numpy as np
 
-    from stages import evaluate as ev
+    from stages import scoring
 
-    encoded = [ev.encode_question(tok, q, max_length=512)[:2] for q in rows]
+    encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
     n = sum(len(c) for _, c in encoded)
     prompt_tokens = statistics.mean(len(p) for p, _ in encoded)
     answer_tokens = statistics.mean(len(c) for _, cands in encoded for c in cands)
-    workspace = ev.logits_workspace(model)  # what the stage's score_questions allocates once
-    ev.score_candidates(model, *encoded[0], batch_size, workspace)  # warm-up (allocator, kernels)
-    ev.score_candidates_naive(model, encoded[0][0], encoded[0][1][:2])
+    workspace = scoring.logits_workspace(model)  # what the stage's score_questions allocates once
+    scoring.score_candidates(model, *encoded[0], batch_size, workspace)  # warm-up (allocator, kernels)
+    scoring.score_candidates_naive(model, encoded[0][0], encoded[0][1][:2])
 
     # Interleaved per question, so both arms see the same background load on shared cores.
     fast, slow, t_fast, t_slow = [], [], 0.0, 0.0
     for p, c in encoded:
-        scores, t = timed(lambda: ev.score_candidates(model, p, c, batch_size, workspace))
+        scores, t = timed(lambda: scoring.score_candidates(model, p, c, batch_size, workspace))
         fast.append(scores)
         t_fast += t
-        scores, t = timed(lambda: ev.score_candidates_naive(model, p, c))
+        scores, t = timed(lambda: scoring.score_candidates_naive(model, p, c))
         slow.append(scores)
         t_slow += t
     diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(fast, slow))
@@ -101,18 +101,19 @@ def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
 
 
 def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: int, new_tokens: int, batch_size: int) -> None:
+    from stages import eval_metrics, scoring, vllm_engine
     from stages import evaluate as ev
     from stages.chatml import encode_prompt
 
     prompts = [encode_prompt(tok, q["system"], q["question"]) for q in rows[:n_prompts]]
-    eos, _ = ev.special_ids(tok)
-    ev.generate_hf(model, tok, prompts[:2], 2, batch_size)  # warm-up
-    hf, t_hf = timed(lambda: ev.generate_hf(model, tok, prompts, new_tokens, batch_size, min_new_tokens=new_tokens))
+    eos, _ = eval_metrics.special_ids(tok)
+    scoring.generate_hf(model, tok, prompts[:2], 2, batch_size)  # warm-up
+    hf, t_hf = timed(lambda: scoring.generate_hf(model, tok, prompts, new_tokens, batch_size, min_new_tokens=new_tokens))
     hf_tokens = sum(len(g) for g in hf)
     print(f"generation: {len(prompts)} prompts x {new_tokens} new tokens, greedy, float32")
     print(f"  transformers generate (batch {batch_size}): {hf_tokens / t_hf:8.1f} tokens/s  ({t_hf:.2f} s)")
 
-    ok, why = ev.vllm_status()
+    ok, why = vllm_engine.vllm_status()
     if not ok:
         print(f"  vLLM: skipped ({why})")
         return
@@ -121,7 +122,7 @@ def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: in
         ev.generate_vllm(llm, prompts[:2], 2, eos)  # warm-up
         out, t_vllm = timed(lambda: ev.generate_vllm(llm, prompts, new_tokens, eos, min_new_tokens=new_tokens))
     finally:
-        ev.close_vllm(llm)
+        vllm_engine.close_llm(llm)
     vllm_tokens = sum(len(g) for g in out)
     print(f"  vLLM offline engine:                {vllm_tokens / t_vllm:8.1f} tokens/s  ({t_vllm:.2f} s; "
           f"engine start {t_init:.1f} s not included)")
@@ -140,7 +141,8 @@ def main() -> None:
 
     import torch
 
-    from stages.base import build_tiny, load_model, load_tokenizer
+    from stages.base import build_tiny
+    from stages.models import load_model, load_tokenizer
     from stages.params import load_params
 
     if not (args.sample / "question.csv").is_file():

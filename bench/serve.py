@@ -68,7 +68,8 @@ def ensure_models(params: Params, work: Path) -> tuple[Path, Path, Path]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from stages.base import load_tokenizer, provision
+    from stages.base import provision
+    from stages.models import load_tokenizer
     from stages.fileio import md5_file
 
     base = ROOT / params.model.path
@@ -180,7 +181,7 @@ def naive(merged: Path, system: str, max_tokens: int, prompts_per_level: dict[in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.base import load_tokenizer
+    from stages.models import load_tokenizer
 
     tok = load_tokenizer(merged)
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()

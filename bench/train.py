@@ -78,7 +78,7 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from stages.base import load_model, load_tokenizer
+    from stages.models import load_model, load_tokenizer
     from stages.params import load_params, with_overrides
     from stages.train import attach_lora, encode_split, make_trainer, training_arguments
 

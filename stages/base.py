@@ -27,6 +27,7 @@ import torch
 
 from stages.chatml import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 from stages.fileio import atomic_path
+from stages.models import BaseModelError, check_model_dir
 from stages.params import ModelParams, Params, TinyParams, load_params
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,6 @@ QWEN3_SPECIAL_TOKENS = [
     "<think>", "</think>",
 ]
 QWEN3_VOCAB_SIZE = 151936  # embedding rows in every Qwen3 checkpoint (padded past the tokens)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-class BaseModelError(RuntimeError):
-    """The base model is missing or unusable; the message says which command fixes it."""
 
 
 def build_tokenizer():
@@ -158,8 +154,6 @@ def check_shards(path: Path) -> None:
     """Every shard named by model.safetensors.index.json must be there."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
@@ -213,50 +207,6 @@ def fetched_as_pinned(model: ModelParams, path: Path) -> bool:
     if (record.get("repo"), record.get("revision"), record.get("source")) != (model.base, model.revision, model.source):
         return False
     return all((path / n).is_file() and (path / n).stat().st_size == f["size"] for n, f in record["files"].items())
-
-
-def check_model_dir(path: Path) -> None:
-    """Fail early, naming the fix, if ``path`` is not a usable safetensors checkpoint."""
-    if not path.is_dir():
-        raise BaseModelError(
-            f"base model not found at {path}: run `make base` (downloads model.base), "
-            f"or copy the checkpoint there, or set model.base=tiny"
-        )
-    missing = [n for n in ("config.json", "tokenizer_config.json") if not (path / n).is_file()]
-    if not any((path / n).is_file() for n in WEIGHT_FILES):
-        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-            raise BaseModelError(f"{path} holds pickle weights (.bin/.pt); only safetensors are loaded")
-        missing.append("model.safetensors")
-    if missing:
-        raise BaseModelError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}; rerun `make base`")
-
-
-def resolve_dtype(model: ModelParams) -> torch.dtype:
-    """auto: bfloat16 on a GPU that supports it, else float32 (CPU matmuls in bf16 are slow)."""
-    if model.dtype != "auto":
-        return getattr(torch, model.dtype)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-
-
-def load_model(path: str | Path, model: ModelParams, dtype: torch.dtype | None = None):
-    """A causal LM from safetensors only (no pickle), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    check_model_dir(Path(path))
-    return AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=dtype or resolve_dtype(model),
-        use_safetensors=True,
-        trust_remote_code=model.trust_remote_code,
-    ).eval()
 
 
 def provision(model: ModelParams, tiny: TinyParams) -> Path:

@@ -25,8 +25,10 @@ from typing import IO
 
 import click
 
+from stages.artifacts import ArtifactError
+from stages.models import BaseModelError, load_tokenizer
 from stages.params import Params, ParamsError, load_params
-from stages.serve import ServeError, local_url
+from stages.vllm_engine import local_url, open_engine, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +61,7 @@ def stream_answer(client, model: str, messages: list[dict], max_tokens: int, tem
 def offline_answerer(params: Params, adapter: str | None, merged: bool, max_tokens: int,
                      temperature: float) -> Callable[[list[dict], IO[str]], str]:
     """A function like ``stream_answer`` backed by vLLM's offline engine (prints at the end)."""
-    import os
-
-    from stages.base import load_tokenizer
-    from stages.infer import load_engine, sampling_params
-
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the REPL readable
-    engine = load_engine(params, adapter, merged)
+    engine = open_engine(params, adapter, merged)
     tokenizer = load_tokenizer(engine.tokenizer_dir)  # carries the training chat template
     max_len = params.serve.max_model_len
 
@@ -73,7 +69,7 @@ def offline_answerer(params: Params, adapter: str | None, merged: bool, max_toke
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             return_dict=True, enable_thinking=False)["input_ids"]
         if len(ids) >= max_len:
-            raise ServeError(f"conversation is {len(ids)} tokens, serve.max_model_len is {max_len}: /reset")
+            raise ValueError(f"conversation is {len(ids)} tokens, serve.max_model_len is {max_len}: /reset")
         sp = sampling_params(tokenizer, min(max_tokens, max_len - len(ids)), temperature, seed=0)
         text = engine.llm.generate([{"prompt_token_ids": ids}], sp, lora_request=engine.lora,
                                    use_tqdm=False)[0].outputs[0].text.strip()
@@ -164,7 +160,7 @@ def cli(question, base_url, api_key, model, offline, adapter, merged, max_tokens
         raise click.UsageError("--adapter/--merged choose the offline model; pick the served one with --model")
     try:
         main(load_params(), question, base_url, api_key, model, offline, adapter, merged, max_tokens, temperature)
-    except (ServeError, ParamsError) as exc:
+    except (ArtifactError, BaseModelError, ParamsError) as exc:
         raise click.ClickException(str(exc)) from exc
     except Exception as exc:
         import openai

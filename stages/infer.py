@@ -21,7 +21,6 @@ greedy by default, so the same input gives the same answers.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,18 @@ from typing import Any
 import click
 import orjson
 
-from stages.chatml import ENDOFTEXT, IM_END, encode_prompt
+from stages.artifacts import ArtifactError
+from stages.chatml import encode_prompt
 from stages.fileio import atomic_path, dump_jsonl
+from stages.models import BaseModelError, load_tokenizer
 from stages.params import Params, ParamsError, load_params
-from stages.serve import (
-    ServeError, check_adapter, check_merged, cpu_env, gpu_available, lora_target_modules, vllm_rank,
-)
+from stages.vllm_engine import Engine, open_engine, sampling_params
 
 log = logging.getLogger(__name__)
+
+
+class InferError(RuntimeError):
+    """A bad command-line argument; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -91,53 +94,6 @@ def encode_questions(tokenizer, system: str, questions: Sequence[Question], max_
     return encoded, errors
 
 
-@dataclass
-class Engine:
-    """vLLM's offline engine with the LoRA request (None for a merged model) to use."""
-
-    llm: Any
-    lora: Any
-    name: str  # what answers are attributed to: lineage name
-    model_dir: Path
-    tokenizer_dir: Path
-
-
-def load_engine(params: Params, adapter: str | Path | None = None, merged: bool = False) -> Engine:
-    """Check the model like `serve` does, then start vLLM's offline engine on it."""
-    gpu = gpu_available()
-    if not gpu:
-        # Read by vLLM at engine start-up; user settings win.
-        os.environ.update(cpu_env(params, os.environ, sorted(os.sched_getaffinity(0))))
-        # On CPU a separate engine process only costs a second vLLM start-up (~half the
-        # load time) and competes for the same cores; run the engine in this process.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from stages.base import resolve_dtype
-
-    dtype = "float32" if not gpu and params.model.dtype == "auto" else str(resolve_dtype(params.model)).removeprefix("torch.")
-    common = dict(dtype=dtype, max_model_len=params.serve.max_model_len, seed=0,
-                  trust_remote_code=params.model.trust_remote_code)
-    if merged:
-        m = check_merged(params.merge.output_dir, params.model)
-        from vllm import LLM
-
-        return Engine(LLM(model=str(m.path), **common), None, m.name, m.path, m.path)
-    a = check_adapter(adapter or params.train.output_dir, params.model)
-    from vllm import LLM
-    from vllm.lora.request import LoRARequest
-
-    llm = LLM(model=str(params.model.path), enable_lora=True, max_lora_rank=vllm_rank(a.rank), max_loras=1,
-              lora_target_modules=lora_target_modules([a]), **common)
-    return Engine(llm, LoRARequest(a.name, 1, str(a.path)), a.name, params.model.path, a.path)
-
-
-def sampling_params(tokenizer, max_tokens: int, temperature: float, seed: int):
-    from vllm import SamplingParams
-
-    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed, stop_token_ids=stop)
-
-
 def answer(engine: Engine, tokenizer, encoded: Sequence[tuple[Question, list[int]]], max_tokens: int,
            temperature: float = 0.0, seed: int = 0) -> list[dict]:
     """One output row per question, in order (vLLM batches them itself)."""
@@ -170,16 +126,14 @@ def main(
     errors_path: str | Path | None = None,
 ) -> list[LineError]:
     """Answer every good line of ``input_path`` into ``output_path``; return the bad lines."""
-    from stages.base import load_tokenizer
-
     input_path = Path(input_path)
     if not input_path.is_file():
-        raise ServeError(f"--input {input_path}: no such file")
+        raise InferError(f"--input {input_path}: no such file")
     with input_path.open("rb") as fh:
         questions, errors = parse_questions(fh)
     for e in errors:
         log.warning("%s: %s", input_path, e)
-    engine = load_engine(params, adapter, merged)
+    engine = open_engine(params, adapter, merged)
     tokenizer = load_tokenizer(engine.tokenizer_dir)
     encoded, too_long = encode_questions(tokenizer, params.process.system_prompt, questions,
                                          params.serve.max_model_len)
@@ -213,7 +167,7 @@ def cli(input_path, output_path, adapter, merged, max_tokens, temperature, error
         raise click.UsageError("--adapter and --merged exclude each other")
     try:
         main(load_params(), input_path, output_path, adapter, merged, max_tokens, temperature, errors_path)
-    except (ServeError, ParamsError) as exc:
+    except (InferError, ArtifactError, BaseModelError, ParamsError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

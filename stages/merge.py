@@ -43,9 +43,10 @@ from pathlib import Path
 
 import torch
 
-from stages.base import check_model_dir, load_model, load_tokenizer
+from stages.artifacts import check_adapter_files, check_lineage_base, read_lineage
 from stages.chatml import encode_example, render_prompt
 from stages.fileio import atomic_path, md5_file, read_jsonl, write_json
+from stages.models import check_model_dir, load_model, load_tokenizer
 from stages.params import ModelParams, Params, load_params
 
 log = logging.getLogger(__name__)
@@ -69,41 +70,6 @@ class ParityError(MergeError):
 
 
 # ---------------------------------------------------------------- input checks
-
-
-def read_lineage(model_dir: Path, fix: str) -> dict:
-    path = model_dir / "lineage.json"
-    if not path.is_file():
-        raise MergeError(f"{path} not found: {fix}")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def check_adapter_dir(adapter_dir: Path) -> None:
-    missing = [n for n in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json")
-               if not (adapter_dir / n).is_file()]
-    if missing:
-        raise MergeError(
-            f"no trained adapter at {adapter_dir} (missing {', '.join(missing)}): run `dvc repro train` "
-            f"(train.output_dir must point at the adapter)"
-        )
-
-
-def check_lineage_base(lineage: dict, model: ModelParams, base_dir: Path, what: str) -> None:
-    """Refuse an artifact built on another base than ``model.base`` (id or config bytes)."""
-    base = lineage.get("base") or {}
-    config_md5 = md5_file(base_dir / "config.json")
-    if base.get("id") != model.base:
-        raise MergeError(
-            f"{what} was built on base {base.get('id')!r} but model.base is {model.base!r}: set "
-            f"model.base={base.get('id')} (e.g. `dvc exp run -S model.base={base.get('id')}`) or retrain "
-            f"with `dvc repro train`"
-        )
-    if base.get("config_md5") != config_md5:
-        raise MergeError(
-            f"{what} was built on a {model.base} whose config.json md5 was {base.get('config_md5')}, but "
-            f"{base_dir / 'config.json'} now has md5 {config_md5} (another revision or tiny params?): "
-            f"restore that base, or retrain with `dvc repro train`"
-        )
 
 
 def base_dtype(base_dir: Path) -> torch.dtype:
@@ -274,9 +240,9 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
     log.info("merge params: %s", params.merge)
 
     check_model_dir(base_dir)
-    check_adapter_dir(adapter_dir)
-    lineage = read_lineage(adapter_dir, "the adapter has no lineage: rerun `dvc repro train`")
-    check_lineage_base(lineage, params.model, base_dir, f"adapter {adapter_dir}")
+    check_adapter_files(adapter_dir)
+    lineage = read_lineage(adapter_dir, "adapter", "rerun `dvc repro train`")
+    check_lineage_base(lineage, params.model, f"adapter {adapter_dir}")
     base_dtype(base_dir)  # refuse a quantized base before loading anything
     tokenizer = load_tokenizer(adapter_dir)
     check_chat_template(tokenizer, adapter_dir)

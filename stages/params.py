@@ -1,8 +1,10 @@
 """Typed view of params.yaml.
 
-Each section becomes a frozen dataclass. Unknown keys, wrong types and cross-field
-problems are collected and raised as one ParamsError that lists every problem with the
-param to fix (``train.lora`` style names), before any data or model is touched.
+Each section becomes a frozen dataclass. Unknown keys, missing keys, wrong types and
+cross-field problems are collected and raised as one ParamsError that lists every problem
+with the param to fix (``lora.r`` style names), before any data or model is touched.
+The dataclasses have no defaults: params.yaml is the one source of every value, so deleting
+a key is an error that names it instead of a silent change of value.
 
     from stages.params import load_params
     params = load_params()          # params.yaml in the current directory
@@ -40,7 +42,7 @@ class DownloadParams:
     base_url: str
     out_dir: str
     files: dict[str, str]
-    timeout_s: float = 60
+    timeout_s: float
 
     def problems(self) -> list[str]:
         out = [
@@ -60,19 +62,19 @@ class DownloadParams:
 @dataclass(frozen=True)
 class ProcessParams:
     system_prompt: str
-    limit: int = 0
-    min_question_chars: int = 4
-    max_question_chars: int = 1000
-    min_answer_chars: int = 4
-    max_answer_chars: int = 2000
-    mask_pii: bool = True
-    answers_per_question: str = "all"
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1
-    seed: int = 42
-    metrics_file: str = "metrics/process.json"
-    num_negatives: int = 9
-    max_candidate_questions: int = 0
+    limit: int
+    min_question_chars: int
+    max_question_chars: int
+    min_answer_chars: int
+    max_answer_chars: int
+    mask_pii: bool
+    answers_per_question: str
+    val_ratio: float
+    test_ratio: float
+    seed: int
+    metrics_file: str
+    num_negatives: int
+    max_candidate_questions: int
 
     def problems(self) -> list[str]:
         out = []
@@ -99,10 +101,10 @@ class ProcessParams:
 class ModelParams:
     base: str
     dir: str
-    revision: str = "main"
-    source: str = "huggingface"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    revision: str
+    source: str
+    dtype: str
+    trust_remote_code: bool
 
     @property
     def path(self) -> Path:
@@ -125,15 +127,15 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TinyParams:
-    num_hidden_layers: int = 2
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = True
-    seed: int = 0
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    seed: int
 
     def problems(self) -> list[str]:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -145,11 +147,11 @@ class TinyParams:
 class LoraParams:
     """Maps 1:1 onto peft.LoraConfig (task_type is always CAUSAL_LM)."""
 
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    bias: str = "none"
+    r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    bias: str
 
     def problems(self) -> list[str]:
         out = []
@@ -172,26 +174,26 @@ class TrainParams:
 
     output_dir: str
     checkpoint_dir: str
-    max_seq_length: int = 512
-    learning_rate: float = 2e-4
-    num_train_epochs: float = 1
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.0
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    eval_steps: int = 20
-    save_steps: int = 20
-    save_total_limit: int = 2
-    group_by_length: bool = True
-    max_eval_examples: int = 200
-    metrics_file: str = "metrics/train.json"
-    dvclive_dir: str = "dvclive/train"
+    max_seq_length: int
+    learning_rate: float
+    num_train_epochs: float
+    max_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_steps: int
+    lr_scheduler_type: str
+    weight_decay: float
+    seed: int
+    gradient_checkpointing: bool
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    group_by_length: bool
+    max_eval_examples: int
+    metrics_file: str
+    dvclive_dir: str
 
     def problems(self) -> list[str]:
         out = []
@@ -217,11 +219,11 @@ class TrainParams:
 @dataclass(frozen=True)
 class MergeParams:
     output_dir: str
-    parity_prompts: int = 4
-    tolerance: float = 1e-3
-    relative_tolerance: float = 0.02  # 16-bit bases: bound = this x max |reference logit|
-    max_shard_size: str = "5GB"  # safetensors shard size (transformers' save_pretrained)
-    metrics_file: str = "metrics/merge.json"
+    parity_prompts: int
+    tolerance: float
+    relative_tolerance: float  # 16-bit bases: bound = this x max |reference logit|
+    max_shard_size: str  # safetensors shard size (transformers' save_pretrained)
+    metrics_file: str
 
     def problems(self) -> list[str]:
         out = []
@@ -236,17 +238,17 @@ class MergeParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    backend: str = "auto"
-    max_questions: int = 40
-    max_generations: int = 8
-    max_new_tokens: int = 48
-    max_seq_length: int = 512  # prompt + answer tokens scored (loss, answer selection)
-    batch_size: int = 16
-    seed: int = 42
-    metrics_file: str = "metrics/eval.json"
-    report_path: str = "eval/report.json"  # backend, serve-readiness reasons (not metrics: strings)
-    samples_path: str = "eval/samples.jsonl"
-    plots_dir: str = "eval/plots"
+    backend: str
+    max_questions: int
+    max_generations: int
+    max_new_tokens: int
+    max_seq_length: int  # prompt + answer tokens scored (loss, answer selection)
+    batch_size: int
+    seed: int
+    metrics_file: str
+    report_path: str  # backend, serve-readiness reasons (not metrics: strings)
+    samples_path: str
+    plots_dir: str
 
     def problems(self) -> list[str]:
         out = []
@@ -266,13 +268,13 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class ServeParams:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    alias: str = "medqa"
-    max_model_len: int = 2048
-    base_name: str = "base"  # the base model's name in /v1/models (adapters are named by lineage)
-    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU-only machines
-    startup_timeout_s: float = 600  # give up if vLLM is not healthy by then
+    host: str
+    port: int
+    alias: str
+    max_model_len: int
+    base_name: str  # the base model's name in /v1/models (adapters are named by lineage)
+    cpu_kv_cache_gib: int  # VLLM_CPU_KVCACHE_SPACE on CPU-only machines
+    startup_timeout_s: float  # give up if vLLM is not healthy by then
 
     def problems(self) -> list[str]:
         out = []

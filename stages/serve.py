@@ -37,174 +37,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from stages.chatml import CHAT_TEMPLATE
-from stages.fileio import md5_file
-from stages.params import VLLM_LORA_RANKS, ModelParams, Params, ParamsError, load_params
+from stages.artifacts import Adapter, ArtifactError, Merged, check_adapter, check_merged, vllm_rank
+from stages.models import BaseModelError, check_model_dir, dtype_name, gpu_available, resolve_dtype
+from stages.params import VLLM_LORA_RANKS, Params, ParamsError, load_params
+from stages.vllm_engine import base_env, cpu_env, lora_target_modules, local_url
 
 log = logging.getLogger(__name__)
 
 VLLM_SERVER = "vllm.entrypoints.launchers.api_server.entry"
-# On machines with few CPUs vLLM's automatic binding keeps one core for itself and
-# computes on the rest: on 2 cores that halves throughput. Above this count its NUMA- and
-# SMT-aware default is the better choice, so it is left alone.
-SMALL_MACHINE_CPUS = 8
 STOP_GRACE_S = 30  # vLLM drains requests and stops its engine on SIGTERM; then SIGKILL
 
 
 class ServeError(RuntimeError):
     """Something to fix before the server can start; the message says what."""
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """A LoRA adapter that passed the pre-start checks."""
-
-    path: Path
-    name: str  # lineage name, e.g. medqa-1a2b3c4d-5e6f7a8b
-    rank: int  # largest rank in the adapter (r or rank_pattern)
-    lineage: dict = field(repr=False)
-    chat_template: Path | None = None
-    target_modules: tuple[str, ...] | None = None  # None: a regex or "all-linear"
-
-
-@dataclass(frozen=True)
-class Merged:
-    """A merged model directory that passed the pre-start checks."""
-
-    path: Path
-    name: str
-    lineage: dict = field(repr=False)
-    chat_template: Path | None = None
-
-
-def vllm_rank(rank: int) -> int:
-    """Smallest --max-lora-rank vLLM accepts that holds an adapter of this rank."""
-    for r in VLLM_LORA_RANKS:
-        if r >= rank:
-            return r
-    raise ServeError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): retrain with a smaller lora.r")
-
-
-def _read_lineage(path: Path, what: str, fix: str) -> dict:
-    f = path / "lineage.json"
-    if not f.is_file():
-        raise ServeError(f"{what} {path} has no lineage.json ({fix})")
-    try:
-        lineage = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ServeError(f"{f} is not valid JSON ({exc}); {fix}") from exc
-    if not isinstance(lineage, dict) or not lineage.get("name"):
-        raise ServeError(f"{f} has no 'name'; {fix}")
-    return lineage
-
-
-def _check_lineage_base(lineage: dict, model: ModelParams, what: str) -> None:
-    base_id = (lineage.get("base") or {}).get("id")
-    if base_id != model.base:
-        raise ServeError(
-            f"{what} was trained on base {base_id!r} but model.base is {model.base!r}: serve it with "
-            f"model.base={base_id} in params.yaml, or retrain on {model.base!r} (`dvc repro train`)"
-        )
-
-
-def _template(path: Path) -> Path | None:
-    f = path / "chat_template.jinja"
-    if not f.is_file():
-        return None
-    if f.read_text(encoding="utf-8") != CHAT_TEMPLATE:
-        # Serving the model's own template keeps it consistent with what it was trained on.
-        log.warning("%s differs from stages.chatml.CHAT_TEMPLATE; serving the saved one", f)
-    return f
-
-
-def check_adapter(path: str | Path, model: ModelParams, max_lora_rank: int | None = None) -> Adapter:
-    """Everything vLLM would only find out after loading the base, checked up front.
-
-    Args:
-        path: the adapter directory (peft ``save_pretrained`` + tokenizer + lineage.json).
-        model: ``model`` params; the adapter must have been trained on ``model.base`` (the
-            id in its lineage and the md5 of the base's config.json must match).
-        max_lora_rank: an explicit ``--max-lora-rank``; the adapter's rank must fit.
-    """
-    path = Path(path)
-    fix = "train one with `dvc repro train`, or pass --adapter/ADAPTER=<adapter dir>"
-    if not path.is_dir():
-        raise ServeError(f"no adapter at {path}: {fix}")
-    if not (path / "adapter_model.safetensors").is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise ServeError(f"{path} holds pickle weights (adapter_model.bin); only safetensors are loaded")
-        raise ServeError(f"no adapter at {path} (adapter_model.safetensors missing): {fix}")
-    try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ServeError(f"{path / 'adapter_config.json'} unreadable ({exc}): {fix}") from exc
-    if config.get("peft_type") != "LORA":
-        raise ServeError(f"{path} is a {config.get('peft_type')} adapter; vLLM serves LoRA only")
-    # vLLM cannot load these (vllm-project/vllm#9280): fail here instead of after startup.
-    if config.get("modules_to_save"):
-        raise ServeError(f"{path}: modules_to_save={config['modules_to_save']} cannot be served by vLLM; "
-                         f"retrain without it or serve the merged model (--merged)")
-    if config.get("use_dora"):
-        raise ServeError(f"{path} is a DoRA adapter; vLLM serves plain LoRA only (serve the merged model)")
-    rank = max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
-    lineage = _read_lineage(path, "adapter", "it was not written by the train stage: " + fix)
-    name = lineage["name"]
-    what = f"adapter {name} ({path})"
-    _check_lineage_base(lineage, model, what)
-    recorded = (lineage.get("base") or {}).get("config_md5")
-    config_file = model.path / "config.json"
-    if not config_file.is_file():
-        raise ServeError(f"base model not found at {model.path}: run `make base`")
-    if recorded and recorded != md5_file(config_file):
-        raise ServeError(
-            f"{what} was trained on a {model.base} whose config.json md5 was {recorded}, but "
-            f"{config_file} differs (another revision or tiny params?): restore that base or retrain"
-        )
-    needed = vllm_rank(rank)
-    if max_lora_rank is not None and rank > max_lora_rank:
-        raise ServeError(f"{what} has LoRA rank {rank} > --max-lora-rank {max_lora_rank}: "
-                         f"use --max-lora-rank {needed} (or leave it out: it is read from the adapter)")
-    template = _template(path)
-    if template is None:
-        raise ServeError(f"{path} has no chat_template.jinja (the format it was trained on): {fix}")
-    targets = config.get("target_modules")
-    return Adapter(path=path.resolve(), name=name, rank=rank, lineage=lineage, chat_template=template.resolve(),
-                   target_modules=tuple(sorted(targets)) if isinstance(targets, list) else None)
-
-
-def lora_target_modules(adapters: Sequence[Adapter]) -> list[str] | None:
-    """The modules any adapter adapts, or None when one names them by pattern.
-
-    Without this list vLLM wraps every supported layer, the LM head included, and its
-    CPU LoRA kernels then copy the LM head's (vocabulary x rank) weights for every token
-    of the batch: 3-4x slower decoding on the tiny model for modules no adapter touches.
-    """
-    if not adapters or any(a.target_modules is None for a in adapters):
-        return None
-    return sorted({m for a in adapters for m in a.target_modules})
-
-
-def check_merged(path: str | Path, model: ModelParams) -> Merged:
-    """The merged model: a complete safetensors checkpoint with lineage on ``model.base``."""
-    from stages.base import BaseModelError, check_model_dir
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ServeError(f"no merged model at {path}: run `dvc repro merge` (or serve base + adapter without --merged)")
-    try:
-        check_model_dir(path)
-    except BaseModelError as exc:
-        raise ServeError(f"no merged model usable at {path} ({exc}): run `dvc repro merge`") from exc
-    lineage = _read_lineage(path, "merged model", "run `dvc repro merge`")
-    _check_lineage_base(lineage, model, f"merged model {lineage['name']} ({path})")
-    template = _template(path)
-    return Merged(path=path.resolve(), name=lineage["name"], lineage=lineage,
-                  chat_template=template.resolve() if template else None)
 
 
 def lora_modules(adapters: Sequence[Adapter], alias: str) -> list[str]:
@@ -230,8 +79,6 @@ def build_command(
     python: str = sys.executable,
 ) -> list[str]:
     """The vLLM server command line. The API key is not in it (see ``server_env``)."""
-    from stages.base import resolve_dtype
-
     serve = params.serve
     if merged is not None:
         if adapters:
@@ -243,9 +90,7 @@ def build_command(
         template = adapters[0].chat_template if adapters else None
     if template is None:
         template = model_dir / "chat_template.jinja"
-    # model.dtype auto: float32 on CPU (as stages.base.resolve_dtype: bf16 matmuls are slow
-    # on CPUs without bf16 units, and fp32 keeps answers equal to peft's), bfloat16 on GPU.
-    dtype = "float32" if not gpu and params.model.dtype == "auto" else str(resolve_dtype(params.model)).removeprefix("torch.")
+    dtype = dtype_name(resolve_dtype(params.model, gpu))
     cmd = [
         python, "-m", VLLM_SERVER,
         "--model", str(model_dir),
@@ -275,16 +120,6 @@ def build_command(
     return cmd
 
 
-def cpu_env(params: Params, environ: Mapping[str, str], cpus: Sequence[int]) -> dict[str, str]:
-    """vLLM CPU settings not already in ``environ``: KV cache size and thread binding."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(params.serve.cpu_kv_cache_gib)}
-    if len(cpus) <= SMALL_MACHINE_CPUS:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    env["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach for the hub
-    return {k: v for k, v in env.items() if k not in environ}
-
-
 def server_env(
     params: Params,
     api_key: str | None,
@@ -292,25 +127,18 @@ def server_env(
     environ: Mapping[str, str],
     cpus: Sequence[int],
 ) -> dict[str, str]:
-    """The server's environment: offline hub, the API key, CPU threading and KV cache.
+    """The server's environment: offline hub, quiet logs, the API key, CPU threading and KV cache.
 
     The key goes through ``VLLM_API_KEY`` rather than ``--api-key`` so that it does not
     show in ``ps``. Variables already set by the user win.
     """
-    env = dict(environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env = {**environ, **base_env(environ)}
     env.pop("VLLM_API_KEY", None)
     if api_key:
         env["VLLM_API_KEY"] = api_key
     if not gpu:
-        env.update(cpu_env(params, environ, cpus))
+        env.update(cpu_env(params.serve.cpu_kv_cache_gib, environ, cpus))
     return env
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def check_port(host: str, port: int) -> None:
@@ -319,12 +147,6 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as exc:
             raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port / PORT=") from exc
-
-
-def local_url(host: str, port: int) -> str:
-    """Where this machine reaches the server (a wildcard bind is reached on loopback)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
@@ -471,12 +293,7 @@ def main(
         served: list[Adapter] = []
         merged_model = check_merged(params.merge.output_dir, params.model)
     else:
-        from stages.base import BaseModelError, check_model_dir
-
-        try:
-            check_model_dir(params.model.path)
-        except BaseModelError as exc:
-            raise ServeError(str(exc)) from exc
+        check_model_dir(params.model.path)
         served = [check_adapter(p, params.model, max_lora_rank) for p in (adapters or [params.train.output_dir])]
         merged_model = None
     gpu = gpu_available()
@@ -526,7 +343,7 @@ def cli(host, port, adapters, merged, api_key, max_lora_rank, dry_run) -> None:
     paths = [p.strip() for p in adapters.split(",") if p.strip()] if adapters else None
     try:
         main(load_params(), paths, merged, host, port, api_key, max_lora_rank, dry_run)
-    except (ServeError, ParamsError) as exc:
+    except (ServeError, ArtifactError, BaseModelError, ParamsError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from stages.base import check_model_dir, load_model, load_tokenizer, resolve_dtype
+from stages.models import check_model_dir, load_model, load_tokenizer, resolve_dtype
 from stages.chatml import CHAT_TEMPLATE, encode_example
 from stages.fileio import atomic_path, md5_file, read_jsonl, write_json
 from stages.params import LoraParams, Params, ParamsError, TrainParams, load_params

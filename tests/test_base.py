@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.base import BaseModelError, build_tiny, check_model_dir, load_tokenizer
+from stages.base import build_tiny
+from stages.models import BaseModelError, check_model_dir, load_tokenizer
 from stages.chatml import render_prompt
 from stages.fileio import md5_dir
 
@@ -96,7 +97,8 @@ def _files(root: Path) -> list[Path]:
 def _model(tmp_path, revision=COMMIT):
     from stages.params import ModelParams
 
-    return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"))
+    return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="huggingface",
+                       dtype="bfloat16", trust_remote_code=False)
 
 
 def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from stages import eval_metrics, merge, scoring
 from stages import evaluate as ev
-from stages import merge
-from stages.base import load_model, load_tokenizer
+from stages.artifacts import ArtifactError
+from stages.vllm_engine import vllm_status
+from stages.models import load_model, load_tokenizer
 from stages.chatml import encode_prompt
 from stages.params import with_overrides
 from tests.adapter_kit import SYSTEM, candidates, sample_pairs, write_adapter, write_processed
@@ -39,7 +41,7 @@ def test_selection_metrics_on_a_hand_built_table():
         [0.3, 0.2],             # no positive: not counted
     ]
     labels = [[1, 0, 0], [1, 0, 1, 0], [0, 0]]
-    m = ev.selection_metrics(scores, labels, np.random.default_rng(0))
+    m = eval_metrics.selection_metrics(scores, labels, np.random.default_rng(0))
     assert m == pytest.approx({"p_at_1": 0.5, "mrr": 0.75, "map": (1 + (1 / 2 + 2 / 3) / 2) / 2, "questions": 2})
 
 
@@ -48,45 +50,45 @@ def test_ties_are_broken_at_random_not_by_list_order():
     # keeps list order would report P@1 = 1.0.
     labels = [[1] + [0] * 9] * 3000
     scores = [[0.0] * 10] * 3000
-    m = ev.selection_metrics(scores, labels, np.random.default_rng(1))
-    chance = ev.random_baseline(labels)
+    m = eval_metrics.selection_metrics(scores, labels, np.random.default_rng(1))
+    chance = eval_metrics.random_baseline(labels)
     assert chance["p_at_1"] == pytest.approx(0.1)
     assert chance["mrr"] == pytest.approx(sum(1 / r for r in range(1, 11)) / 10)
     for key in ("p_at_1", "mrr", "map"):
         assert m[key] == pytest.approx(chance[key], abs=0.025), key
     # seeded: the same draw every time
-    assert ev.selection_metrics(scores, labels, np.random.default_rng(1)) == m
+    assert eval_metrics.selection_metrics(scores, labels, np.random.default_rng(1)) == m
 
 
 def test_random_baseline_is_exact():
     # Brute force over every order of 5 candidates with 2 positives vs the closed forms.
     y = [1, 1, 0, 0, 0]
-    per_order = [ev._first_positive_and_ap(np.array([y[i] for i in perm])) for perm in itertools.permutations(range(5))]
+    per_order = [eval_metrics._first_positive_and_ap(np.array([y[i] for i in perm])) for perm in itertools.permutations(range(5))]
     exact = {
         "p_at_1": float(np.mean([r == 1 for r, _ in per_order])),
         "mrr": float(np.mean([1 / r for r, _ in per_order])),
         "map": float(np.mean([ap for _, ap in per_order])),
     }
-    assert ev.random_baseline([y]) == pytest.approx(exact)
-    assert ev.random_first_rank_probs(5, 2).sum() == pytest.approx(1.0)
+    assert eval_metrics.random_baseline([y]) == pytest.approx(exact)
+    assert eval_metrics.random_first_rank_probs(5, 2).sum() == pytest.approx(1.0)
 
 
 def test_generation_metrics_count_chinese_characters():
     refs = ["多喝水，注意休息。", "建议到医院检查"]
-    m = ev.generation_metrics(["多喝水，注意休息。", "建议去医院看看"], refs, [False, True])
+    m = eval_metrics.generation_metrics(["多喝水，注意休息。", "建议去医院看看"], refs, [False, True])
     # rouge-score's own tokenizer keeps only [a-z0-9] and would score Chinese 0
     assert m["rouge_l"] == pytest.approx((1.0 + 2 * (4 / 7) * (4 / 7) / (4 / 7 + 4 / 7)) / 2)
     assert 0 < m["bleu4"] < 100
     assert m["think_share"] == 0.5 and m["empty_share"] == 0.0
     assert m["mean_length"] == pytest.approx((9 + 7) / 2)
-    assert ev.generation_metrics(["", "好"], refs, [False, False])["empty_share"] == 0.5
+    assert eval_metrics.generation_metrics(["", "好"], refs, [False, False])["empty_share"] == 0.5
 
 
 def test_clean_generation_strips_and_reports_think(tok):
     ids = tok("<think>想一想</think>\n\n多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|im_end|>"]) + [100]
-    assert ev.clean_generation(tok, ids) == ("多喝水", True)
+    assert eval_metrics.clean_generation(tok, ids) == ("多喝水", True)
     ids = tok("多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|endoftext|>"])
-    assert ev.clean_generation(tok, ids) == ("多喝水", False)
+    assert eval_metrics.clean_generation(tok, ids) == ("多喝水", False)
 
 
 # ---------------------------------------------------------------- scoring on real data
@@ -96,10 +98,10 @@ def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, shared_sample,
     model = load_model(tiny_base, repo_params.model, torch.float32)
     pairs = sample_pairs(shared_sample, 12)
     for q in candidates(pairs[:2], pairs, negatives=5):
-        prompt, cands, _ = ev.encode_question(tok, q, max_length=512)
+        prompt, cands, _ = scoring.encode_question(tok, q, max_length=512)
         assert len({len(c) for c in cands}) > 3  # real answers of many lengths: padding is exercised
-        fast = ev.score_candidates(model, prompt, cands, batch_size=4)
-        slow = ev.score_candidates_naive(model, prompt, cands)
+        fast = scoring.score_candidates(model, prompt, cands, batch_size=4)
+        slow = scoring.score_candidates_naive(model, prompt, cands)
         assert np.allclose(fast, slow, atol=1e-4, rtol=0), (fast, slow)
         assert max(fast) - min(fast) > 1e-3  # the candidates really are told apart
 
@@ -108,8 +110,8 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, shared
     model = load_model(tiny_base, repo_params.model, torch.float32)
     prompts = [encode_prompt(tok, SYSTEM, p["question"]) for p in sample_pairs(shared_sample, 3)]
     assert len({len(p) for p in prompts}) == 3
-    batched = ev.generate_hf(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    single = [ev.generate_hf(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    batched = scoring.generate_hf(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [scoring.generate_hf(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
 
 
@@ -117,12 +119,15 @@ def test_adapter_checks_flag_what_vllm_cannot_serve(tiny_base, tmp_path):
     good, good_reasons = ev.adapter_checks(write_adapter(tiny_base, tmp_path / "good", save_tokenizer=False), tiny_base)
     assert good == {"rank_servable": True, "no_modules_to_save": True, "targets_matched": True, "lora_modules": 8}
     bad, reasons = ev.adapter_checks(
-        write_adapter(tiny_base, tmp_path / "bad", r=12, target_modules=("q_proj", "c_attn"),
+        # vLLM's largest rank is 512; smaller ranks are padded up to its --max-lora-rank
+        write_adapter(tiny_base, tmp_path / "bad", r=640, target_modules=("q_proj", "c_attn"),
                       modules_to_save=["norm"], save_tokenizer=False),
         tiny_base,
     )
     assert bad == {"rank_servable": False, "no_modules_to_save": False, "targets_matched": False, "lora_modules": 2}
-    assert "c_attn" in reasons["targets_matched"] and "12" in reasons["rank_servable"]
+    assert "c_attn" in reasons["targets_matched"] and "640" in reasons["rank_servable"]
+    assert "--max-lora-rank 16" in ev.adapter_checks(write_adapter(tiny_base, tmp_path / "r12", r=12), tiny_base)[1][
+        "rank_servable"]
 
 
 # ---------------------------------------------------------------- the stage on a trained adapter
@@ -165,9 +170,9 @@ def test_trained_model_beats_chance_on_its_training_questions(trained, shared_sa
     results = {}
     for name, path in (("base", params.model.path), ("tuned", root / "merged")):
         model = load_model(path, params.model, torch.float32)
-        scores = ev.score_questions(model, tok, rows, 64, 8, name)
-        results[name] = ev.selection_metrics(scores, labels, np.random.default_rng(0))["p_at_1"]
-    chance = ev.random_baseline(labels)["p_at_1"]
+        scores = scoring.score_questions(model, tok, rows, 64, 8, name)
+        results[name] = eval_metrics.selection_metrics(scores, labels, np.random.default_rng(0))["p_at_1"]
+    chance = eval_metrics.random_baseline(labels)["p_at_1"]
     assert chance == pytest.approx(1 / 8)
     assert results["tuned"] >= 4 * chance and results["tuned"] > results["base"], results
 
@@ -192,7 +197,7 @@ def test_main_writes_metrics_samples_plots_and_report(trained):
     assert serve["lora_modules"] == 2 * len(params.lora.target_modules)  # 2 layers
 
     report = json.loads((root / "eval" / "report.json").read_text())
-    vllm_ok, _ = ev.vllm_status()
+    vllm_ok, _ = vllm_status()
     assert report["backend"] == ("vllm" if vllm_ok else "hf")
     if vllm_ok:
         assert serve["vllm_parity"] is True, report["serve_ready_reasons"]["vllm_parity"]
@@ -218,7 +223,7 @@ def test_main_writes_metrics_samples_plots_and_report(trained):
 
 def test_bad_inputs_name_the_fix(trained, tmp_path):
     params, root = trained
-    with pytest.raises(merge.MergeError, match="dvc repro train"):
+    with pytest.raises(ArtifactError, match="dvc repro train"):
         ev.main(with_overrides(params, train={"output_dir": str(tmp_path / "none")}))
     with pytest.raises(ev.EvalError, match="dvc repro merge"):
         ev.main(with_overrides(params, merge={"output_dir": str(tmp_path / "none")}))
@@ -229,7 +234,7 @@ def test_bad_inputs_name_the_fix(trained, tmp_path):
     other = shutil.copytree(root / "adapter", tmp_path / "adapter")
     lineage = json.loads((other / "lineage.json").read_text())
     (other / "lineage.json").write_text(json.dumps({**lineage, "base": {**lineage["base"], "id": "Qwen/Qwen3-8B"}}))
-    with pytest.raises(merge.MergeError, match="model.base=Qwen/Qwen3-8B"):
+    with pytest.raises(ArtifactError, match="model.base=Qwen/Qwen3-8B"):
         ev.main(with_overrides(params, train={"output_dir": str(other)}))
 
     # a merged model left over from another adapter (merge not rerun)

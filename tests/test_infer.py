@@ -25,7 +25,7 @@ def test_answers_good_lines_reports_bad_ones(project, tiny_base, adapter, repo_p
     reason = vllm_skip_reason()
     if reason:
         pytest.skip(reason)
-    from stages.base import load_tokenizer
+    from stages.models import load_tokenizer
     from stages.chatml import encode_prompt
 
     lines = [

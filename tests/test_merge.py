@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from stages import merge
-from stages.base import load_model, load_tokenizer
+from stages.artifacts import ArtifactError
+from stages.models import load_model, load_tokenizer
 from stages.chatml import render_prompt
 from stages.fileio import md5_dir
 from stages.params import with_overrides
@@ -109,7 +110,7 @@ def test_missing_adapter_names_train(repo_params, tiny_base, tmp_path, workdir):
         stage_params(repo_params, tiny_base, workdir, output_dir=str(tmp_path / "merged")),
         train={"output_dir": str(tmp_path / "no_adapter")},
     )
-    with pytest.raises(merge.MergeError, match="dvc repro train"):
+    with pytest.raises(ArtifactError, match="dvc repro train"):
         merge.main(params)
     assert not (tmp_path / "merged").exists()
 
@@ -122,14 +123,14 @@ def test_adapter_from_another_base_is_refused(repo_params, tiny_base, tmp_path, 
         stage_params(repo_params, tiny_base, workdir, output_dir=str(tmp_path / "merged")),
         train={"output_dir": str(other)},
     )
-    with pytest.raises(merge.MergeError, match=r"model.base=Qwen/Qwen3-8B"):
+    with pytest.raises(ArtifactError, match=r"model.base=Qwen/Qwen3-8B"):
         merge.main(params)
 
     # Same id, other bytes (e.g. other tiny params): the config md5 catches it.
     lineage = json.loads((other / "lineage.json").read_text())
     lineage["base"] = {**lineage["base"], "id": "tiny", "config_md5": "0" * 32}
     (other / "lineage.json").write_text(json.dumps(lineage))
-    with pytest.raises(merge.MergeError, match="config.json md5"):
+    with pytest.raises(ArtifactError, match="config.json md5"):
         merge.main(params)
 
 

@@ -61,3 +61,14 @@ def test_missing_and_unknown_sections(repo_params):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_every_key_is_required(repo_params):
+    """params.yaml is the only source of values: a deleted key is an error naming it, never a default."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in raw.items():
+        for key in values:
+            trimmed = {s: ({k: v for k, v in vals.items() if k != key} if s == section else vals)
+                       for s, vals in raw.items()}
+            with pytest.raises(ParamsError, match=rf"{section}\.{key}: missing required param"):
+                parse_params(trimmed)

@@ -188,7 +188,7 @@ def test_lists_base_lineage_name_and_alias(server):
 
 
 def test_adapter_answer_equals_peft_greedy_and_differs_from_base(server, tiny_base, adapter):
-    from stages.base import load_tokenizer
+    from stages.models import load_tokenizer
     from stages.chatml import encode_prompt
 
     client = server.client()
@@ -346,7 +346,8 @@ def test_merged_missing_fails_before_vllm(project):
 
 
 def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
-    from stages.serve import Merged, ServeError, build_command, check_adapter, lora_modules, server_env
+    from stages.artifacts import Merged, check_adapter
+    from stages.serve import ServeError, build_command, lora_modules, server_env
 
     params = with_overrides(repo_params, model={"dir": str(tiny_base.parent)})
     a = check_adapter(adapter, params.model)

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.base import BaseModelError, load_tokenizer
+from stages.models import BaseModelError, load_tokenizer
 from stages.chatml import CHAT_TEMPLATE, IM_END, encode_example
 from stages.fileio import md5_dir
 from stages.params import Params, ParamsError, with_overrides
