@@ -53,9 +53,11 @@ data: install
 	$(PY) -m stages.download
 
 # Through DVC, so the fetched base is recorded in dvc.lock and cached: experiments then
-# check it out instead of fetching it again. A second `make base` runs nothing.
+# check it out instead of fetching it again. A second `make base` runs nothing. DVC copies
+# a new out into its cache; relinking makes the workspace base a link to it (stored once).
 base: install
 	$(DVC) repro base
+	$(DVC) checkout --relink base
 
 # The real job's commands end to end, offline: a Qwen3-8B-structured base on a loopback hub,
 # the official cMedQA2 layout, bf16 train/merge/evaluate, both servers, a queued sweep.
