@@ -328,6 +328,9 @@ def rehearse(work: Path, report: dict) -> None:
         report["base"] = {
             "repo": REPO_ID, "revision": fetch["revision"], "files": sorted(fetch["files"]),
             "requests": first, "downloaded": sorted(hub.downloads), "refetch_requests": hub.count() - first,
+            # Hard links to the DVC cache (link count 2) or symlinks: the base is stored once.
+            "shard_link_counts": sorted({p.stat().st_nlink for p in base_dir.glob("*.safetensors")}),
+            "shards_are_symlinks": any(p.is_symlink() for p in base_dir.glob("*.safetensors")),
             "config": {k: json.loads((base_dir / "config.json").read_text())[k] for k in (
                 "tie_word_embeddings", "torch_dtype", "head_dim", "num_attention_heads", "num_key_value_heads",
                 "rope_theta", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers")},
