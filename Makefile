@@ -13,12 +13,19 @@ TORCH_ARGS ?=
 # vLLM build: gpu when nvidia-smi sees a GPU, else cpu; `make install VLLM=none` skips it.
 # See requirements-vllm-{cpu,gpu}.txt for what each installs and why.
 VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-# `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters.
 # `make rehearse` writes its JSON report here.
 REPORT ?= rehearsal/report.json
-SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(filter 1,$(MERGED)),--merged) $(if $(ADAPTER),--adapter $(ADAPTER))
+# `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters;
+# EXP=name,name adds those DVC experiments' adapters; RUNTIME_LORA=1 allows `make load`/`unload`.
+SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(filter 1,$(MERGED)),--merged) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(EXP),--exp $(EXP)) $(if $(filter 1,$(RUNTIME_LORA)),--runtime-lora)
+# `make load EXP=name | ADAPTER=dir [NAME=n]` and `make unload NAME=n` talk to that server.
+CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+# `make ui` options: PORT (and API_KEY) of the running `make serve`; UI_PORT for the app;
+# HOST the app's address (loopback unless ALLOW_REMOTE=1); SERVER_URL for a server elsewhere.
+UI_PORT ?= 7860
+UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro rehearse serve chat bench bench-process bench-train bench-evaluate bench-serve clean
+.PHONY: install demo test data base repro rehearse serve chat ui bench bench-process bench-train bench-evaluate bench-serve load unload clean
 
 install: $(VENV)/.installed
 
@@ -39,7 +46,8 @@ DEMO_QUESTION ?= 孩子发烧38.5度，精神还可以，需要马上去医院�
 
 demo: install
 	$(DVC) repro
-	$(DVC) metrics show
+	@echo "Base vs tuned (all metrics: dvc metrics show):"
+	@$(PY) -m stages.summary
 	@echo "One answer from the tuned tiny model (vLLM, offline; it proves the plumbing, not medicine):"
 	$(PY) -m stages.chat --offline --temperature 0 --max-tokens 48 --question "$(DEMO_QUESTION)"
 
@@ -78,8 +86,17 @@ bench-evaluate: install
 serve: install
 	$(PY) -m stages.serve $(SERVE_ARGS)
 
+load: install
+	$(PY) -m stages.serve load $(if $(EXP),--exp $(EXP)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(NAME),--name $(NAME)) $(CLIENT_ARGS)
+
+unload: install
+	$(PY) -m stages.serve unload --name "$(NAME)" $(CLIENT_ARGS)
+
 chat: install
 	$(PY) -m stages.chat
+
+ui: install
+	$(PY) -m stages.ui $(UI_ARGS)
 
 bench-serve: install
 	$(PY) bench/serve.py

@@ -42,6 +42,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ from stages.fileio import atomic_path, dump_jsonl, md5_file, read_jsonl, write_j
 from stages.models import check_model_dir, load_model, load_tokenizer, resolve_dtype
 from stages.params import Params, load_params
 from stages.scoring import answer_loss, generate_hf, score_questions
-from stages.vllm_engine import close_llm, kv_cache_bytes, open_llm, vllm_status
+from stages.vllm_engine import base_env, close_llm, kv_cache_bytes, open_llm, vllm_status
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,7 @@ def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[li
 
 
 def main(params: Params) -> None:
+    os.environ.update(base_env(os.environ))  # before vLLM is imported: offline, warnings only
     e = params.eval
     log.info("eval params: %s", e)
     inputs = load_inputs(params)

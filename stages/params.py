@@ -275,9 +275,19 @@ class ServeParams:
     base_name: str  # the base model's name in /v1/models (adapters are named by lineage)
     cpu_kv_cache_gib: int  # VLLM_CPU_KVCACHE_SPACE on CPU-only machines
     startup_timeout_s: float  # give up if vLLM is not healthy by then
+    experiments_dir: str  # adapters of DVC experiments (--exp), copied out of the DVC cache
+    runtime_max_loras: int  # extra --max-loras slots for adapters loaded at runtime
+    runtime_max_lora_rank: int  # --max-lora-rank with --runtime-lora: later adapters must fit
 
     def problems(self) -> list[str]:
         out = []
+        if self.runtime_max_lora_rank not in VLLM_LORA_RANKS:
+            out.append(f"serve.runtime_max_lora_rank: {self.runtime_max_lora_rank} must be one of vLLM's ranks "
+                       f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+        if self.runtime_max_loras < 1:
+            out.append("serve.runtime_max_loras: must be >= 1 (one slot per adapter loaded at runtime)")
+        if not self.experiments_dir:
+            out.append("serve.experiments_dir: must name a folder (git-ignored, e.g. models/experiments)")
         if not 0 < self.port < 65536:
             out.append(f"serve.port: {self.port} must be in 1..65535")
         if self.max_model_len < 16:
@@ -286,6 +296,32 @@ class ServeParams:
             out.append("serve.cpu_kv_cache_gib: must be >= 1")
         if not self.alias or self.alias == self.base_name:
             out.append(f"serve.alias: {self.alias!r} must be non-empty and differ from serve.base_name")
+        return out
+
+
+@dataclass(frozen=True)
+class ReviewParams:
+    """Clinician review: `make ui`'s blind A/B tab and the `review` stage."""
+
+    judgments_file: str
+    answers_file: str
+    metrics_file: str
+    plots_file: str
+    seed: int
+    max_questions: int
+    max_tokens: int
+    temperature: float
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_questions < 1:
+            out.append("review.max_questions: must be >= 1")
+        if self.max_tokens < 1:
+            out.append("review.max_tokens: must be >= 1")
+        if self.temperature < 0:
+            out.append("review.temperature: must be >= 0 (0 = greedy, the same answer every time)")
+        if len({self.judgments_file, self.answers_file, self.metrics_file, self.plots_file}) < 4:
+            out.append("review.judgments_file/answers_file/metrics_file/plots_file: must be four different files")
         return out
 
 
@@ -301,6 +337,7 @@ class Params:
     merge: MergeParams
     eval: EvalParams
     serve: ServeParams
+    review: ReviewParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

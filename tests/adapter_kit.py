@@ -1,6 +1,7 @@
 """Builders for the merge/evaluate tests: processed data and adapters in the stage contracts.
 
-``write_processed`` turns the real cMedQA2 sample into the `process` stage's outputs;
+``write_processed`` turns question/answer CSVs in the cMedQA2 layout (the repo's own
+``data/sample`` by default in tests) into the `process` stage's outputs;
 ``write_adapter`` saves a peft adapter with non-zero B (``init_lora_weights=False``: a
 default-initialised LoRA is a no-op and would make every merge/eval check vacuous), the
 tokenizer with its chat template and a ``lineage.json`` as `train` writes it.
@@ -8,6 +9,7 @@ tokenizer with its chat template and a ``lineage.json`` as `train` writes it.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -19,10 +21,23 @@ from stages.fileio import dump_jsonl, md5_file
 SYSTEM = "你是一个专业的医疗助手，能够提供准确的医疗咨询。"
 
 
-def sample_pairs(sample_dir: Path, n: int) -> list[dict]:
-    """First ``n`` (question_id, question, ans_id, answer) rows of the shared sample."""
-    q = pd.read_csv(sample_dir / "question.csv", encoding="utf-8")
-    a = pd.read_csv(sample_dir / "answer.csv", encoding="utf-8")
+def read_csv(path: Path) -> pd.DataFrame:
+    """A cMedQA2-layout CSV in UTF-8 or GB18030 (data/sample's answer.csv is GBK on purpose)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("gb18030")
+    return pd.read_csv(io.StringIO(text))
+
+
+def sample_pairs(sample_dir: Path, n: int, one_per_question: bool = False) -> list[dict]:
+    """First ``n`` (question_id, question, ans_id, answer) rows of a question/answer CSV pair
+    (with ``one_per_question``, only each question's first answer)."""
+    q = read_csv(sample_dir / "question.csv")
+    a = read_csv(sample_dir / "answer.csv")
+    if one_per_question:
+        a = a.drop_duplicates("question_id")
     rows = a.merge(q, on="question_id", suffixes=("_a", "_q")).head(n)
     return [
         {"question_id": int(r.question_id), "question": r.content_q, "ans_id": int(r.ans_id), "answer": r.content_a}
@@ -59,9 +74,9 @@ def candidates(pairs: list[dict], pool: list[dict], negatives: int, seed: int = 
 
 
 def write_processed(sample_dir: Path, out: Path, n_train: int = 24, n_val: int = 4, n_test: int = 8,
-                    negatives: int = 9) -> Path:
-    """train/val/test.jsonl + test_candidates.jsonl from the real sample, in the data contract."""
-    pairs = sample_pairs(sample_dir, n_train + n_val + n_test)
+                    negatives: int = 9, one_per_question: bool = False) -> Path:
+    """train/val/test.jsonl + test_candidates.jsonl from question/answer CSVs, in the data contract."""
+    pairs = sample_pairs(sample_dir, n_train + n_val + n_test, one_per_question)
     train, val, test = pairs[:n_train], pairs[n_train:n_train + n_val], pairs[n_train + n_val:]
     out.mkdir(parents=True, exist_ok=True)
     dump_jsonl(out / "train.jsonl", map(example, train))

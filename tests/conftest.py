@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo's params, the real cMedQA2 files beside the repo, a tiny base."""
+"""Shared fixtures: the repo's params and sample data, the real cMedQA2 files beside the repo
+(only tests whose subject is those files use them), a tiny base."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def _need(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """The repo's own illustrative data (102 questions, 129 answers; answer.csv in GBK)."""
+    return ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
 def shared_sample() -> Path:
     """Folder with 500 real cMedQA2 questions (question.csv) and one answer each (answer.csv)."""
     return _need(SHARED / "sample")
@@ -43,7 +50,7 @@ def repo_params() -> Params:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, repo_params) -> Path:
     """The default tiny Qwen3 base, built once per session by the real `base` stage code."""
-    from stages.base import build_tiny
+    from stages.base import build_tiny  # the stage's own builder: tests use what `dvc repro` makes
 
     out = tmp_path_factory.mktemp("base") / "tiny"
     build_tiny(repo_params.tiny, out)

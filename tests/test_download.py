@@ -1,13 +1,16 @@
-"""`make data` against a loopback HTTP server serving the real official dev_candidates.zip.
+"""`make data` against a loopback HTTP server.
 
 The real download code runs end to end (HTTP, progress, blob-id check, unzip); only the
-base URL points at 127.0.0.1 instead of GitHub.
+base URL points at 127.0.0.1. The mechanics are tested on candidate zips in the official
+layout built here (their blob ids computed here too); one test downloads the real official
+dev_candidates.zip and checks it against the pinned blob id in params.yaml.
 """
 
 from __future__ import annotations
 
 import http.server
-import shutil
+import io
+import random
 import subprocess
 import sys
 import threading
@@ -72,76 +75,113 @@ def _serve(state: dict, name: str, data: bytes) -> None:
     state["files"][f"cMedQA2/pinned/{name}"] = data
 
 
-def _params(repo_params, state: dict, out_dir: Path, names: list[str]):
-    blobs = {n: repo_params.download.files[n] for n in names}
+def _params(repo_params, state: dict, out_dir: Path, names: list[str], blobs: dict[str, str] | None = None):
+    blobs = {n: (blobs or repo_params.download.files)[n] for n in names}
     return with_overrides(repo_params, download={"base_url": state["url"], "out_dir": str(out_dir), "files": blobs})
 
 
-def test_download_verifies_blob_and_unzips(tmp_path, shared_candidates, repo_params, server):
+def _candidates_zip(name: str, seed: int) -> bytes:
+    """A candidates zip in the official layout: 100 rows per question, positives first."""
+    rng = random.Random(seed)
+    rows = ["question_id,ans_id,cnt,label"]
+    for q in range(20):
+        positives = rng.randint(1, 3)
+        rows += [f"{1000 + q},{rng.randrange(226_266)},{c},{int(c < positives)}" for c in range(100)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name.replace(".zip", ".txt"), "\n".join(rows) + "\n")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def zips(tmp_path_factory) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(name -> bytes, name -> git blob id) of official-layout dev/test candidate zips."""
+    data = {DEV: _candidates_zip(DEV, 1), TEST: _candidates_zip(TEST, 2)}
+    folder = tmp_path_factory.mktemp("zips")
+    blobs = {}
+    for name, content in data.items():
+        (folder / name).write_bytes(content)
+        blobs[name] = git_blob_id(folder / name)
+    return data, blobs
+
+
+def test_real_official_file_matches_pinned_blob(tmp_path, shared_candidates, repo_params, server):
     real = (shared_candidates / DEV).read_bytes()
     _serve(server, DEV, real)
     out = tmp_path / "raw"
     main(_params(repo_params, server, out, [DEV]))
-
-    assert sorted(p.name for p in out.iterdir()) == ["dev_candidates.txt", DEV]
-    assert git_blob_id(out / DEV) == repo_params.download.files[DEV]
     # The same id git itself computes.
     git = subprocess.run(["git", "hash-object", str(out / DEV)], capture_output=True, text=True, check=True)
     assert git.stdout.strip() == repo_params.download.files[DEV]
-    with zipfile.ZipFile(shared_candidates / DEV) as zf:
-        assert (out / "dev_candidates.txt").read_bytes() == zf.read("dev_candidates.txt")
     with (out / "dev_candidates.txt").open() as fh:
         assert fh.readline().strip() == "question_id,ans_id,cnt,label"
         assert sum(1 for _ in fh) == 400_000
+
+
+def test_download_verifies_blob_and_unzips(tmp_path, zips, repo_params, server):
+    data, blobs = zips
+    real = data[DEV]
+    _serve(server, DEV, real)
+    out = tmp_path / "raw"
+    main(_params(repo_params, server, out, [DEV], blobs))
+
+    assert sorted(p.name for p in out.iterdir()) == ["dev_candidates.txt", DEV]
+    git = subprocess.run(["git", "hash-object", str(out / DEV)], capture_output=True, text=True, check=True)
+    assert git_blob_id(out / DEV) == blobs[DEV] == git.stdout.strip()
+    with zipfile.ZipFile(io.BytesIO(real)) as zf:
+        assert (out / "dev_candidates.txt").read_bytes() == zf.read("dev_candidates.txt")
     assert server["requests"] == [(f"cMedQA2/pinned/{DEV}", None)]
 
     # Rerun: verified files are skipped, nothing is fetched or rewritten.
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    main(_params(repo_params, server, out, [DEV]))
+    main(_params(repo_params, server, out, [DEV], blobs))
     assert len(server["requests"]) == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
 
-def test_corrupted_download_is_rejected_and_leaves_nothing(tmp_path, shared_candidates, repo_params, server):
-    bad = bytearray((shared_candidates / DEV).read_bytes())
+def test_corrupted_download_is_rejected_and_leaves_nothing(tmp_path, zips, repo_params, server):
+    data, blobs = zips
+    bad = bytearray(data[DEV])
     bad[len(bad) // 2] ^= 0xFF
     _serve(server, DEV, bytes(bad))
     out = tmp_path / "raw"
     with pytest.raises(DownloadError) as err:
-        main(_params(repo_params, server, out, [DEV]))
+        main(_params(repo_params, server, out, [DEV], blobs))
     msg = str(err.value)
-    assert "checksum mismatch" in msg and repo_params.download.files[DEV] in msg and DEV in msg
+    assert "checksum mismatch" in msg and blobs[DEV] in msg and DEV in msg
     assert list(out.iterdir()) == []  # no zip, no partial file, nothing unzipped
 
 
-def test_good_files_in_place_are_kept(tmp_path, shared_candidates, repo_params, server):
+def test_good_files_in_place_are_kept(tmp_path, zips, repo_params, server):
+    data, blobs = zips
     out = tmp_path / "raw"
     out.mkdir()
-    shutil.copy(shared_candidates / DEV, out / DEV)
+    (out / DEV).write_bytes(data[DEV])
     good = (out / DEV).read_bytes()
     # The server only has damaged copies: the good file must be used as is, never replaced.
     bad_dev = bytearray(good)
     bad_dev[100] ^= 0xFF
     _serve(server, DEV, bytes(bad_dev))
-    main(_params(repo_params, server, out, [DEV]))
+    main(_params(repo_params, server, out, [DEV], blobs))
     assert server["requests"] == []
     assert (out / DEV).read_bytes() == good
 
-    bad_test = bytearray((shared_candidates / TEST).read_bytes())
+    bad_test = bytearray(data[TEST])
     bad_test[-100] ^= 0xFF
     _serve(server, TEST, bytes(bad_test))
     with pytest.raises(DownloadError, match="checksum mismatch"):
-        main(_params(repo_params, server, out, [DEV, TEST]))
+        main(_params(repo_params, server, out, [DEV, TEST], blobs))
     assert (out / DEV).read_bytes() == good
     assert sorted(p.name for p in out.iterdir()) == ["dev_candidates.txt", DEV]  # no test_candidates.*
 
 
-def test_dropped_connection_resumes_with_range(tmp_path, shared_candidates, repo_params, server):
-    real = (shared_candidates / DEV).read_bytes()
+def test_dropped_connection_resumes_with_range(tmp_path, zips, repo_params, server):
+    data, blobs = zips
+    real = data[DEV]
     _serve(server, DEV, real)
     server["drop_first"] = True
     out = tmp_path / "raw"
-    main(_params(repo_params, server, out, [DEV]))
+    main(_params(repo_params, server, out, [DEV], blobs))
     assert (out / DEV).read_bytes() == real
     (first, r1), (second, r2) = server["requests"]
     assert r1 is None and r2 == f"bytes={len(real) // 2}-"
@@ -160,13 +200,14 @@ def test_offline_says_what_to_copy(tmp_path, repo_params):
     assert list(out.iterdir()) == []
 
 
-def test_tracks_out_dir_with_dvc_inside_a_repo(tmp_path, shared_candidates, repo_params, server, capsys):
+def test_tracks_out_dir_with_dvc_inside_a_repo(tmp_path, zips, repo_params, server, capsys):
+    data, blobs = zips
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
-    _serve(server, DEV, (shared_candidates / DEV).read_bytes())
-    main(_params(repo_params, server, repo / "data" / "raw", [DEV]))
+    _serve(server, DEV, data[DEV])
+    main(_params(repo_params, server, repo / "data" / "raw", [DEV], blobs))
     pointer = (repo / "data" / "raw.dvc").read_text()
     assert "path: raw" in pointer and "nfiles: 2" in pointer
     assert "git add data/raw.dvc data/.gitignore" in capsys.readouterr().out

@@ -12,7 +12,8 @@ import yaml
 from tests.conftest import ROOT
 
 # Modules run as commands or DVC stages; the rest of stages/ are shared helpers.
-ENTRY_MODULES = {"process", "base", "train", "merge", "evaluate", "serve", "infer", "chat", "download"}
+ENTRY_MODULES = {"process", "base", "train", "merge", "evaluate", "serve", "infer", "chat", "download", "review",
+                 "ui", "summary"}
 
 
 def project_imports(module: str) -> set[str]:

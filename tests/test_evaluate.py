@@ -94,9 +94,9 @@ def test_clean_generation_strips_and_reports_think(tok):
 # ---------------------------------------------------------------- scoring on real data
 
 
-def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, shared_sample, repo_params):
+def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, sample_data, repo_params):
     model = load_model(tiny_base, repo_params.model, torch.float32)
-    pairs = sample_pairs(shared_sample, 12)
+    pairs = sample_pairs(sample_data, 12)
     for q in candidates(pairs[:2], pairs, negatives=5):
         prompt, cands, _ = scoring.encode_question(tok, q, max_length=512)
         assert len({len(c) for c in cands}) > 3  # real answers of many lengths: padding is exercised
@@ -106,10 +106,11 @@ def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, shared_sample,
         assert max(fast) - min(fast) > 1e-3  # the candidates really are told apart
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, shared_sample, repo_params):
+def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, sample_data, repo_params):
     model = load_model(tiny_base, repo_params.model, torch.float32)
-    prompts = [encode_prompt(tok, SYSTEM, p["question"]) for p in sample_pairs(shared_sample, 3)]
-    assert len({len(p) for p in prompts}) == 3
+    by_length = {len(ids): ids for ids in (encode_prompt(tok, SYSTEM, p["question"]) for p in sample_pairs(sample_data, 20))}
+    prompts = list(by_length.values())[:3]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
     batched = scoring.generate_hf(model, tok, prompts, max_new_tokens=6, batch_size=3)
     single = [scoring.generate_hf(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
@@ -134,11 +135,11 @@ def test_adapter_checks_flag_what_vllm_cannot_serve(tiny_base, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shared_sample, tiny_base, repo_params):
+def trained(tmp_path_factory, sample_data, tiny_base, repo_params):
     """process-contract data -> stages.train (real, tiny) -> stages.merge, in a temp dir."""
     train = pytest.importorskip("stages.train", reason="the train stage is not in this checkout")
     root = tmp_path_factory.mktemp("evaluate")
-    write_processed(shared_sample, root / "processed", n_train=8, n_val=2, n_test=6, negatives=7)
+    write_processed(sample_data, root / "processed", n_train=8, n_val=2, n_test=6, negatives=7, one_per_question=True)
     params = with_overrides(
         repo_params,
         data={"processed_dir": str(root / "processed")},
@@ -159,11 +160,11 @@ def trained(tmp_path_factory, shared_sample, tiny_base, repo_params):
     return params, root
 
 
-def test_trained_model_beats_chance_on_its_training_questions(trained, shared_sample):
+def test_trained_model_beats_chance_on_its_training_questions(trained, sample_data):
     # Sanity check that the scorer reads the answer tokens: after memorising 8 answers the
     # tuned model must rank each question's own answer above the others' far above chance.
     params, root = trained
-    pairs = sample_pairs(shared_sample, 8)
+    pairs = sample_pairs(sample_data, 8, one_per_question=True)  # the 8 training pairs
     rows = candidates(pairs, pairs, negatives=7)
     labels = [[c["label"] for c in q["candidates"]] for q in rows]
     tok = load_tokenizer(root / "merged")

@@ -24,10 +24,10 @@ from tests.adapter_kit import write_adapter, write_processed
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_sample, tiny_base):
+def workdir(tmp_path_factory, sample_data, tiny_base):
     """Processed sample data and a non-zero adapter on the tiny base, shared by the tests."""
     root = tmp_path_factory.mktemp("merge")
-    write_processed(shared_sample, root / "processed", n_train=4, n_val=2, n_test=4, negatives=3)
+    write_processed(sample_data, root / "processed", n_train=4, n_val=2, n_test=4, negatives=3)
     write_adapter(tiny_base, root / "adapter")
     return root
 
@@ -93,10 +93,10 @@ def test_rerun_same_bytes_and_tampered_merge_fails_atomically(repo_params, tiny_
     assert before == md5_dir(workdir / "merged")  # same inputs, same bytes
     metrics_before = (workdir / "metrics" / "merge.json").read_bytes()
 
-    def tamper(model):  # one weight of one layer nudged by 1%: a "slightly wrong" merge
+    def tamper(model):  # one output row of one layer nudged by 1% of its largest weight: a "slightly wrong" merge
         with torch.no_grad():
-            w = model.model.layers[0].self_attn.q_proj.weight
-            w[0, 0] += 0.01 * w.abs().max()
+            w = model.model.layers[0].self_attn.o_proj.weight
+            w[0] += 0.01 * w.abs().max()
 
     with pytest.raises(merge.ParityError, match="merge.tolerance"):
         merge.main(params, after_reload=tamper)

@@ -74,6 +74,17 @@ def test_repro_then_experiment(tmp_path):
     again = _run(dvc + ["repro"], repo, env)
     assert _ran(again) == set(), again
 
+    # A change to the shared model-loading code makes every stage that loads a model stale,
+    # and only those: the code deps in dvc.yaml are complete.
+    loading = repo / "stages" / "models.py"
+    original = loading.read_text(encoding="utf-8")
+    loading.write_text(original.replace("use_safetensors=True,", "use_safetensors=True,  # edited"), encoding="utf-8")
+    assert loading.read_text(encoding="utf-8") != original
+    stale = json.loads(_run(dvc + ["status", "--json"], repo, env))
+    assert {name.split(":")[-1] for name in stale} == {"base", "train", "merge", "evaluate"}, stale
+    loading.write_text(original, encoding="utf-8")
+    assert json.loads(_run(dvc + ["status", "--json"], repo, env)) == {}
+
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "baseline"], repo, env)
     exp = _run(dvc + ["exp", "run", "-S", "lora.r=32"], repo, env)

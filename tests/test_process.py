@@ -1,6 +1,7 @@
-"""The `process` stage on real cMedQA2 rows, the official candidate files and the embedded sample.
+"""The `process` stage on the embedded sample, official-layout fixtures built from it, and the real files.
 
-Every test runs the real ``main()`` (or the real DVC CLI) on real files in tmp_path.
+Every test runs the real ``main()`` (or the real DVC CLI) on real files in tmp_path. Only
+the test of the real official candidate zips needs the cMedQA2 files beside the repo.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -26,19 +28,18 @@ from stages.params import with_overrides
 from stages.process import (
     DROP_REASONS,
     OUTPUT_FILES,
-    CandidateLists,
     ProcessError,
     candidate_lines,
-    chatml_lines,
+    chatml_line,
     clean_texts,
     main,
     mask_pii,
-    text_codes,
-    unique_pairs,
+    split_ids,
 )
 from tests.conftest import ROOT, copy_repo
 
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
+SAMPLE = ROOT / "data" / "sample"  # 102 questions (UTF-8), 129 answers (GBK)
 
 
 def _params(repo_params, raw: Path, tmp: Path, **process):
@@ -57,8 +58,10 @@ def _run(repo_params, raw: Path, tmp: Path, **process) -> tuple[dict[str, bytes]
     return {p.name: p.read_bytes() for p in out.iterdir()}, metrics
 
 
-def _texts(sample: Path) -> dict[str, str]:
-    return {name: (sample / name).read_text(encoding="utf-8") for name in ("question.csv", "answer.csv")}
+def _texts(sample: Path = SAMPLE) -> dict[str, str]:
+    """The sample's tables as text (answer.csv is GBK on disk)."""
+    return {"question.csv": (sample / "question.csv").read_text(encoding="utf-8"),
+            "answer.csv": (sample / "answer.csv").read_text(encoding="gbk")}
 
 
 def _write(raw: Path, files: dict[str, bytes]) -> Path:
@@ -90,15 +93,17 @@ def _split_qids(outputs: dict[str, bytes]) -> dict[str, set[int]]:
 # ----------------------------------------------------------------------------- encodings
 
 
-def test_same_output_for_every_encoding_and_line_ending(tmp_path, shared_sample, repo_params):
-    texts = _texts(shared_sample)
+def test_same_output_for_every_encoding_and_line_ending(tmp_path, repo_params):
+    texts = _texts()
+    # One question with a character outside GBK (U+30FB, as in real cMedQA2 rows): a "GBK"
+    # question.csv can only hold that line in GB18030, and the file is then GB18030.
+    texts["question.csv"] += "10000999,孩子发烧・咳嗽三天了怎么办？\n"
+    texts["answer.csv"] += "20000999,10000999,先测体温，多喝水，咳嗽加重或高烧不退请就医。\n"
     base, base_metrics = _run(repo_params, _write(tmp_path / "utf8", {k: v.encode() for k, v in texts.items()}), tmp_path / "o0")
     assert base_metrics["encoding"] == {"question": "utf-8", "answer": "utf-8"}
-    assert base_metrics["rows_read"] == {"question": 500, "answer": 500}
-    assert sum(base_metrics["examples"].values()) == 500
+    assert base_metrics["rows_read"] == {"question": 103, "answer": 130}
+    assert sum(base_metrics["examples"].values()) == 130
 
-    # The real sample has exactly one character outside GBK (U+30FB in one question), so a
-    # "GBK" question.csv can only hold that line in GB18030, and the file is then GB18030.
     q_gbk, fallback = _gbk_where_possible(texts["question.csv"])
     assert fallback == 1
     a_gbk = texts["answer.csv"].encode("gbk")  # every answer is GBK-encodable
@@ -121,12 +126,11 @@ def test_same_output_for_every_encoding_and_line_ending(tmp_path, shared_sample,
             assert outputs[f] == base[f], f"{name}: {f} differs from the UTF-8 run"
 
 
-def test_gbk_file_with_one_bad_byte_names_offset_and_line(tmp_path, shared_sample, repo_params):
-    texts = _texts(shared_sample)
-    data = texts["answer.csv"].encode("gbk")
+def test_gbk_file_with_one_bad_byte_names_offset_and_line(tmp_path, repo_params):
+    data = (SAMPLE / "answer.csv").read_bytes()  # GBK as shipped
     cut = data.index(b"\n", len(data) // 2) + 5  # inside a row in the second half
     damaged = data[:cut] + b"\xff" + data[cut:]
-    raw = _write(tmp_path / "raw", {"question.csv": texts["question.csv"].encode(), "answer.csv": damaged})
+    raw = _write(tmp_path / "raw", {"question.csv": (SAMPLE / "question.csv").read_bytes(), "answer.csv": damaged})
     line = damaged.count(b"\n", 0, cut) + 1
     with pytest.raises(ProcessError) as err:
         main(_params(repo_params, raw, tmp_path))
@@ -153,12 +157,14 @@ def _official_ids(candidates: Path, name: str) -> set[int]:
     return {int(row["question_id"]) for row in csv.DictReader(io.StringIO(text))}
 
 
-def test_official_dev_test_ids_never_in_train_and_rerun_is_identical(tmp_path, shared_sample, shared_candidates, repo_params):
+def test_real_official_candidate_zips_split_the_real_sample(tmp_path, shared_sample, shared_candidates, repo_params):
+    """Subject: the real dev/test candidate zips (their layout, encoding and ids) with real cMedQA2 rows."""
     raw = _official_raw(tmp_path, shared_sample, shared_candidates)
     outputs, metrics = _run(repo_params, raw, tmp_path / "a")
     dev, test = _official_ids(shared_candidates, "dev_candidates"), _official_ids(shared_candidates, "test_candidates")
     qids = _split_qids(outputs)
     assert metrics["split_method"] == "official"
+    assert metrics["encoding"]["dev_candidates"] == metrics["encoding"]["test_candidates"] == "utf-8"
     assert not qids["train"] & (dev | test)
     assert qids["val"] <= dev and qids["test"] <= test
     assert len(qids["val"]) + len(qids["test"]) == 32  # the sample's official dev/test questions
@@ -174,50 +180,86 @@ def test_official_dev_test_ids_never_in_train_and_rerun_is_identical(tmp_path, s
     assert again == outputs and metrics_again == metrics
 
 
-def test_official_candidate_lists_keep_labels_and_order(tmp_path, shared_sample, shared_candidates, repo_params):
-    """Answer texts for every id the real test lists use; one negative and one question removed."""
-    raw = _official_raw(tmp_path, shared_sample, shared_candidates)
-    with zipfile.ZipFile(shared_candidates / "test_candidates.zip") as zf:
-        rows = list(csv.DictReader(io.StringIO(zf.read("test_candidates.txt").decode())))
-    sample_q = {int(r["question_id"]) for r in csv.DictReader((raw / "question.csv").open(encoding="utf-8"))}
-    lists = defaultdict(list)
-    for r in rows:
-        if int(r["question_id"]) in sample_q:
-            lists[int(r["question_id"])].append((int(r["ans_id"]), int(r["label"])))
-    qids = sorted(lists)
-    assert len(qids) >= 3
-    missing_neg = next(a for a, label in lists[qids[0]] if label == 0)
-    short_q = qids[1]  # its text becomes too short: the whole list goes
-    with (raw / "answer.csv").open("a", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        written = set()
-        for qid in qids:
-            for aid, label in lists[qid]:
-                if aid == missing_neg or aid in written:
-                    continue
-                written.add(aid)
-                # True answers belong to the question; negatives to a question not in the file.
-                w.writerow([aid, qid if label else 1, f"候选答案{aid}，内容为测试而写。"])
-    text = (raw / "question.csv").read_text(encoding="utf-8").splitlines()
-    text = [f"{short_q},痛？" if line.startswith(f"{short_q},") else line for line in text]
-    (raw / "question.csv").write_text("\n".join(text) + "\n", encoding="utf-8")
+def _candidate_rows(qids: list[int], answers: dict[int, list[int]]) -> dict[int, list[tuple[int, int]]]:
+    """Official-layout lists: 100 (ans_id, label) per question, its own answers (label 1) first,
+    then answers of other questions (label 0)."""
+    all_answers = [a for q in answers for a in answers[q]]
+    lists = {}
+    for i, qid in enumerate(qids):
+        others = [a for a in all_answers if a not in answers[qid]]
+        others = others[7 * i % len(others):] + others[: 7 * i % len(others)]  # a different mix per list
+        lists[qid] = [(a, 1) for a in answers[qid]] + [(a, 0) for a in others[: 100 - len(answers[qid])]]
+    return lists
 
-    outputs, metrics = _run(repo_params, raw, tmp_path / "o", min_question_chars=3)
+
+def _candidate_file(lists: dict[int, list[tuple[int, int]]]) -> str:
+    lines = ["question_id,ans_id,cnt,label"]
+    for qid, rows in lists.items():
+        lines += [f"{qid},{a},{cnt},{label}" for cnt, (a, label) in enumerate(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def test_official_split_and_candidate_lists_keep_labels_and_order(tmp_path, repo_params):
+    """dev/test candidate files in the official layout, built from the sample's own ids."""
+    texts = _texts()
+    answers = defaultdict(list)
+    for row in csv.DictReader(io.StringIO(texts["answer.csv"])):
+        answers[int(row["question_id"])].append(int(row["ans_id"]))
+    qids = sorted(answers)
+    dev_lists = _candidate_rows(qids[1::10], answers)
+    test_lists = _candidate_rows(qids[5::10], answers)
+    test_q = sorted(test_lists)
+    missing_neg_q, short_q, no_pos_q = test_q[:3]
+    # One negative that answer.csv lacks; one question whose text becomes too short (its whole
+    # list goes); one list whose true answers answer.csv lacks; one question not in the input.
+    test_lists[missing_neg_q][-1] = (29999999, 0)
+    test_lists[no_pos_q] = [(28888800 + i, 1) if label else (a, 0) for i, (a, label) in enumerate(test_lists[no_pos_q])]
+    test_lists[19999999] = [(a, int(i == 0)) for i, a in enumerate(answers[qids[0]] + answers[qids[1]])]
+    questions = [f"{short_q},痛？" if line.startswith(f"{short_q},") else line for line in texts["question.csv"].splitlines()]
+    raw = _write(tmp_path / "raw", {
+        "question.csv": ("\n".join(questions) + "\n").encode(),
+        "answer.csv": (SAMPLE / "answer.csv").read_bytes(),
+        "dev_candidates.txt": _candidate_file(dev_lists).encode(),  # as `make data` unzips it
+    })
+    with zipfile.ZipFile(raw / "test_candidates.zip", "w") as zf:
+        zf.writestr("test_candidates.txt", _candidate_file(test_lists))
+
+    outputs, metrics = _run(repo_params, raw, tmp_path / "a", min_question_chars=3)
+    split = _split_qids(outputs)
+    assert metrics["split_method"] == "official"
+    assert split["val"] == set(dev_lists) and split["test"] == set(test_q) - {short_q}
+    assert split["train"] == set(qids) - set(dev_lists) - set(test_q)
+    assert metrics["questions"] == {"train": len(split["train"]), "val": len(dev_lists), "test": len(test_q) - 1}
+
+    examples = [orjson.loads(line) for f in SPLIT_FILES for line in outputs[f].splitlines()]
+    question_text = {ex["question_id"]: ex["messages"][1]["content"] for ex in examples}
+    # Candidates may be answers whose question left (short_q's): their cleaned text is expected too.
+    rows = list(csv.DictReader(io.StringIO(texts["answer.csv"])))
+    cleaned = mask_pii(clean_texts(pa.array([r["content"] for r in rows])).to_pylist())[0]
+    answer_text = {int(r["ans_id"]): text for r, text in zip(rows, cleaned)}
+    assert all(answer_text[ex["ans_id"]] == ex["messages"][2]["content"] for ex in examples)
     got = {r["question_id"]: r for r in map(orjson.loads, outputs["test_candidates.jsonl"].splitlines())}
-    assert set(got) == set(qids) - {short_q}
-    assert metrics["candidate_questions"] == len(qids) - 1
-    assert metrics["dropped"]["candidates_answer_missing"] == lists[qids[0]].count((missing_neg, 0))
-    assert metrics["dropped"]["candidate_lists_question_missing"] == 1
+    assert list(got) == sorted(set(test_q) - {short_q, no_pos_q})  # lists by question id
     for qid, rec in got.items():
-        expected = [(a, label) for a, label in lists[qid] if a != missing_neg]
+        expected = [(a, label) for a, label in test_lists[qid] if a != 29999999]
         assert [(c["ans_id"], c["label"]) for c in rec["candidates"]] == expected  # file order, official labels
-        assert all(c["content"] == f"候选答案{c['ans_id']}，内容为测试而写。" for c in rec["candidates"])
-        assert rec["system"] == repo_params.process.system_prompt and rec["question"]
-    assert metrics["answers_without_questions"] > 0  # the negatives' made-up question id 1
+        assert all(c["content"] == answer_text[c["ans_id"]] for c in rec["candidates"])  # cleaned texts
+        assert rec["question"] == question_text[qid] and rec["system"] == repo_params.process.system_prompt
+    assert metrics["candidate_questions"] == len(got) and metrics["candidates"] == sum(len(r["candidates"]) for r in got.values())
+    assert metrics["official_test_questions_not_in_input"] == 1
+    assert metrics["dropped"]["candidates_answer_missing"] == 1 + len(answers[no_pos_q])
+    assert metrics["dropped"]["candidate_lists_question_missing"] == 1
+    assert metrics["dropped"]["candidate_lists_no_positive"] == 1
+
+    again, metrics_again = _run(repo_params, raw, tmp_path / "b", min_question_chars=3)
+    assert again == outputs and metrics_again == metrics
+    capped, metrics = _run(repo_params, raw, tmp_path / "c", min_question_chars=3, max_candidate_questions=2)
+    assert [orjson.loads(line)["question_id"] for line in capped["test_candidates.jsonl"].splitlines()] == list(got)[:2]
+    assert metrics["candidate_questions"] == 2
 
 
 def test_embedded_sample_keeps_answers_of_a_question_together(tmp_path, repo_params):
-    raw = ROOT / "data" / "sample"
+    raw = SAMPLE
     outputs, metrics = _run(repo_params, raw, tmp_path)
     assert set(metrics) == {
         "rows_read", "encoding", "answers_without_questions", "questions_without_answers", "split_method",
@@ -266,8 +308,8 @@ def test_embedded_sample_keeps_answers_of_a_question_together(tmp_path, repo_par
         assert set(neg) <= held_out - answers[r["question_id"]]
 
 
-def test_first_answer_only_candidate_cap_and_limit(tmp_path, shared_sample, repo_params):
-    raw = ROOT / "data" / "sample"
+def test_first_answer_only_candidate_cap_and_limit(tmp_path, repo_params):
+    raw = SAMPLE
     first = {}
     with (raw / "answer.csv").open(encoding="gbk") as fh:
         for row in csv.DictReader(fh):
@@ -286,9 +328,9 @@ def test_first_answer_only_candidate_cap_and_limit(tmp_path, shared_sample, repo
     assert metrics["candidate_questions"] == len(lists) == 3
     assert all(sum(c["label"] == 0 for c in r["candidates"]) == 4 for r in lists)
 
-    outputs, metrics = _run(repo_params, shared_sample, tmp_path / "b", limit=50)
+    outputs, metrics = _run(repo_params, raw, tmp_path / "b", limit=50)
     assert sum(metrics["questions"].values()) == 50
-    first50 = [int(line.split(",")[0]) for line in (shared_sample / "question.csv").read_text().splitlines()[1:51]]
+    first50 = [int(line.split(",")[0]) for line in (raw / "question.csv").read_text().splitlines()[1:51]]
     assert set().union(*_split_qids(outputs).values()) == set(first50)
 
 
@@ -304,15 +346,15 @@ def test_clean_texts_and_mask_pii():
     ])
     assert clean_texts(raw).to_pylist() == ["发烧 三天 怎么办？", "血糖<7，体温>38 加粗", "abc d e", ""]
 
-    texts = pa.array([
+    texts = [
         "电话13800138000,13900139000。",
         "身份证11010519491231002X，旧号110105194912310021",
         "邮件 zhang.san+qa@mail.example.com 谢谢",
         "订单号2013800138000123不是手机",
         "已经写了[PHONE]和13712345678",
-    ])
+    ]
     masked, counts = mask_pii(texts)
-    assert masked.to_pylist() == [
+    assert masked == [
         "电话[PHONE],[PHONE]。",
         "身份证[ID]，旧号[ID]",
         "邮件 [EMAIL] 谢谢",
@@ -322,59 +364,60 @@ def test_clean_texts_and_mask_pii():
     assert counts == {"id_card": 2, "phone": 3, "email": 1}
 
 
-def test_chatml_lines_equal_orjson():
-    pairs = pa.table({
-        "question_id": pa.array([7, 8], pa.int64()),
-        "ans_id": pa.array([70, 80], pa.int64()),
-        "question": clean_texts(pa.array(['他说"头疼"\\怎么办', "普通问题"])),
-        "answer": clean_texts(pa.array(["路径C:\\temp \"引号\"", "回答\t\u2028结束"])),
-    })
-    system = '系统"提示"'
-    lines = chatml_lines(pairs, system).to_pylist()
-    for line, row in zip(lines, pairs.to_pylist()):
-        expected = {
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": row["question"]},
-                {"role": "assistant", "content": row["answer"]},
-            ],
-            "question_id": row["question_id"],
-            "ans_id": row["ans_id"],
-        }
-        assert line == orjson.dumps(expected).decode() + "\n"
+def test_chatml_line_is_the_data_contract():
+    question, answer, system = '他说"头疼"\\怎么办', "路径C:\\temp \"引号\"\u2028结束", '系统"提示"'
+    line = chatml_line(7, 70, question, answer, system)
+    assert line == (
+        '{"messages":[{"role":"system","content":"系统\\"提示\\""},'
+        '{"role":"user","content":"他说\\"头疼\\"\\\\怎么办"},'
+        '{"role":"assistant","content":"路径C:\\\\temp \\"引号\\"\u2028结束"}],"question_id":7,"ans_id":70}\n'
+    ).encode()
+    assert orjson.loads(line) == {
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
+                     {"role": "assistant", "content": answer}],
+        "question_id": 7, "ans_id": 70,
+    }
 
 
-def test_candidate_lines_equal_orjson():
-    lists = CandidateLists(
-        qids=np.array([5, 9]),
-        questions=pa.array(['问"一"', "问二\\"]),
-        group=np.array([0, 0, 1]),
-        ans_ids=np.array([50, 51, 90]),
-        contents=pa.array(["答\"甲\"", "答乙", "C:\\x"]),
-        labels=np.array([1, 0, 1]),
-    )
-    lines = candidate_lines(lists, "系统").to_pylist()
+def test_candidate_lines_group_lists_in_order():
+    cands = pd.DataFrame({"question_id": [5, 5, 9], "ans_id": [50, 51, 90],
+                          "content": ['答"甲"', "答乙", "C:\\x"], "label": [1, 0, 1]})
+    lines = list(candidate_lines(cands, {5: '问"一"', 9: "问二\\"}, "系统"))
     expected = [
         {"question_id": 5, "system": "系统", "question": '问"一"', "candidates": [
             {"ans_id": 50, "content": '答"甲"', "label": 1}, {"ans_id": 51, "content": "答乙", "label": 0}]},
         {"question_id": 9, "system": "系统", "question": "问二\\", "candidates": [
             {"ans_id": 90, "content": "C:\\x", "label": 1}]},
     ]
-    assert lines == [orjson.dumps(e).decode() + "\n" for e in expected]
+    assert lines == [orjson.dumps(e) + b"\n" for e in expected]
 
 
-def test_duplicates_dropped_and_counted(tmp_path, shared_sample, repo_params):
-    texts = _texts(shared_sample)
+def test_hash_split_is_seeded_stable_and_near_the_ratios():
+    ids = np.arange(10_000_000, 10_200_000, 2)  # 100k ids
+    split = split_ids(ids, seed=42, val_ratio=0.1, test_ratio=0.1)
+    shares = np.bincount(split, minlength=3) / len(ids)
+    assert np.allclose(shares, [0.8, 0.1, 0.1], atol=0.005), shares
+    # A question's split depends on its id and the seed only: other ids never move it.
+    assert (split_ids(ids[::7], 42, 0.1, 0.1) == split[::7]).all()
+    assert (split_ids(ids, 7, 0.1, 0.1) != split).mean() > 0.2  # another seed, another split
+
+
+def test_duplicates_dropped_and_counted(tmp_path, repo_params):
+    texts = _texts()
     q_lines = texts["question.csv"].splitlines(keepends=True)
     a_lines = texts["answer.csv"].splitlines(keepends=True)
     qid, text = q_lines[1].rstrip("\n").split(",", 1)
-    aid, _, answer = a_lines[1].rstrip("\n").split(",", 2)
+    aid, a_qid, answer = a_lines[1].rstrip("\n").split(",", 2)
+    other_qid = q_lines[2].split(",", 1)[0]
+    assert a_qid == qid and other_qid != qid
     extra_q = [q_lines[1], f"99999991,{text}\n"]  # same row again; same text under a new id
     extra_a = [
         a_lines[1],  # the same answer row again
         f"99999992,{qid},{answer}\n",  # same answer text under a new id, same question
         f"99999993,99999991,{answer}\n",  # same pair again under the new question id
         "99999994,99999991,另一个不同的回答，内容足够长。\n",  # a genuinely new pair
+        f"99999995,{other_qid},{answer}\n",  # the same answer text to another question: kept
+        "99999996,88888888,这个回答的问题不在文件里。\n",  # an orphan: counted, then dropped
     ]
     raw = _write(tmp_path / "raw", {"question.csv": "".join(q_lines + extra_q).encode(),
                                      "answer.csv": "".join(a_lines + extra_a).encode()})
@@ -382,12 +425,11 @@ def test_duplicates_dropped_and_counted(tmp_path, shared_sample, repo_params):
     assert metrics["dropped"]["question_duplicate_rows"] == 1
     assert metrics["dropped"]["answer_duplicate_rows"] == 1
     assert metrics["dropped"]["duplicate_pairs"] == 2
-    assert sum(metrics["examples"].values()) == 500 + 1
+    assert metrics["answers_without_questions"] == metrics["dropped"]["answer_question_missing"] == 1
+    assert metrics["questions_without_answers"] == 0
+    assert sum(metrics["examples"].values()) == 129 + 2
     ans_ids = {orjson.loads(line)["ans_id"] for f in SPLIT_FILES for line in outputs[f].splitlines()}
-    assert int(aid) in ans_ids and 99999994 in ans_ids and not {99999992, 99999993} & ans_ids
-
-    codes = text_codes(pa.array(["a", "b", "a", "a"]))
-    assert unique_pairs(codes, pa.array(["x", "x", "x", "yy"])).tolist() == [True, True, False, True]
+    assert {int(aid), 99999994, 99999995} <= ans_ids and not {99999992, 99999993} & ans_ids
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -402,7 +444,10 @@ def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]
     non_int = q_lines[0] + q_lines[1] + "abc," + q_lines[2].split(",", 1)[1] + "".join(q_lines[3:])
     extra_field = a.splitlines(keepends=True)
     extra_field[7] = extra_field[7].rstrip("\n") + ",多出来的字段\n"
-    a_bytes = a.encode()
+    # More answers, so that the damage lies past the 64 KB head that encoding detection reads.
+    a_bytes = (a + "".join(f"{30000000 + i},10000001,第{i}条补充回答：多喝水，注意休息，按时复诊。\n"
+                           for i in range(2000))).encode()
+    assert len(a_bytes) > 3 * 64 * 1024
     cut = a_bytes.index(b"\n", len(a_bytes) * 3 // 4) + 4  # inside a row, past the 64 KB head
     bad_utf8 = a_bytes[:cut] + b"\xff" + a_bytes[cut:]
     bad_line = bad_utf8.count(b"\n", 0, cut) + 1
@@ -410,6 +455,7 @@ def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]
         "undecodable byte": ({"answer.csv": bad_utf8}, {},
                              ["answer.csv", f"byte offset {cut} ", f"(line {bad_line},", "as utf-8"]),
         "missing file": ({"answer.csv": None}, {}, ["no answer table", "answer.csv", "make data"]),
+        "utf-16": ({"question.csv": q.encode("utf-16")}, {}, ["question.csv", "looks like UTF-16", "re-save it as UTF-8"]),
         "renamed column": ({"question.csv": q.replace("question_id,content", "question_id,text", 1)}, {},
                            ["question.csv", "missing column(s) content", "rename"]),
         "tab delimiter": ({"answer.csv": a.replace(",", "\t")}, {}, ["answer.csv", "tab-separated", "','"]),
@@ -417,9 +463,14 @@ def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]
         "empty file": ({"question.csv": ""}, {}, ["question.csv", "file is empty"]),
         "header only": ({"answer.csv": "ans_id,question_id,content\n"}, {}, ["answer.csv", "no data rows"]),
         "conflicting duplicate ids": ({"question.csv": conflict}, {},
-                                      ["question.csv", f"question_id {dup_id} on data rows [3, 501]", "unique"]),
+                                      ["question.csv", f"question_id {dup_id} on data rows [3, 103]", "unique"]),
         "non-integer id": ({"question.csv": non_int}, {}, ["question.csv", "'question_id'", "data row 2", "'abc'"]),
+        "empty id": ({"question.csv": q_lines[0] + "," + q_lines[1].split(",", 1)[1] + "".join(q_lines[2:])}, {},
+                     ["question.csv", "'question_id'", "data row 1", "''"]),
         "extra field": ({"answer.csv": "".join(extra_field)}, {}, ["answer.csv", "Row #8", "Expected 3 columns, got 4"]),
+        "bad label": ({"dev_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,1\n",
+                       "test_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,2\n"}, {},
+                      ["test_candidates", "column 'label' must be 0 or 1"]),
         "nothing left": ({}, {"min_answer_chars": 1500, "max_answer_chars": 2000},
                          ["no question/answer pairs left", "answer_too_short"]),
         "half the official files": ({"dev_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,1\n"}, {},
@@ -427,8 +478,8 @@ def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]
     }
 
 
-def test_bad_inputs_fail_clearly_and_keep_previous_outputs(tmp_path, shared_sample, repo_params):
-    texts = _texts(shared_sample)
+def test_bad_inputs_fail_clearly_and_keep_previous_outputs(tmp_path, repo_params):
+    texts = _texts()
     # A previous good run whose outputs must survive every failure byte for byte.
     good = _write(tmp_path / "good", {k: v.encode() for k, v in texts.items()})
     before, _ = _run(repo_params, good, tmp_path)
@@ -452,18 +503,16 @@ def test_bad_inputs_fail_clearly_and_keep_previous_outputs(tmp_path, shared_samp
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], name
 
 
-def test_cli_runs_without_importing_pandas(tmp_path, repo_params):
-    """The stage's speed relies on never loading pandas (pyarrow would import it on pa.array)."""
+def test_cli_runs_from_params_yaml(tmp_path, repo_params):
     params = repo_params.to_dict()
-    params["data"] = {"raw_dir": str(ROOT / "data" / "sample"), "processed_dir": str(tmp_path / "processed")}
+    params["data"] = {"raw_dir": str(SAMPLE), "processed_dir": str(tmp_path / "processed")}
     params["process"]["metrics_file"] = str(tmp_path / "process.json")
-    (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")
-    code = ("import runpy, sys; sys.argv = ['stages.process']; runpy.run_module('stages.process', run_name='__main__');"
-            " assert 'pandas' not in sys.modules, 'pandas was imported'")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+    (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", "stages.process"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == sorted(OUTPUT_FILES)
+    assert json.loads((tmp_path / "process.json").read_text(encoding="utf-8"))["rows_read"] == {"question": 102, "answer": 129}
 
 
 def test_cli_exits_nonzero_with_the_message(tmp_path, repo_params):

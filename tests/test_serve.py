@@ -8,6 +8,7 @@ and the pure command-building functions run without vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -134,16 +135,13 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-@pytest.fixture(scope="module")
-def server(project, adapter, tmp_path_factory):
-    reason = vllm_skip_reason()
-    if reason:
-        pytest.skip(reason)
+@contextlib.contextmanager
+def running_server(cwd: Path, args: list[str], log: Path, adapter_name: str, **env: str):
+    """``python -m stages.serve <args>`` in ``cwd``, ready (``/health``) when entered, SIGTERMed on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", str(port)], cwd=project,
-                                env=stage_env(API_KEY=API_KEY), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", str(port), *args], cwd=cwd,
+                                env=stage_env(**env), stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     try:
@@ -157,8 +155,7 @@ def server(project, adapter, tmp_path_factory):
                 pass
             assert time.monotonic() - start < 300, f"server not ready in 300 s:\n{log.read_text()[-4000:]}"
             time.sleep(1)
-        name = json.loads((adapter / "lineage.json").read_text())["name"]
-        srv = Server(proc, url, log, name, time.monotonic() - start)
+        srv = Server(proc, url, log, adapter_name, time.monotonic() - start)
         print(f"\nserver ready in {srv.startup_s:.1f} s")
         yield srv
     finally:
@@ -168,6 +165,17 @@ def server(project, adapter, tmp_path_factory):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(project, adapter, tmp_path_factory):
+    reason = vllm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    name = json.loads((adapter / "lineage.json").read_text())["name"]
+    with running_server(project, [], tmp_path_factory.mktemp("serve-log") / "serve.log", name,
+                        API_KEY=API_KEY) as srv:
+        yield srv
 
 
 SYSTEM = "你是一个专业的医疗助手。"
@@ -295,6 +303,22 @@ def test_chat_client_one_shot(server, project, repo_params):
     assert out.returncode == 1 and "API key" in out.stderr
 
 
+def test_runtime_loading_is_off_without_the_flag(server, adapter, project):
+    body = json.dumps({"lora_name": "x", "lora_path": str(adapter)}).encode()
+    for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        req = urllib.request.Request(f"{server.url}{route}", data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code in (404, 405), route
+    # the load command says so, after its own checks passed
+    port = server.url.rsplit(":", 1)[1]
+    out = subprocess.run([sys.executable, "-m", "stages.serve", "load", "--adapter", str(adapter), "--port", port],
+                         cwd=project, env=stage_env(API_KEY=API_KEY), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "runtime LoRA loading off" in out.stderr, out.stderr
+    assert {m.id for m in server.client().models.list().data} == {"base", server.adapter_name, "medqa"}
+
+
 def test_sigterm_stops_everything(server):
     import psutil
 
@@ -340,6 +364,17 @@ def test_lineage_base_mismatch_fails_before_vllm(project, adapter, tmp_path):
     assert "starting vLLM" not in out.stderr
 
 
+def test_runtime_lora_needs_loopback_or_key(project):
+    out = _serve_cli(project, "--host", "0.0.0.0", "--runtime-lora")
+    assert out.returncode == 1 and "--runtime-lora on 0.0.0.0" in out.stderr and "API_KEY" in out.stderr
+    assert "starting vLLM" not in out.stderr
+    for args, env in ((["--host", "0.0.0.0"], {"API_KEY": "k"}), ([], {})):  # with a key, or on loopback
+        out = subprocess.run([sys.executable, "-m", "stages.serve", "--runtime-lora", "--dry-run", *args],
+                             cwd=project, env=stage_env(**env), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in out.stdout
+
+
 def test_merged_missing_fails_before_vllm(project):
     out = _serve_cli(project, "--merged")
     assert out.returncode == 1 and "no merged model at" in out.stderr and "dvc repro merge" in out.stderr
@@ -369,6 +404,14 @@ def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
     with pytest.raises(ServeError, match="would be called"):
         lora_modules([a, a], "medqa")
 
+    # runtime loading: slots for later adapters, the runtime rank, every module training adapts
+    rcmd = build_command(params, [a], None, "127.0.0.1", 8123, runtime_lora=True)
+    rflag = lambda name: rcmd[rcmd.index(name) + 1]  # noqa: E731
+    assert rflag("--max-lora-rank") == str(params.serve.runtime_max_lora_rank)
+    assert rflag("--max-loras") == str(2 + params.serve.runtime_max_loras)
+    i = rcmd.index("--lora-target-modules")
+    assert rcmd[i + 1:rcmd.index("--lora-modules")] == sorted(params.lora.target_modules)
+
     merged = Merged(path=tmp_path, name="medqa-m", lineage={}, chat_template=tmp_path / "t.jinja")
     mcmd = build_command(params, [], merged, "0.0.0.0", 9000)
     assert "--enable-lora" not in mcmd
@@ -380,6 +423,27 @@ def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
     assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["VLLM_CPU_NUM_OF_RESERVED_CPU"]) == ("0,1", "0")
     assert env["VLLM_CPU_KVCACHE_SPACE"] == str(params.serve.cpu_kv_cache_gib)
     assert "VLLM_API_KEY" not in server_env(params, None, False, {"VLLM_API_KEY": "old"}, [0, 1])
+    # runtime updating only through --runtime-lora, never left on by a stray variable
+    stray = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in server_env(params, None, False, stray, [0, 1])
+    assert server_env(params, None, False, {}, [0, 1], runtime_lora=True)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     big = server_env(params, None, gpu=False, environ={}, cpus=list(range(64)))
     assert "VLLM_CPU_OMP_THREADS_BIND" not in big  # vLLM's NUMA-aware default on big machines
     assert "VLLM_CPU_KVCACHE_SPACE" not in server_env(params, None, gpu=True, environ={}, cpus=[0, 1])
+
+
+def test_make_aliases_pass_the_options():
+    """`make serve/load/unload` are thin aliases: each variable becomes its option."""
+    def recipe(*args: str) -> str:  # -n prints the recipes without running them
+        out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if "-m stages.serve" in line][-1]
+
+    assert recipe("serve", "EXP=r8,r32", "RUNTIME_LORA=1", "PORT=9001").split("-m stages.serve", 1)[1].split() == [
+        "--port", "9001", "--exp", "r8,r32", "--runtime-lora"]
+    assert recipe("load", "EXP=r8", "NAME=x").split("-m stages.serve", 1)[1].split() == [
+        "load", "--exp", "r8", "--name", "x"]
+    assert recipe("load", "ADAPTER=a/b").split("-m stages.serve", 1)[1].split() == ["load", "--adapter", "a/b"]
+    assert recipe("unload", "NAME=x", "PORT=9001").split("-m stages.serve", 1)[1].split() == [
+        "unload", "--name", '"x"', "--port", "9001"]

@@ -25,6 +25,7 @@ from stages.chatml import CHAT_TEMPLATE, IM_END, encode_example
 from stages.fileio import md5_dir
 from stages.params import Params, ParamsError, with_overrides
 from stages.train import encode_split, main
+from tests.adapter_kit import write_processed
 from tests.conftest import ROOT
 
 ADAPTER_FILES = [
@@ -41,35 +42,13 @@ SMALL = dict(max_seq_length=128, per_device_train_batch_size=4, per_device_eval_
              max_eval_examples=32, logging_steps=2, eval_steps=4, save_steps=4, warmup_steps=1)
 
 
-def write_processed(sample: Path, out_dir: Path, system_prompt: str, n_train: int = 400, n_val: int = 100) -> None:
-    """train/val jsonl in the process stage's contract from the shared question/answer CSVs."""
-    questions = pd.read_csv(sample / "question.csv", encoding="utf-8")
-    answers = pd.read_csv(sample / "answer.csv", encoding="utf-8")
-    rows = questions.merge(answers, on="question_id", suffixes=("_q", "_a")).sort_values("question_id")
-    examples = [
-        {
-            "messages": [
-                {"role": "system", "content": system_prompt},
-                {"role": "user", "content": r.content_q},
-                {"role": "assistant", "content": r.content_a},
-            ],
-            "question_id": int(r.question_id),
-            "ans_id": int(r.ans_id),
-        }
-        for r in rows.itertuples()
-    ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", examples[:n_train]), ("val", examples[n_train:n_train + n_val])):
-        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in part)
-
-
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, tiny_base, shared_sample, repo_params) -> Path:
+def workdir(tmp_path, monkeypatch, tiny_base, sample_data) -> Path:
     """A repository-shaped working directory (the stage resolves params paths from CWD)."""
     (tmp_path / "models" / "base").mkdir(parents=True)
     (tmp_path / "models" / "base" / "tiny").symlink_to(tiny_base, target_is_directory=True)
-    write_processed(shared_sample, tmp_path / "data" / "processed", repo_params.process.system_prompt)
+    # every pair of the repo's sample: 96 to train on, 32 to validate (train.max_eval_examples)
+    write_processed(sample_data, tmp_path / "data" / "processed", n_train=96, n_val=32, n_test=1, negatives=4)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -106,9 +85,9 @@ def test_labels_cover_exactly_the_answer(workdir, tiny_base):
     assert all(label == -100 for label in enc.labels[:n_prompt]) and not enc.truncated
 
     # Cut to a short length: the answer's tail goes (counted); with no answer left, dropped.
-    limit = n_prompt + 3
     full = [encode_example(tok, r["messages"], max_length=4096) for r in rows[:50]]
     prompt_lens = [e.labels.count(-100) for e in full]
+    limit = sorted(prompt_lens)[len(prompt_lens) // 2] + 1  # about half the prompts fill it
     feats, stats = encode_split(tok, rows[:50], max_length=limit, source="train.jsonl")
     assert stats.dropped == sum(p >= limit for p in prompt_lens) > 0
     assert stats.truncated == sum(p < limit < len(e.input_ids) for p, e in zip(prompt_lens, full)) > 0
@@ -126,9 +105,9 @@ def test_training_lowers_heldout_loss(workdir, repo_params):
     assert set(metrics) == METRIC_KEYS
     assert metrics["eval_loss"] < metrics["eval_loss_step0"] - 0.1, metrics
     assert metrics["steps"] == 8 and metrics["val_examples"] + metrics["val_dropped"] == 32
-    # 128 tokens: some long questions leave no room for the answer, many answers lose a tail
-    assert metrics["train_examples"] + metrics["train_dropped"] == 400 and metrics["train_dropped"] < 20
-    assert metrics["train_truncated"] > 50
+    # 128 tokens: the longest of the sample's prompt + answer pairs lose their answer's tail
+    assert metrics["train_examples"] + metrics["train_dropped"] == 96 and metrics["train_dropped"] < 5
+    assert 0 < metrics["train_truncated"] < 96 - metrics["train_dropped"]
     assert 0 < metrics["trainable_params"] < metrics["total_params"] / 50
     assert metrics["nonpad_fraction"] > 0.9  # length-grouped batches carry little padding
 

