@@ -108,7 +108,11 @@ class Runner:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
-            raise RehearsalError(f"{' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}")
+            raise RehearsalError(f"{' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}") from None
+        except BaseException:  # Ctrl-C: the command runs in its own session, stop it too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         finally:
             stop.set()
             if watcher:
