@@ -246,6 +246,8 @@ def sweep(run: Runner, dvc: list[str], hub: LoopbackHub, logs: Path) -> dict:
         failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
         logs = "".join(run(dvc + ["queue", "logs", name], check=False)[-3000:] for name in failed)
         raise RehearsalError(f"a queued experiment failed:\n{status}\n{logs}")
+    # The idle worker would otherwise linger and write into the clone while it is removed.
+    run(dvc + ["queue", "stop"], check=False)
     shown = json.loads(run(dvc + ["exp", "show", "--json"]))
     experiments = []
     for commit in shown:
