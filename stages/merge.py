@@ -10,13 +10,15 @@ Writes ``merge.output_dir``: safetensors shards in the base model's dtype, confi
 
 Run: ``python -m stages.merge`` (or ``dvc repro merge``).
 
-Parity: the merged model is saved, reloaded from disk in float32 and its logits on
+Parity: the merged model is saved, reloaded from disk and its logits on
 ``merge.parity_prompts`` held-out prompt+answer sequences are compared with the unmerged
-base + adapter (peft) in float32. Above ``merge.tolerance`` the stage fails and nothing is
-moved into place (the previous merged model, if any, stays). The merge itself runs in
-float32 and the sum is rounded once to the base dtype: a bfloat16 base therefore differs
-from the unmerged model by bfloat16 rounding, which is far above the float32 default
-tolerance — raise ``merge.tolerance`` for bfloat16 bases (logged on failure).
+base + adapter (peft), both computed in the base's own dtype, so the check measures the
+merge and nothing else (a float32 reference against a bfloat16 model would mostly measure
+bfloat16 arithmetic). The bound: ``merge.tolerance`` (absolute) for float32 bases; for
+16-bit bases, where the merged weights are rounded to the dtype,
+``max(merge.tolerance, merge.relative_tolerance x max |reference logit|)``. Above it the
+stage fails and nothing is moved into place (the previous merged model, if any, stays).
+The measured diff, the bound, the dtype and the shard count go to ``merge.metrics_file``.
 
 Multi-GB models and the DVC cache: DVC copies outputs into its cache by default
 (``reflink,copy``), so a 16 GB merged Qwen3-8B would take 32 GB and a long copy. On a
@@ -126,16 +128,28 @@ def logits_parity(reference: list[torch.Tensor], candidate: list[torch.Tensor]) 
     }
 
 
-def check_parity(stats: dict, tolerance: float, dtype: torch.dtype) -> None:
-    if not stats["max_abs_diff"] <= tolerance:  # also catches NaN
-        hint = (
-            f" The base is {str(dtype).removeprefix('torch.')}: rounding the merged weights costs about "
-            f"that much; raise merge.tolerance if that is acceptable."
-            if dtype != torch.float32 else " Merged weights do not reproduce base + adapter."
+def parity_bound(logit_scale: float, dtype: torch.dtype, tolerance: float, relative: float) -> float:
+    """The largest acceptable |logit diff|: absolute in float32, relative to the logits in 16 bits.
+
+    Rounding a merged weight to bfloat16 changes it by up to 2^-8 of its size; the logits
+    move by a similar fraction of their own scale, whatever that scale is. A fixed absolute
+    bound would be too loose for small logits and fail for large ones.
+    """
+    if dtype == torch.float32:
+        return tolerance
+    return max(tolerance, relative * logit_scale)
+
+
+def check_parity(stats: dict, bound: float, dtype: torch.dtype) -> None:
+    if not stats["max_abs_diff"] <= bound:  # also catches NaN
+        fix = (
+            "merge.relative_tolerance" if dtype != torch.float32 else "merge.tolerance"
         )
         raise ParityError(
-            f"merge parity failed: max |logit diff| {stats['max_abs_diff']:.3g} > merge.tolerance "
-            f"{tolerance:g} (mean {stats['mean_abs_diff']:.3g} over {stats['prompts']} sequences).{hint}"
+            f"merge parity failed: max |logit diff| {stats['max_abs_diff']:.3g} > bound {bound:.3g} "
+            f"(mean {stats['mean_abs_diff']:.3g} over {stats['prompts']} sequences, both computed in "
+            f"{str(dtype).removeprefix('torch.')}): merged weights do not reproduce base + adapter. "
+            f"If a looser bound is acceptable, raise {fix}."
         )
 
 
@@ -158,7 +172,7 @@ def merge_to_dir(
 ) -> tuple[torch.dtype, dict]:
     """Merge, save with the adapter's tokenizer into ``out_dir``, reload, measure parity.
 
-    Returns (base dtype, parity stats).
+    Returns (base dtype, parity stats incl. the largest |reference logit|).
 
     ``after_reload`` sees the reloaded merged model before its logits are taken; tests use
     it to tamper with a weight and prove the parity check fails.
@@ -167,22 +181,23 @@ def merge_to_dir(
 
     dtype = base_dtype(base_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # One copy of the model in memory at a time: float32 base + adapter gives the reference
-    # logits, is merged in float32 (one rounding to the base dtype, not two), then saved.
-    peft_model = PeftModel.from_pretrained(load_model(base_dir, model, torch.float32).to(device), str(adapter_dir))
+    # One copy of the model in memory at a time, in the base's dtype: base + adapter gives
+    # the reference logits, is merged in place, saved, then the saved model is reloaded.
+    peft_model = PeftModel.from_pretrained(load_model(base_dir, model, dtype).to(device), str(adapter_dir))
     peft_model.eval()
     reference = sequence_logits(peft_model, sequences)
-    merged = peft_model.merge_and_unload().to(dtype)
+    merged = peft_model.merge_and_unload()
     # transformers 5 always writes safetensors; tied weights are stored once.
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
     del merged, peft_model
     copy_tokenizer(adapter_dir, out_dir)
 
-    reloaded = load_model(out_dir, model, torch.float32).to(device)
+    reloaded = load_model(out_dir, model, dtype).to(device)
     check_tied_embeddings(reloaded)
     if after_reload is not None:
         after_reload(reloaded)
     stats = logits_parity(reference, sequence_logits(reloaded, sequences))
+    stats["reference_max_abs_logit"] = max(float(r.abs().max()) for r in reference)
     return dtype, stats
 
 
@@ -213,6 +228,7 @@ def merge_lineage(lineage: dict, adapter_dir: Path, dtype: torch.dtype, params: 
             "max_shard_size": params.merge.max_shard_size,
             "parity_prompts": params.merge.parity_prompts,
             "tolerance": params.merge.tolerance,
+            "relative_tolerance": params.merge.relative_tolerance,
         },
     }
 
@@ -236,13 +252,19 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
         dtype, stats = merge_to_dir(
             base_dir, adapter_dir, tmp, sequences, params.model, params.merge.max_shard_size, after_reload
         )
+        bound = parity_bound(stats["reference_max_abs_logit"], dtype, params.merge.tolerance,
+                             params.merge.relative_tolerance)
         log.info(
-            "parity: max |diff| %.3g, mean %.3g over %d sequences (%d tokens), tolerance %g",
-            stats["max_abs_diff"], stats["mean_abs_diff"], stats["prompts"], stats["tokens"], params.merge.tolerance,
+            "parity (%s): max |diff| %.3g, mean %.3g over %d sequences (%d tokens), bound %.3g",
+            str(dtype).removeprefix("torch."), stats["max_abs_diff"], stats["mean_abs_diff"], stats["prompts"],
+            stats["tokens"], bound,
         )
-        check_parity(stats, params.merge.tolerance, dtype)
+        check_parity(stats, bound, dtype)
         write_json(tmp / "lineage.json", merge_lineage(lineage, adapter_dir, dtype, params))
-    write_json(params.merge.metrics_file, {**stats, "tolerance": params.merge.tolerance})
+        shards = len(list(tmp.glob("*.safetensors")))
+    write_json(params.merge.metrics_file, {
+        **stats, "tolerance": bound, "dtype": str(dtype).removeprefix("torch."), "shards": shards,
+    })
     log.info("merged %s + %s -> %s (%s)", base_dir, adapter_dir, out_dir, dtype)
 
 

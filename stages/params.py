@@ -221,6 +221,7 @@ class MergeParams:
     output_dir: str
     parity_prompts: int
     tolerance: float
+    relative_tolerance: float  # 16-bit bases: bound = this x max |reference logit|
     max_shard_size: str  # safetensors shard size (transformers' save_pretrained)
     metrics_file: str
 
@@ -230,6 +231,8 @@ class MergeParams:
             out.append("merge.parity_prompts: must be >= 1 (the parity check needs a sequence)")
         if not self.tolerance > 0:
             out.append("merge.tolerance: must be > 0")
+        if not 0 < self.relative_tolerance < 1:
+            out.append("merge.relative_tolerance: must be in (0, 1)")
         return out
 
 

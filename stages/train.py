@@ -290,6 +290,9 @@ def training_arguments(train: TrainParams, dtype: torch.dtype):
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
+        # Without a GPU, transformers refuses bf16 unless told it runs on the CPU (model.dtype=bfloat16
+        # on a CPU: the rehearsal of a bf16 base). Where a GPU exists this stays False.
+        use_cpu=not torch.cuda.is_available(),
         label_names=["labels"],  # PeftModel's forward hides them; eval_loss needs them
         remove_unused_columns=False,  # features hold exactly input_ids and labels
         dataloader_num_workers=0,

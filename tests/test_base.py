@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from stages.base import build_tiny
@@ -54,3 +57,92 @@ def test_missing_or_pickled_base_is_refused(tmp_path):
     (bad / "pytorch_model.bin").write_bytes(b"\0")
     with pytest.raises(BaseModelError, match="only safetensors"):
         check_model_dir(bad)
+
+
+# ---------------------------------------------------------------- `make base` from a hub
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO = "rehearsal/Qwen3-8B-small"
+
+
+@pytest.fixture(scope="module")
+def hub_checkpoint(tmp_path_factory) -> Path:
+    """The Qwen3-8B-structured rehearsal checkpoint (bf16, untied, 3 shards), as the hub holds it."""
+    from rehearsal.checkpoint import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("hub") / "repo")
+
+
+@pytest.fixture
+def hub(hub_checkpoint, monkeypatch):
+    """The loopback hub, with huggingface_hub pointed at it (its endpoint is read at import)."""
+    from rehearsal.hosts import LoopbackHub
+
+    with LoopbackHub(REPO, COMMIT, hub_checkpoint) as server:
+        import huggingface_hub.constants as hf_constants
+
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        yield server
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under root: a failed download must leave none (no partial model dir, no temp)."""
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def _model(tmp_path, revision=COMMIT):
+    from stages.params import ModelParams
+
+    return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="huggingface",
+                       dtype="bfloat16", trust_remote_code=False)
+
+
+def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):
+    from stages.base import FETCH_RECORD, provision
+
+    model = _model(tmp_path)
+    path = provision(model, None)
+    wanted = sorted(p.name for p in hub_checkpoint.iterdir())
+    assert sorted(hub.downloads) == wanted  # each file once, nothing else
+    assert sorted(p.name for p in path.iterdir()) == sorted(wanted + [FETCH_RECORD])  # no .cache, no temp
+    record = json.loads((path / FETCH_RECORD).read_text())
+    assert record["revision"] == COMMIT and sorted(record["files"]) == wanted
+    assert record["files"]["model-00001-of-00003.safetensors"]["sha256"] == hub.sha256["model-00001-of-00003.safetensors"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "bfloat16"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+    before = hub.count()
+    provision(model, None)  # a second `make base`
+    assert hub.count() == before
+
+
+def test_unknown_revision_fails_clearly_and_writes_nothing(tmp_path, hub):
+    from stages.base import provision
+
+    with pytest.raises(BaseModelError, match=r"model.revision.*Nothing was written") as err:
+        provision(_model(tmp_path, revision="f" * 40), None)
+    assert "RevisionNotFoundError" in str(err.value)
+    assert not _files(tmp_path / "models")
+
+
+def test_dropped_connection_fails_and_leaves_no_partial_dir(tmp_path, hub):
+    from stages.base import provision
+
+    hub.drop.add("model-00002-of-00003.safetensors")
+    with pytest.raises(BaseModelError, match="could not download"):
+        provision(_model(tmp_path), None)
+    assert not _files(tmp_path / "models")
+
+
+def test_corrupted_shard_is_detected_by_name(tmp_path, hub):
+    from stages.base import provision
+
+    hub.corrupt.add("model-00003-of-00003.safetensors")
+    with pytest.raises(BaseModelError, match=r"model-00003-of-00003.safetensors: downloaded bytes do not match"):
+        provision(_model(tmp_path), None)
+    assert not _files(tmp_path / "models")

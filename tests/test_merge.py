@@ -54,7 +54,9 @@ def merged(repo_params, tiny_base, workdir):
 def test_merge_parity_tied_reload_and_lineage(tiny_base, workdir, merged):
     params, out = merged, workdir / "merged"
     metrics = json.loads((workdir / "metrics" / "merge.json").read_text())
-    assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "prompts", "tokens", "tolerance"}
+    assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "prompts", "tokens", "tolerance", "dtype", "shards",
+                            "reference_max_abs_logit"}
+    assert metrics["dtype"] == "float32" and metrics["shards"] == 1
     assert metrics["prompts"] == 2 and metrics["tokens"] > 40
     assert metrics["max_abs_diff"] <= params.merge.tolerance
 
@@ -138,3 +140,70 @@ def test_quantized_base_is_refused(tmp_path):
         merge.base_dtype(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     assert merge.base_dtype(tmp_path) == torch.bfloat16
+
+
+# ------------------------------------------- the Qwen3-8B structure: untied, bf16, sharded
+
+
+def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch, repo_params, shared_sample):
+    """The real train and merge stages on a Qwen3-8B-structured base (rehearsal checkpoint).
+
+    Untied lm_head, bfloat16 weights in three shards and Qwen3's own chat template: the
+    adapter and the merged model must carry the project template, the merged model must be
+    bfloat16 in several shards (safetensors headers say BF16), and the parity check runs
+    in bfloat16 against its relative bound.
+    """
+    from safetensors import safe_open
+
+    from rehearsal.checkpoint import QWEN3_CHAT_TEMPLATE, build_checkpoint
+    from stages import train
+
+    base = build_checkpoint(tmp_path / "models" / "base" / "rehearsal" / "qwen3-8b-small")
+    assert load_tokenizer(base).chat_template == QWEN3_CHAT_TEMPLATE  # the hub's, not ours
+    write_processed(shared_sample, tmp_path / "data" / "processed", n_train=8, n_val=2, n_test=2, negatives=3)
+    monkeypatch.chdir(tmp_path)
+    params = with_overrides(
+        repo_params,
+        model={"base": "rehearsal/qwen3-8b-small", "dtype": "bfloat16"},
+        train={"max_steps": 2, "per_device_train_batch_size": 2, "max_seq_length": 96, "eval_steps": 2,
+               "save_steps": 2, "logging_steps": 1, "warmup_steps": 0, "max_eval_examples": 2,
+               "learning_rate": 0.01},
+        lora={"r": 8, "lora_alpha": 16},
+        merge={"parity_prompts": 2, "max_shard_size": "30MB"},
+    )
+    train.main(params)
+    merge.main(params)
+
+    metrics = json.loads(Path(params.merge.metrics_file).read_text())
+    assert metrics["dtype"] == "bfloat16" and metrics["shards"] >= 2
+    assert 0 < metrics["max_abs_diff"] <= metrics["tolerance"]
+    assert metrics["tolerance"] == pytest.approx(
+        params.merge.relative_tolerance * metrics["reference_max_abs_logit"]
+    )
+    out = Path(params.merge.output_dir)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) == metrics["shards"] and (out / "model.safetensors.index.json").is_file()
+    dtypes = set()
+    names = set()
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                dtypes.add(f.get_slice(key).get_dtype())
+                names.add(key)
+    assert dtypes == {"BF16"}
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= names  # untied: both stored
+    reloaded = load_model(out, params.model, torch.bfloat16)
+    assert not reloaded.config.tie_word_embeddings
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
+    msgs = [{"role": "system", "content": "系统"}, {"role": "user", "content": "头疼怎么办？"}]
+    for where in (Path(params.train.output_dir), out):
+        tok = load_tokenizer(where)
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt("系统", "头疼怎么办？")
+
+    # A slightly wrong bf16 merge still fails the relative bound.
+    def tamper(model):
+        with torch.no_grad():
+            model.lm_head.weight[:, :8] *= 4
+
+    with pytest.raises(merge.ParityError, match="relative_tolerance"):
+        merge.main(params, after_reload=tamper)

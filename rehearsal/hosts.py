@@ -1,0 +1,212 @@
+"""Loopback stand-ins for the two remotes of the real job, both on 127.0.0.1.
+
+``LoopbackHub`` answers the Hugging Face hub API for one model repository at one commit,
+as the pinned ``huggingface_hub`` client calls it (read from its ``file_download.py``,
+``_snapshot_download.py`` and ``hf_api.py``):
+
+- ``GET /api/models/{repo}/revision/{rev}``: repo info (``sha``, ``siblings``);
+- ``GET /api/models/{repo}/tree/{rev}?recursive=...``: the file listing (``oid`` = git
+  blob id, ``lfs.oid`` = sha256 for weight files), used when the revision is a commit sha;
+- ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag`` (git blob id)
+  or ``X-Linked-Etag`` + ``X-Linked-Size`` (sha256 and size of LFS files),
+  ``Content-Length``, and ``Range`` on GET.
+
+An unknown revision gets the hub's 404 with ``X-Error-Code: RevisionNotFound``. Faults can
+be switched on per file: ``drop`` (promise the whole body, send half, hang up; resumed
+requests get nothing, so the client's retries run out) and
+``corrupt`` (same size, one byte flipped: only a content check can catch it). Every request
+is counted, so a caller can prove a second run fetched nothing.
+
+``FileHost`` serves a folder of files by name (with Range), like the GitHub raw host that
+`make data` downloads from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import urllib.parse
+from pathlib import Path
+
+LFS_SUFFIXES = (".safetensors",)  # stored in git LFS on the hub: sha256 etag, X-Linked-*
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class _Server:
+    """A ThreadingHTTPServer on 127.0.0.1:<free port> in a daemon thread; a context manager."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]):
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request
+        self.lock = threading.Lock()
+        handler = type("Handler", (handler,), {"host": self})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def count(self, method: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for m, _ in self.requests if method in (None, m))
+
+    def record(self, method: str, path: str) -> None:
+        with self.lock:
+            self.requests.append((method, path))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    host: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send_body(self, data: bytes, headers: dict[str, str], drop: bool = False, head: bool = False) -> None:
+        start = 0
+        rng = None if head else self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start = int(rng.removeprefix("bytes=").split("-")[0] or 0)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if head:
+            return
+        body = data[start:]
+        if drop:  # half the body on a first attempt, nothing on a resumed one: it never completes
+            self.wfile.write(b"" if start else body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # hang up mid-body
+            return
+        self.wfile.write(body)
+
+    def _error(self, code: int, error_code: str | None, message: str, head: bool = False) -> None:
+        body = json.dumps({"error": message}).encode()
+        self.send_response(code)
+        if error_code:
+            self.send_header("X-Error-Code", error_code)
+            self.send_header("X-Error-Message", message)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+
+class LoopbackHub(_Server):
+    """The hub API for ``repo_id`` at ``commit``, serving the files of ``folder``."""
+
+    def __init__(self, repo_id: str, commit: str, folder: str | Path):
+        super().__init__(_HubHandler)
+        self.repo_id, self.commit = repo_id, commit
+        self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        self.sha256 = {n: hashlib.sha256(d).hexdigest() for n, d in self.files.items()}
+        self.blob = {n: git_blob_sha1(d) for n, d in self.files.items()}
+        self.drop: set[str] = set()      # files whose GET is cut in half (every time)
+        self.corrupt: set[str] = set()   # files served with one byte flipped
+        self.downloads: list[str] = []   # names of files whose body was sent (GET resolve)
+
+    def body(self, name: str) -> bytes:
+        data = self.files[name]
+        if name in self.corrupt:
+            mid = len(data) // 2
+            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
+        return data
+
+    def tree(self) -> list[dict]:
+        out = []
+        for name, data in self.files.items():
+            entry = {"type": "file", "oid": self.blob[name], "size": len(data), "path": name}
+            if name.endswith(LFS_SUFFIXES):
+                entry["lfs"] = {"oid": self.sha256[name], "size": len(data), "pointerSize": 134}
+            out.append(entry)
+        return out
+
+
+class _HubHandler(_Handler):
+    host: LoopbackHub
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self._handle(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle(head=False)
+
+    def _handle(self, head: bool) -> None:
+        hub = self.host
+        hub.record(self.command, self.path)
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        api = f"/api/models/{hub.repo_id}/"
+        resolve = f"/{hub.repo_id}/resolve/"
+        if path.startswith(api):
+            kind, _, rev = path[len(api):].partition("/")
+            rev = rev.rstrip("/")
+            if rev not in (hub.commit, "main"):
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+            if kind == "revision":
+                info = {"id": hub.repo_id, "modelId": hub.repo_id, "sha": hub.commit, "private": False,
+                        "siblings": [{"rfilename": n} for n in hub.files]}
+                return self._send_body(json.dumps(info).encode(), {"Content-Type": "application/json"}, head=head)
+            if kind == "tree":
+                return self._send_body(json.dumps(hub.tree()).encode(), {"Content-Type": "application/json"}, head=head)
+            return self._error(404, None, f"no such endpoint {path}", head)
+        if path.startswith(resolve):
+            rev, _, name = path[len(resolve):].partition("/")
+            if rev not in (hub.commit, "main"):
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+            if name not in hub.files:
+                return self._error(404, "EntryNotFound", f"{name} does not exist at {rev}", head)
+            data = hub.body(name)
+            headers = {"X-Repo-Commit": hub.commit, "Accept-Ranges": "bytes"}
+            if name.endswith(LFS_SUFFIXES):
+                headers |= {"X-Linked-Etag": f'"{hub.sha256[name]}"', "X-Linked-Size": str(len(data)),
+                            "ETag": f'"{hub.sha256[name]}"'}
+            else:
+                headers["ETag"] = f'"{hub.blob[name]}"'
+            if not head:
+                with hub.lock:
+                    hub.downloads.append(name)
+            return self._send_body(data, headers, drop=(not head and name in hub.drop), head=head)
+        return self._error(404, "RepoNotFound", f"Repository not found: {path}", head)
+
+
+class FileHost(_Server):
+    """Serves ``files`` (name -> bytes) under ``/<prefix>/<name>``, with Range."""
+
+    def __init__(self, files: dict[str, bytes], prefix: str = "cMedQA2/pinned"):
+        super().__init__(_FileHandler)
+        self.files, self.prefix = files, prefix.strip("/")
+        self.base_url = f"{self.url}/{self.prefix}"
+
+
+class _FileHandler(_Handler):
+    host: FileHost
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.host.record("GET", self.path)
+        name = self.path.removeprefix(f"/{self.host.prefix}/")
+        if name not in self.host.files:
+            return self._error(404, None, f"{self.path} not found")
+        self._send_body(self.host.files[name], {"Content-Type": "application/octet-stream"})

@@ -1,0 +1,48 @@
+"""The official cMedQA2 layout rebuilt from the real sample, through `make data` and `process`.
+
+The real download code fetches the four archives from a loopback host (blob ids given by
+params), unzips them, and `process` turns them into lists of the official 100 candidates
+per test question: what `make rehearse` relies on.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rehearsal.data import official_layout
+from rehearsal.hosts import FileHost, git_blob_sha1
+from stages import download, process
+from stages.fileio import read_jsonl
+from stages.params import with_overrides
+
+
+def test_official_layout_downloads_and_gives_lists_of_100(tmp_path, shared_sample, shared_candidates, repo_params):
+    files, summary = official_layout(shared_sample, shared_candidates)
+    assert summary["questions"] == 500 and summary["dev_test_questions"] == 32
+    blobs = {name: git_blob_sha1(data) for name, data in files.items()}
+    # The real candidate archives are served byte for byte: their pinned ids still hold.
+    for name in ("dev_candidates.zip", "test_candidates.zip"):
+        assert blobs[name] == repo_params.download.files[name]
+    raw = tmp_path / "raw"
+    with FileHost(files) as host:
+        params = with_overrides(
+            repo_params,
+            download={"base_url": host.base_url, "out_dir": str(raw), "files": blobs},
+            data={"raw_dir": str(raw), "processed_dir": str(tmp_path / "processed")},
+            process={"metrics_file": str(tmp_path / "process.json")},
+        )
+        download.main(params)
+        assert host.count() == 4
+    assert {"question.csv", "answer.csv", "dev_candidates.txt", "test_candidates.txt"} <= {p.name for p in raw.iterdir()}
+
+    process.main(params)
+    metrics = json.loads((tmp_path / "process.json").read_text())
+    assert metrics["split_method"] == "official"
+    assert metrics["dropped"]["candidates_answer_missing"] == 0
+    lists = read_jsonl(tmp_path / "processed" / "test_candidates.jsonl")
+    assert lists and {len(r["candidates"]) for r in lists} == {100}
+    assert all(any(c["label"] == 1 for c in r["candidates"]) for r in lists)
+    # Filler negatives hang on a question nobody asked: they never become training pairs.
+    train_answers = {r["ans_id"] for r in read_jsonl(tmp_path / "processed" / "train.jsonl")}
+    negatives = {c["ans_id"] for r in lists for c in r["candidates"] if c["label"] == 0}
+    assert not train_answers & negatives
