@@ -145,7 +145,7 @@ def test_quantized_base_is_refused(tmp_path):
 # ------------------------------------------- the Qwen3-8B structure: untied, bf16, sharded
 
 
-def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch, repo_params, shared_sample):
+def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch, repo_params, sample_data):
     """The real train and merge stages on a Qwen3-8B-structured base (rehearsal checkpoint).
 
     Untied lm_head, bfloat16 weights in three shards and Qwen3's own chat template: the
@@ -160,7 +160,7 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
 
     base = build_checkpoint(tmp_path / "models" / "base" / "rehearsal" / "qwen3-8b-small")
     assert load_tokenizer(base).chat_template == QWEN3_CHAT_TEMPLATE  # the hub's, not ours
-    write_processed(shared_sample, tmp_path / "data" / "processed", n_train=8, n_val=2, n_test=2, negatives=3)
+    write_processed(sample_data, tmp_path / "data" / "processed", n_train=8, n_val=2, n_test=2, negatives=3)
     monkeypatch.chdir(tmp_path)
     params = with_overrides(
         repo_params,
