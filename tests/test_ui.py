@@ -231,8 +231,9 @@ def test_arena_streams_two_served_models(app, browser, server, ui_project):
         model = pane.get_attribute("data-model")
         assert pane.get_attribute("data-error") is None, pane.text
         text = pane.find_element(By.TAG_NAME, "pre").get_attribute("textContent")
-        # streamed: the text arrived in several network chunks
-        assert int(pane.get_attribute("data-chunks")) >= 2, (model, pane.get_attribute("data-chunks"))
+        # streamed: the answer came as several pieces, each appended as it arrived (how many
+        # network reads carried them depends on the machine's load, so that is not asserted)
+        assert int(pane.get_attribute("data-pieces")) >= 2, (model, pane.get_attribute("data-pieces"))
         shown[model] = text
     assert set(shown) == {"base", "medqa"} and shown["base"] != shown["medqa"]
     # Each pane holds exactly its own model's greedy answer. (The app sends one request at a

@@ -81,11 +81,14 @@ async function streamInto(model, question, maxTokens, temperature, pane, out) {
   const decoder = new TextDecoder();
   let buffer = "";
   let chunks = 0;
+  let pieces = 0;
   const take = (line) => {
     if (!line.trim()) return;
     const msg = JSON.parse(line);
     if (msg.error) throw new Error(msg.error);
     out.textContent += msg.text;
+    pieces += 1;
+    pane.dataset.pieces = String(pieces);  // streamed pieces of the answer, each shown as it came
   };
   for (;;) {
     const { done, value } = await reader.read();
@@ -95,7 +98,7 @@ async function streamInto(model, question, maxTokens, temperature, pane, out) {
     buffer = lines.pop();
     lines.forEach(take);
     chunks += 1;
-    pane.dataset.chunks = String(chunks);  // network reads that brought text: streaming is visible
+    pane.dataset.chunks = String(chunks);  // network reads (a busy machine may coalesce pieces)
   }
   take(buffer + decoder.decode());
 }
