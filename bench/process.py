@@ -127,7 +127,10 @@ def main() -> None:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, "stages"],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-            old_params = {**params, "data": {**params["data"], "processed_dir": str(old / "processed")},
+            # ... with that revision's own params.yaml (its params.py rejects keys added since)
+            then = yaml.safe_load(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.against}:params.yaml"],
+                                                 capture_output=True, check=True, text=True).stdout)
+            old_params = {**then, "data": {**then["data"], "raw_dir": str(raw), "processed_dir": str(old / "processed")},
                           "process": {**params["process"], "metrics_file": str(old / "process.json")}}
             (old / "work" / "params.yaml").write_text(yaml.safe_dump(old_params, allow_unicode=True), encoding="utf-8")
             commands["old"] = ([sys.executable, "-m", "stages.process"], old / "work",
