@@ -1,10 +1,11 @@
-# Thin aliases; the logic lives in stages/ and dvc.yaml.
+# Thin aliases over `mediagent` (mediagent --help) and dvc.yaml.
 # `make demo` and `make test` are all a fresh machine needs: both install first.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
-# dvc.yaml runs `python -m stages...`: make that the venv's python.
+# dvc.yaml runs `python -m mediagent.pipeline...`: make that the venv's python.
+MEDIAGENT := $(VENV)/bin/mediagent
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTHON ?= python3
 # torch is pinned to 2.13.0. Where no CPU wheel is at hand, pass its index, e.g.
@@ -29,7 +30,7 @@ UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port 
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt
+$(VENV)/.installed: requirements.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_ARGS)
@@ -40,6 +41,7 @@ $(VENV)/.installed: requirements.txt requirements-vllm-cpu.txt requirements-vllm
 	  none) ;; \
 	  *) echo "VLLM=$(VLLM): use cpu, gpu or none" >&2; exit 1 ;; \
 	esac
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 DEMO_QUESTION ?= 孩子发烧38.5度，精神还可以，需要马上去医院吗？
@@ -47,9 +49,9 @@ DEMO_QUESTION ?= 孩子发烧38.5度，精神还可以，需要马上去医院�
 demo: install
 	$(DVC) repro
 	@echo "Base vs tuned (all metrics: dvc metrics show):"
-	@$(PY) -m stages.summary
+	@$(MEDIAGENT) summary
 	@echo "One answer from the tuned tiny model (vLLM, offline; it proves the plumbing, not medicine):"
-	$(PY) -m stages.chat --offline --temperature 0 --max-tokens 48 --question "$(DEMO_QUESTION)"
+	$(MEDIAGENT) chat --offline --temperature 0 --max-tokens 48 --question "$(DEMO_QUESTION)"
 
 repro: install
 	$(DVC) repro
@@ -58,7 +60,7 @@ test: install
 	$(PY) -m pytest -q -ra tests
 
 data: install
-	$(PY) -m stages.download
+	$(MEDIAGENT) data
 
 # Through DVC, so the fetched base is recorded in dvc.lock and cached: experiments then
 # check it out instead of fetching it again. A second `make base` runs nothing. DVC copies
@@ -84,19 +86,19 @@ bench-evaluate: install
 	$(PY) bench/evaluate.py
 
 serve: install
-	$(PY) -m stages.serve $(SERVE_ARGS)
+	$(MEDIAGENT) serve $(SERVE_ARGS)
 
 load: install
-	$(PY) -m stages.serve load $(if $(EXP),--exp $(EXP)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(NAME),--name $(NAME)) $(CLIENT_ARGS)
+	$(MEDIAGENT) serve load $(if $(EXP),--exp $(EXP)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(if $(NAME),--name $(NAME)) $(CLIENT_ARGS)
 
 unload: install
-	$(PY) -m stages.serve unload --name "$(NAME)" $(CLIENT_ARGS)
+	$(MEDIAGENT) serve unload --name "$(NAME)" $(CLIENT_ARGS)
 
 chat: install
-	$(PY) -m stages.chat
+	$(MEDIAGENT) chat
 
 ui: install
-	$(PY) -m stages.ui $(UI_ARGS)
+	$(MEDIAGENT) review-app $(UI_ARGS)
 
 bench-serve: install
 	$(PY) bench/serve.py

@@ -13,7 +13,7 @@
    output-layer rows per candidate of each (on the tiny model that layer is nearly all
    the cost).
 2. Answer-selection scorers at official scale: the stage's shared-prefix transformers
-   scorer vs vLLM prompt log-probabilities (`stages.scoring.score_questions_vllm`: one
+   scorer vs vLLM prompt log-probabilities (`mediagent.scoring.score_questions_vllm`: one
    request per candidate, prompt_logprobs=0, max_tokens=1), without and with prefix
    caching, on the same candidates, on two bases:
      tiny        the default (float32, 2 layers, hidden 128, tied)
@@ -85,7 +85,7 @@ def timed(fn):
 def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
     import numpy as np
 
-    from stages import scoring
+    from mediagent import scoring
 
     encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
     n = sum(len(c) for _, c in encoded)
@@ -145,7 +145,7 @@ def open_scoring_engine(model_dir: Path, dtype: str, max_len: int, prefix_cachin
     """vLLM's offline engine as the stage opens it for scoring (eager, bounded KV cache on CPU)."""
     import torch
 
-    from stages.vllm_engine import kv_cache_bytes, open_llm, prepare_process_env
+    from mediagent.vllm_engine import kv_cache_bytes, open_llm, prepare_process_env
 
     gpu = torch.cuda.is_available()
     prepare_process_env(1, gpu)
@@ -161,9 +161,9 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
     import numpy as np
     import torch
 
-    from stages import scoring, vllm_engine
-    from stages.models import load_model
-    from stages.params import load_params
+    from mediagent import scoring, vllm_engine
+    from mediagent.loading import load_model
+    from mediagent.params import load_params
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
@@ -217,9 +217,9 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
 
 
 def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: int, new_tokens: int, batch_size: int) -> None:
-    from stages import eval_metrics, scoring, vllm_engine
-    from stages import evaluate as ev
-    from stages.chatml import encode_prompt
+    from mediagent import eval_metrics, scoring, vllm_engine
+    from mediagent.pipeline import evaluate as ev
+    from mediagent.chatml import encode_prompt
 
     prompts = [encode_prompt(tok, q["system"], q["question"]) for q in rows[:n_prompts]]
     eos, _ = eval_metrics.special_ids(tok)
@@ -259,9 +259,9 @@ def main() -> None:
 
     import torch
 
-    from stages.base import build_tiny
-    from stages.models import load_model, load_tokenizer
-    from stages.params import load_params
+    from mediagent.pipeline.base_model import build_tiny
+    from mediagent.loading import load_model, load_tokenizer
+    from mediagent.params import load_params
 
     if not (args.sample / "question.csv").is_file():
         sys.exit(f"no question.csv in {args.sample}: pass --sample DIR (cMedQA2 question.csv + answer.csv)")

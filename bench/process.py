@@ -4,7 +4,7 @@ Builds 120,000 questions and 226,000 answers (the size of the released cMedQA2 t
 temporary folder by recombining the real rows of the shared 500-question sample under fresh
 ids, then times whole processes, median of 3 runs each, interleaved:
 
-  (a) stage  ``python -m stages.process`` with a params.yaml pointing at that data: real
+  (a) stage  ``python -m mediagent.pipeline.process`` with a params.yaml pointing at that data: real
              encoding detection, cleaning, PII masking, checks, split, candidates, stats
   (b) naive  bench/process_naive.py: chardet on whole files, pandas merge, iterrows,
              json.dumps per row
@@ -116,7 +116,7 @@ def main() -> None:
         (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         commands = {  # name: (command, working directory, environment)
-            "stage": ([sys.executable, "-m", "stages.process"], work, env),
+            "stage": ([sys.executable, "-m", "mediagent.pipeline.process"], work, env),
             "naive": ([sys.executable, str(ROOT / "bench" / "process_naive.py"), str(raw), str(tmp / "naive")], tmp, env),
             "floor": ([sys.executable, str(ROOT / "bench" / "process_floor.py"), str(raw), str(tmp / "floor")], tmp, env),
         }
@@ -133,7 +133,7 @@ def main() -> None:
             old_params = {**then, "data": {**then["data"], "raw_dir": str(raw), "processed_dir": str(old / "processed")},
                           "process": {**params["process"], "metrics_file": str(old / "process.json")}}
             (old / "work" / "params.yaml").write_text(yaml.safe_dump(old_params, allow_unicode=True), encoding="utf-8")
-            commands["old"] = ([sys.executable, "-m", "stages.process"], old / "work",
+            commands["old"] = ([sys.executable, "-m", "mediagent.pipeline.process"], old / "work",
                                {**os.environ, "PYTHONPATH": str(old)})
         walls = {k: [] for k in commands}
         rss = {k: 0.0 for k in commands}

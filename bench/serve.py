@@ -5,8 +5,8 @@ prompt) at concurrency 1, 8 and 32, every request forced to exactly ``--max-toke
 tokens (vLLM ``ignore_eos``, transformers ``min_new_tokens``) so that all setups do the same
 work, against:
 
-  (a) lora    ``python -m stages.serve``: vLLM on the base + the adapter (LoRA module)
-  (b) merged  ``python -m stages.serve --merged``: vLLM on the merged model
+  (a) lora    ``python -m mediagent.commands.serve``: vLLM on the base + the adapter (LoRA module)
+  (b) merged  ``python -m mediagent.commands.serve --merged``: vLLM on the merged model
   (c) naive   transformers ``generate`` on the merged model, one request at a time
               behind a lock (what a minimal Flask-style server does), greedy, float32
 
@@ -14,7 +14,7 @@ It prints requests/s, p50/p95 latency and tokens/s per setup and concurrency, ea
 setup's throughput as a multiple of (c) at the same concurrency, and the LoRA overhead
 (a) vs (b). Targets: (a) and (b) at least 5x (c) at concurrency 32.
 
-Models: ``<model.dir>/<model.base>`` (made with ``python -m stages.base`` if missing), the
+Models: ``<model.dir>/<model.base>`` (made with ``python -m mediagent.pipeline.base_model`` if missing), the
 adapter ``train.output_dir`` (a random non-zero rank-``lora.r`` adapter in a temp folder if
 none was trained) and ``merge.output_dir`` (merged here with peft ``merge_and_unload`` when
 it is missing or belongs to another adapter). Servers are started and stopped in turn;
@@ -48,7 +48,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.params import Params, load_params, with_overrides  # noqa: E402
+from mediagent.params import Params, load_params, with_overrides  # noqa: E402
 
 LEVELS = (1, 8, 32)
 
@@ -68,9 +68,9 @@ def ensure_models(params: Params, work: Path) -> tuple[Path, Path, Path]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from stages.base import provision
-    from stages.models import load_tokenizer
-    from stages.fileio import md5_file
+    from mediagent.pipeline.base_model import provision
+    from mediagent.loading import load_tokenizer
+    from mediagent.fileio import md5_file
 
     base = ROOT / params.model.path
     if not base.is_dir():
@@ -139,7 +139,7 @@ def measure(name: str, call: Callable[[str], int], prompts_per_level: dict[int, 
 
 def served(project: Path, args: list[str], model: str, system: str, max_tokens: int,
            prompts_per_level: dict[int, list[str]], name: str) -> dict[int, dict]:
-    """Start ``stages.serve`` in ``project``, measure one model, stop it."""
+    """Start ``mediagent.commands.serve`` in ``project``, measure one model, stop it."""
     from openai import OpenAI
 
     with socket.socket() as s:
@@ -149,14 +149,14 @@ def served(project: Path, args: list[str], model: str, system: str, max_tokens: 
     env["PYTHONPATH"] = str(ROOT)
     log = project / f"{name}.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", str(port), *args], cwd=project,
+        proc = subprocess.Popen([sys.executable, "-m", "mediagent.commands.serve", "--port", str(port), *args], cwd=project,
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     try:
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"stages.serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise SystemExit(f"mediagent.commands.serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5):
                     break
@@ -181,7 +181,7 @@ def naive(merged: Path, system: str, max_tokens: int, prompts_per_level: dict[in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.models import load_tokenizer
+    from mediagent.loading import load_tokenizer
 
     tok = load_tokenizer(merged)
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()

@@ -78,9 +78,9 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from stages.models import load_model, load_tokenizer
-    from stages.params import load_params, with_overrides
-    from stages.train import attach_lora, encode_split, make_trainer, training_arguments
+    from mediagent.loading import load_model, load_tokenizer
+    from mediagent.params import load_params, with_overrides
+    from mediagent.pipeline.train import attach_lora, encode_split, make_trainer, training_arguments
 
     params = load_params(ROOT / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +122,7 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
 
 
 def main() -> None:
-    from stages.params import load_params
+    from mediagent.params import load_params
 
     params = load_params(ROOT / "params.yaml")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -136,7 +136,7 @@ def main() -> None:
     if (opts.sample / "question.csv").is_file():
         examples, source = sample_examples(opts.sample, params.process.system_prompt), "shared sample (question.csv + answer.csv)"
     elif processed.is_file():
-        from stages.fileio import read_jsonl
+        from mediagent.fileio import read_jsonl
 
         examples, source = read_jsonl(processed), str(processed.relative_to(ROOT))
     else:
@@ -145,7 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = ROOT / params.model.dir / "tiny"
         if not (base / "config.json").is_file():
-            from stages.base import build_tiny
+            from mediagent.pipeline.base_model import build_tiny
 
             base = Path(tmp) / "tiny"
             build_tiny(params.tiny, base)

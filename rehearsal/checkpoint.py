@@ -67,7 +67,7 @@ QWEN3_8B_GENERATION_CONFIG = {
 REHEARSAL_SIZE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "max_window_layers": 2}
 
 # Qwen3's chat template as shipped in the hub's tokenizer_config.json. Unlike the
-# project's (stages/chatml.py) it opens the assistant turn *without* the empty think block
+# project's (mediagent/chatml.py) it opens the assistant turn *without* the empty think block
 # unless enable_thinking=False is passed, so a pipeline that kept it would train and serve
 # different prompts.
 QWEN3_CHAT_TEMPLATE = """{%- if tools %}
@@ -171,7 +171,7 @@ def rehearsal_config(**size: int) -> dict:
 
 def write_tokenizer(out_dir: Path) -> None:
     """Qwen's real vocabulary and special-token ids, with the hub's template in tokenizer_config.json."""
-    from stages.base import build_tokenizer
+    from mediagent.pipeline.base_model import build_tokenizer
 
     tok = build_tokenizer()
     tok.chat_template = QWEN3_CHAT_TEMPLATE

@@ -30,11 +30,9 @@ import threading
 import urllib.parse
 from pathlib import Path
 
+from mediagent.fileio import git_blob_id
+
 LFS_SUFFIXES = (".safetensors",)  # stored in git LFS on the hub: sha256 etag, X-Linked-*
-
-
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class _Server:
@@ -123,7 +121,7 @@ class LoopbackHub(_Server):
         self.repo_id, self.commit = repo_id, commit
         self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
         self.sha256 = {n: hashlib.sha256(d).hexdigest() for n, d in self.files.items()}
-        self.blob = {n: git_blob_sha1(d) for n, d in self.files.items()}
+        self.blob = {n: git_blob_id(d) for n, d in self.files.items()}
         self.drop: set[str] = set()      # files whose GET is cut in half (every time)
         self.corrupt: set[str] = set()   # files served with one byte flipped
         self.downloads: list[str] = []   # names of files whose body was sent (GET resolve)

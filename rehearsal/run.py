@@ -42,7 +42,8 @@ import yaml
 
 from rehearsal.checkpoint import build_checkpoint
 from rehearsal.data import official_layout
-from rehearsal.hosts import FileHost, LoopbackHub, git_blob_sha1
+from mediagent.fileio import git_blob_id
+from rehearsal.hosts import FileHost, LoopbackHub
 
 log = logging.getLogger("rehearsal")
 
@@ -188,7 +189,7 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
     """Start `make serve [MERGED=1]`, ask one question with the openai client, check the prompt format."""
     from openai import OpenAI
 
-    from stages.chatml import render_prompt
+    from mediagent.chatml import render_prompt
 
     port = free_port()
     args = make + ["serve", f"PORT={port}"] + (["MERGED=1"] if merged else [])
@@ -279,14 +280,14 @@ def bf16_shards(merged: Path) -> dict:
 
 
 def preflight_estimate(repo: Path, base_dir: Path) -> int:
-    """The pre-flight estimate of the train stage's peak (stages.preflight) for the clone's params.
+    """The pre-flight estimate of the train stage's peak (mediagent.memory) for the clone's params.
 
     It counts model, LoRA, optimizer, activations and logits, not the framework (the
     imported libraries hold several hundred MB of RSS): the measured peak RSS exceeds it
     by about that much.
     """
-    from stages.params import load_params
-    from stages.preflight import train_peak_bytes
+    from mediagent.params import load_params
+    from mediagent.memory import train_peak_bytes
 
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     return int(train_peak_bytes(config, load_params(repo / "params.yaml")))
@@ -344,7 +345,7 @@ def rehearse(work: Path, report: dict) -> None:
             raise RehearsalError(f"second `make base` made {report['base']['refetch_requests']} requests")
 
         # ---- 3. make data of the official layout from the loopback host
-        blobs = {name: git_blob_sha1(data) for name, data in files.items()}
+        blobs = {name: git_blob_id(data) for name, data in files.items()}
         set_params(repo / "params.yaml", {"download.base_url": host.base_url, "download.files": blobs})
         t = time.monotonic()
         run(make + ["data"])
@@ -359,7 +360,7 @@ def rehearse(work: Path, report: dict) -> None:
         # ---- 4. the pipeline in bfloat16
         overrides = {"model.base": REPO_ID, "model.revision": COMMIT, **OVERRIDES}
         args = dvc + ["exp", "run"] + [a for k, v in overrides.items() for a in ("-S", f"{k}={v}")]
-        peak = PeakRSS("stages.train")
+        peak = PeakRSS("mediagent.pipeline.train")
         before = hub.count()
         t = time.monotonic()
         out = run(args, timeout=1200, watch=peak)

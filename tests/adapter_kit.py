@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.fileio import dump_jsonl, md5_file
+from mediagent.fileio import dump_jsonl, md5_file
 
 SYSTEM = "你是一个专业的医疗助手，能够提供准确的医疗咨询。"
 
@@ -92,8 +92,8 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from stages.models import load_model, load_tokenizer
-    from stages.params import ModelParams
+    from mediagent.loading import load_model, load_tokenizer
+    from mediagent.params import ModelParams
 
     torch.manual_seed(seed)
     model = load_model(base_dir, ModelParams(base=base_id, dir=str(base_dir.parent), revision="main",

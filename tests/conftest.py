@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.params import Params, load_params
+from mediagent.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real cMedQA2 files live beside the repository (never inside it); override with
@@ -50,7 +50,7 @@ def repo_params() -> Params:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, repo_params) -> Path:
     """The default tiny Qwen3 base, built once per session by the real `base` stage code."""
-    from stages.base import build_tiny  # the stage's own builder: tests use what `dvc repro` makes
+    from mediagent.pipeline.base_model import build_tiny  # the stage's own builder: tests use what `dvc repro` makes
 
     out = tmp_path_factory.mktemp("base") / "tiny"
     build_tiny(repo_params.tiny, out)

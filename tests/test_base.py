@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.base import build_tiny
-from stages.models import BaseModelError, check_model_dir, load_tokenizer
-from stages.chatml import render_prompt
-from stages.fileio import md5_dir
+from mediagent.pipeline.base_model import build_tiny
+from mediagent.loading import BaseModelError, check_model_dir, load_tokenizer
+from mediagent.chatml import render_prompt
+from mediagent.fileio import md5_dir
 
 
 def test_same_params_same_bytes(tmp_path, repo_params, tiny_base):
@@ -24,7 +24,7 @@ def test_same_params_same_bytes(tmp_path, repo_params, tiny_base):
 
 
 def test_other_seed_other_weights(tmp_path, repo_params, tiny_base):
-    from stages.params import with_overrides
+    from mediagent.params import with_overrides
 
     other = tmp_path / "tiny"
     build_tiny(with_overrides(repo_params, tiny={"seed": 1}).tiny, other)
@@ -95,14 +95,14 @@ def _files(root: Path) -> list[Path]:
 
 
 def _model(tmp_path, revision=COMMIT):
-    from stages.params import ModelParams
+    from mediagent.params import ModelParams
 
     return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="huggingface",
                        dtype="bfloat16", trust_remote_code=False)
 
 
 def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):
-    from stages.base import FETCH_RECORD, provision
+    from mediagent.pipeline.base_model import FETCH_RECORD, provision
 
     model = _model(tmp_path)
     path = provision(model, None)
@@ -122,7 +122,7 @@ def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoin
 
 
 def test_unknown_revision_fails_clearly_and_writes_nothing(tmp_path, hub):
-    from stages.base import provision
+    from mediagent.pipeline.base_model import provision
 
     with pytest.raises(BaseModelError, match=r"model.revision.*Nothing was written") as err:
         provision(_model(tmp_path, revision="f" * 40), None)
@@ -131,7 +131,7 @@ def test_unknown_revision_fails_clearly_and_writes_nothing(tmp_path, hub):
 
 
 def test_dropped_connection_fails_and_leaves_no_partial_dir(tmp_path, hub):
-    from stages.base import provision
+    from mediagent.pipeline.base_model import provision
 
     hub.drop.add("model-00002-of-00003.safetensors")
     with pytest.raises(BaseModelError, match="could not download"):
@@ -140,7 +140,7 @@ def test_dropped_connection_fails_and_leaves_no_partial_dir(tmp_path, hub):
 
 
 def test_corrupted_shard_is_detected_by_name(tmp_path, hub):
-    from stages.base import provision
+    from mediagent.pipeline.base_model import provision
 
     hub.corrupt.add("model-00003-of-00003.safetensors")
     with pytest.raises(BaseModelError, match=r"model-00003-of-00003.safetensors: downloaded bytes do not match"):

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.download import DownloadError, git_blob_id, main
-from stages.params import with_overrides
+from mediagent.commands.download import DownloadError, main
+from mediagent.fileio import git_blob_id
+from mediagent.params import with_overrides
 
 DEV = "dev_candidates.zip"
 TEST = "test_candidates.zip"

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages import eval_metrics, merge, scoring
-from stages import evaluate as ev
-from stages.artifacts import ArtifactError
-from stages.vllm_engine import vllm_status
-from stages.models import load_model, load_tokenizer
-from stages.chatml import encode_prompt
-from stages.params import with_overrides
+from mediagent import eval_metrics, scoring
+from mediagent.pipeline import merge
+from mediagent.pipeline import evaluate as ev
+from mediagent.artifacts import ArtifactError
+from mediagent.vllm_engine import vllm_status
+from mediagent.loading import load_model, load_tokenizer
+from mediagent.chatml import encode_prompt
+from mediagent.params import with_overrides
 from tests.adapter_kit import SYSTEM, candidates, sample_pairs, write_adapter, write_processed
 
 MODEL_KEYS = {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "distinct_2",
@@ -167,8 +168,8 @@ def test_adapter_checks_flag_what_vllm_cannot_serve(tiny_base, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sample_data, tiny_base, repo_params):
-    """process-contract data -> stages.train (real, tiny) -> stages.merge, in a temp dir."""
-    train = pytest.importorskip("stages.train", reason="the train stage is not in this checkout")
+    """process-contract data -> mediagent.pipeline.train (real, tiny) -> mediagent.pipeline.merge, in a temp dir."""
+    train = pytest.importorskip("mediagent.pipeline.train", reason="the train stage is not in this checkout")
     root = tmp_path_factory.mktemp("evaluate")
     write_processed(sample_data, root / "processed", n_train=8, n_val=2, n_test=6, negatives=7, one_per_question=True)
     params = with_overrides(

@@ -38,7 +38,7 @@ def _run(args: list[str], cwd: Path, env: dict) -> str:
 
 def _command(repo: Path, *args: str, api_key: str | None = API_KEY) -> subprocess.CompletedProcess:
     env = stage_env(**({"API_KEY": api_key} if api_key else {}))
-    return subprocess.run([sys.executable, "-m", "stages.serve", *args], cwd=repo, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mediagent", "serve", *args], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -106,8 +106,8 @@ def _experiment_dir(repo: Path, name: str) -> Path:
 
 
 def _prompt(base: Path) -> list[int]:
-    from stages.chatml import encode_prompt
-    from stages.models import load_tokenizer
+    from mediagent.chatml import encode_prompt
+    from mediagent.loading import load_tokenizer
 
     return encode_prompt(load_tokenizer(base), SYSTEM, QUESTION)
 

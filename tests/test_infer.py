@@ -1,4 +1,4 @@
-"""Batch inference (`python -m stages.infer`) with vLLM's offline engine on the tiny base + LoRA."""
+"""Batch inference (`python -m mediagent.commands.infer`) with vLLM's offline engine on the tiny base + LoRA."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.fileio import read_jsonl
+from mediagent.fileio import read_jsonl
 # The same module-scoped `adapter` and `project` fixtures as the server tests (one each here).
 from tests.test_serve import QUESTION, adapter, peft_greedy, project, stage_env, vllm_skip_reason  # noqa: F401
 
@@ -17,7 +17,7 @@ MAX_TOKENS = 8
 
 
 def _infer(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.infer", *map(str, args)], cwd=project, env=stage_env(),
+    return subprocess.run([sys.executable, "-m", "mediagent", "infer", *map(str, args)], cwd=project, env=stage_env(),
                           capture_output=True, text=True, timeout=400)
 
 
@@ -25,8 +25,8 @@ def test_answers_good_lines_reports_bad_ones(project, tiny_base, adapter, repo_p
     reason = vllm_skip_reason()
     if reason:
         pytest.skip(reason)
-    from stages.models import load_tokenizer
-    from stages.chatml import encode_prompt
+    from mediagent.loading import load_tokenizer
+    from mediagent.chatml import encode_prompt
 
     lines = [
         json.dumps({"id": "a", "question": QUESTION}, ensure_ascii=False),     # 1 good

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import merge
-from stages.artifacts import ArtifactError
-from stages.models import load_model, load_tokenizer
-from stages.chatml import render_prompt
-from stages.fileio import md5_dir
-from stages.params import with_overrides
+from mediagent.pipeline import merge
+from mediagent.artifacts import ArtifactError
+from mediagent.loading import load_model, load_tokenizer
+from mediagent.chatml import render_prompt
+from mediagent.fileio import md5_dir
+from mediagent.params import with_overrides
 from tests.adapter_kit import write_adapter, write_processed
 
 
@@ -156,7 +156,7 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
     from safetensors import safe_open
 
     from rehearsal.checkpoint import QWEN3_CHAT_TEMPLATE, build_checkpoint
-    from stages import train
+    from mediagent.pipeline import train
 
     base = build_checkpoint(tmp_path / "models" / "base" / "rehearsal" / "qwen3-8b-small")
     assert load_tokenizer(base).chat_template == QWEN3_CHAT_TEMPLATE  # the hub's, not ours

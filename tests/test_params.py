@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from stages.params import ParamsError, load_params, parse_params, with_overrides
+from mediagent.params import ParamsError, load_params, parse_params, with_overrides
 from tests.conftest import ROOT
 
 
@@ -35,8 +35,9 @@ def test_every_param_named_in_dvc_yaml_exists():
     for name, stage in stages.items():
         for entry in stage.get("params", []):
             _lookup(raw, entry)
-        assert stage["cmd"] == f"python -m stages.{name}", "one module per stage"
-        assert (ROOT / "stages" / f"{name}.py").is_file()
+        module = stage["cmd"].removeprefix("python -m ")
+        assert module.startswith("mediagent.pipeline."), "one module per stage"
+        assert (ROOT / f"{module.replace('.', '/')}.py").is_file()
 
 
 def test_unknown_keys_and_bad_values_are_all_reported(repo_params):

@@ -76,7 +76,7 @@ def test_repro_then_experiment(tmp_path):
 
     # A change to the shared model-loading code makes every stage that loads a model stale,
     # and only those: the code deps in dvc.yaml are complete.
-    loading = repo / "stages" / "models.py"
+    loading = repo / "mediagent" / "loading.py"
     original = loading.read_text(encoding="utf-8")
     loading.write_text(original.replace("use_safetensors=True,", "use_safetensors=True,  # edited"), encoding="utf-8")
     assert loading.read_text(encoding="utf-8") != original

@@ -23,9 +23,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from stages.fileio import read_jsonl
-from stages.params import with_overrides
-from stages.process import (
+from mediagent.fileio import read_jsonl
+from mediagent.params import with_overrides
+from mediagent.pipeline.process import (
     DROP_REASONS,
     OUTPUT_FILES,
     ProcessError,
@@ -508,7 +508,7 @@ def test_cli_runs_from_params_yaml(tmp_path, repo_params):
     params["data"] = {"raw_dir": str(SAMPLE), "processed_dir": str(tmp_path / "processed")}
     params["process"]["metrics_file"] = str(tmp_path / "process.json")
     (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
-    proc = subprocess.run([sys.executable, "-m", "stages.process"], cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "mediagent.pipeline.process"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == sorted(OUTPUT_FILES)
@@ -521,11 +521,12 @@ def test_cli_exits_nonzero_with_the_message(tmp_path, repo_params):
     params["data"] = {"raw_dir": str(raw), "processed_dir": str(tmp_path / "processed")}
     (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.process"], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "mediagent.pipeline.process"], cwd=tmp_path, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 1
-    assert "process failed:" in proc.stderr and "tab-separated" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "tab-separated" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "processed").exists() and not (tmp_path / "metrics").exists()
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 
 from rehearsal.data import official_layout
-from rehearsal.hosts import FileHost, git_blob_sha1
-from stages import download, process
-from stages.fileio import read_jsonl
-from stages.params import with_overrides
+from mediagent.fileio import git_blob_id
+from rehearsal.hosts import FileHost
+from mediagent.commands import download
+from mediagent.pipeline import process
+from mediagent.fileio import read_jsonl
+from mediagent.params import with_overrides
 
 
 def test_official_layout_downloads_and_gives_lists_of_100(tmp_path, shared_sample, shared_candidates, repo_params):
     files, summary = official_layout(shared_sample, shared_candidates)
     assert summary["questions"] == 500 and summary["dev_test_questions"] == 32
-    blobs = {name: git_blob_sha1(data) for name, data in files.items()}
+    blobs = {name: git_blob_id(data) for name, data in files.items()}
     # The real candidate archives are served byte for byte: their pinned ids still hold.
     for name in ("dev_candidates.zip", "test_candidates.zip"):
         assert blobs[name] == repo_params.download.files[name]

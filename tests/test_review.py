@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.judgments import ReviewFileError, append_jsonl, read_judgments, read_records
-from stages.params import ParamsError, with_overrides
-from stages.review import cohens_kappa, main, wilson_interval
+from mediagent.judgments import ReviewFileError, append_jsonl, read_judgments, read_records
+from mediagent.params import ParamsError, with_overrides
+from mediagent.pipeline.review import cohens_kappa, main, wilson_interval
 from tests.conftest import ROOT
 
 def judgment(reviewer, qid, a, b, choice, unsafe=(), comment=""):
@@ -132,7 +132,7 @@ def test_stage_command_reports_bad_line_without_traceback(tmp_path, repo_params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(params)), allow_unicode=True),
                                           encoding="utf-8")
     (tmp_path / "j.jsonl").write_text("not json\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "stages.review"], cwd=tmp_path, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.review"], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: j.jsonl:1: not valid JSON")

@@ -1,7 +1,7 @@
 """`make serve` end to end: the real vLLM server on the tiny base + a non-zero LoRA adapter.
 
 One server per module (start-up dominates: ~1 min on 2 cores), started through
-``python -m stages.serve`` with an API key, then queried with the official openai client.
+``mediagent serve`` with an API key, then queried with the official openai client.
 The last test stops it with SIGTERM and checks that no process is left. Pre-start checks
 and the pure command-building functions run without vLLM.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import Params, with_overrides
+from mediagent.params import Params, with_overrides
 from tests.adapter_kit import write_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,16 +137,16 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(cwd: Path, args: list[str], log: Path, adapter_name: str, **env: str):
-    """``python -m stages.serve <args>`` in ``cwd``, ready (``/health``) when entered, SIGTERMed on exit."""
+    """``mediagent serve <args>`` in ``cwd``, ready (``/health``) when entered, SIGTERMed on exit."""
     port = free_port()
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", str(port), *args], cwd=cwd,
+        proc = subprocess.Popen([sys.executable, "-m", "mediagent", "serve", "--port", str(port), *args], cwd=cwd,
                                 env=stage_env(**env), stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     try:
         while True:
-            assert proc.poll() is None, f"stages.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert proc.poll() is None, f"mediagent.commands.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                     if r.status == 200:
@@ -196,8 +196,8 @@ def test_lists_base_lineage_name_and_alias(server):
 
 
 def test_adapter_answer_equals_peft_greedy_and_differs_from_base(server, tiny_base, adapter):
-    from stages.models import load_tokenizer
-    from stages.chatml import encode_prompt
+    from mediagent.loading import load_tokenizer
+    from mediagent.chatml import encode_prompt
 
     client = server.client()
     tok = load_tokenizer(adapter)
@@ -292,13 +292,13 @@ def test_chat_client_one_shot(server, project, repo_params):
     # the client sends process.system_prompt
     expected = chat(server.client(), "medqa", system=repo_params.process.system_prompt).choices[0].message.content
     out = subprocess.run(
-        [sys.executable, "-m", "stages.chat", "--base-url", f"{server.url}/v1", "--question", QUESTION,
+        [sys.executable, "-m", "mediagent", "chat", "--base-url", f"{server.url}/v1", "--question", QUESTION,
          "--temperature", "0", "--max-tokens", str(MAX_TOKENS)],
         cwd=project, env=stage_env(API_KEY=API_KEY), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"
     # without the key: a clear message, non-zero exit
-    out = subprocess.run([sys.executable, "-m", "stages.chat", "--base-url", f"{server.url}/v1", "-q", "x"],
+    out = subprocess.run([sys.executable, "-m", "mediagent", "chat", "--base-url", f"{server.url}/v1", "-q", "x"],
                          cwd=project, env=stage_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "API key" in out.stderr
 
@@ -313,7 +313,7 @@ def test_runtime_loading_is_off_without_the_flag(server, adapter, project):
         assert e.value.code in (404, 405), route
     # the load command says so, after its own checks passed
     port = server.url.rsplit(":", 1)[1]
-    out = subprocess.run([sys.executable, "-m", "stages.serve", "load", "--adapter", str(adapter), "--port", port],
+    out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "load", "--adapter", str(adapter), "--port", port],
                          cwd=project, env=stage_env(API_KEY=API_KEY), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "runtime LoRA loading off" in out.stderr, out.stderr
     assert {m.id for m in server.client().models.list().data} == {"base", server.adapter_name, "medqa"}
@@ -324,7 +324,7 @@ def test_sigterm_stops_everything(server):
 
     serve = psutil.Process(server.proc.pid)
     children = serve.children(recursive=True)
-    assert len(children) >= 2, "expected vLLM's server and engine processes under stages.serve"
+    assert len(children) >= 2, "expected vLLM's server and engine processes under mediagent serve"
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=90) == 0, server.log_tail()
     _, alive = psutil.wait_procs(children, timeout=10)
@@ -336,7 +336,7 @@ def test_sigterm_stops_everything(server):
 
 
 def _serve_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.serve", "--port", str(free_port()), *args], cwd=project,
+    return subprocess.run([sys.executable, "-m", "mediagent", "serve", "--port", str(free_port()), *args], cwd=project,
                           env=stage_env(), capture_output=True, text=True, timeout=120)
 
 
@@ -369,7 +369,7 @@ def test_runtime_lora_needs_loopback_or_key(project):
     assert out.returncode == 1 and "--runtime-lora on 0.0.0.0" in out.stderr and "API_KEY" in out.stderr
     assert "starting vLLM" not in out.stderr
     for args, env in ((["--host", "0.0.0.0"], {"API_KEY": "k"}), ([], {})):  # with a key, or on loopback
-        out = subprocess.run([sys.executable, "-m", "stages.serve", "--runtime-lora", "--dry-run", *args],
+        out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--runtime-lora", "--dry-run", *args],
                              cwd=project, env=stage_env(**env), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in out.stdout
@@ -381,8 +381,8 @@ def test_merged_missing_fails_before_vllm(project):
 
 
 def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
-    from stages.artifacts import Merged, check_adapter
-    from stages.serve import ServeError, build_command, lora_modules, server_env
+    from mediagent.artifacts import Merged, check_adapter
+    from mediagent.commands.serve import ServeError, build_command, lora_modules, server_env
 
     params = with_overrides(repo_params, model={"dir": str(tiny_base.parent)})
     a = check_adapter(adapter, params.model)
@@ -438,12 +438,12 @@ def test_make_aliases_pass_the_options():
         out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        return [line for line in out.stdout.splitlines() if "-m stages.serve" in line][-1]
+        return [line for line in out.stdout.splitlines() if "mediagent serve" in line][-1]
 
-    assert recipe("serve", "EXP=r8,r32", "RUNTIME_LORA=1", "PORT=9001").split("-m stages.serve", 1)[1].split() == [
+    assert recipe("serve", "EXP=r8,r32", "RUNTIME_LORA=1", "PORT=9001").split("mediagent serve", 1)[1].split() == [
         "--port", "9001", "--exp", "r8,r32", "--runtime-lora"]
-    assert recipe("load", "EXP=r8", "NAME=x").split("-m stages.serve", 1)[1].split() == [
+    assert recipe("load", "EXP=r8", "NAME=x").split("mediagent serve", 1)[1].split() == [
         "load", "--exp", "r8", "--name", "x"]
-    assert recipe("load", "ADAPTER=a/b").split("-m stages.serve", 1)[1].split() == ["load", "--adapter", "a/b"]
-    assert recipe("unload", "NAME=x", "PORT=9001").split("-m stages.serve", 1)[1].split() == [
+    assert recipe("load", "ADAPTER=a/b").split("mediagent serve", 1)[1].split() == ["load", "--adapter", "a/b"]
+    assert recipe("unload", "NAME=x", "PORT=9001").split("mediagent serve", 1)[1].split() == [
         "unload", "--name", '"x"', "--port", "9001"]

@@ -1,11 +1,11 @@
-"""`python -m stages.summary`: the demo's closing table, one row per model."""
+"""`mediagent summary`: the demo's closing table, one row per model."""
 
 from __future__ import annotations
 
 import json
 
-from stages.params import with_overrides
-from stages.summary import main
+from mediagent.params import with_overrides
+from mediagent.commands.summary import main
 
 
 def test_table_has_one_row_per_model_and_marks_missing_values(tmp_path, repo_params, capsys):

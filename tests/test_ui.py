@@ -3,7 +3,7 @@
 One vLLM server for the module (the `server` fixture of the serve tests: models `base`, the
 adapter's lineage name and `medqa`), one headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, installed by the `chromium` fixture when missing), and the app started
-as ``python -m stages.ui`` in a project folder with a small test split. The tests run in
+as ``mediagent review-app`` in a project folder with a small test split. The tests run in
 order: the blind review restarts the app and checks that the reviewer resumes.
 
 Set ``MEDQA_UI_SCREENSHOTS=<folder>`` to save screenshots of both tabs there (docs/ holds
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.ui import ab_order
+from mediagent.commands.review_app import ab_order
 # The serve tests' module-scoped fixtures: one tiny base + adapter and one vLLM server here.
 from tests.test_serve import API_KEY, adapter, free_port, project, server, stage_env  # noqa: F401
 
@@ -137,19 +137,19 @@ class App:
     def start(self) -> App:
         port = self.server_url.rsplit(":", 1)[1]
         with self.log.open("ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "stages.ui", "--ui-port", str(self.port),
+            self.proc = subprocess.Popen([sys.executable, "-m", "mediagent", "review-app", "--ui-port", str(self.port),
                                           "--port", port], cwd=self.cwd, env=stage_env(API_KEY=API_KEY),
                                          stdout=fh, stderr=subprocess.STDOUT)
         start = time.monotonic()
         while True:
-            assert self.proc.poll() is None, f"stages.ui exited:\n{self.log.read_text()[-3000:]}"
+            assert self.proc.poll() is None, f"mediagent.commands.review_app exited:\n{self.log.read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(self.url + "/", timeout=5) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
                 pass
-            assert time.monotonic() - start < 60, f"stages.ui not up in 60 s:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() - start < 60, f"mediagent.commands.review_app not up in 60 s:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.3)
 
     def stop(self) -> None:
@@ -176,7 +176,7 @@ def get(url: str, headers: dict | None = None) -> tuple[int, dict, str]:
 
 
 def review_stage(cwd: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "stages.review"], cwd=cwd, env=stage_env(), capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.review"], cwd=cwd, env=stage_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads((cwd / "metrics" / "review.json").read_text(encoding="utf-8"))
@@ -193,7 +193,7 @@ def reference_answer(server, system: str, model: str, question: str) -> str:
 
 
 def test_refuses_non_loopback_host_without_flag(ui_project):
-    out = subprocess.run([sys.executable, "-m", "stages.ui", "--host", "0.0.0.0", "--ui-port", str(free_port())],
+    out = subprocess.run([sys.executable, "-m", "mediagent", "review-app", "--host", "0.0.0.0", "--ui-port", str(free_port())],
                          cwd=ui_project, env=stage_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "refusing to listen on 0.0.0.0" in out.stderr and "--allow-remote" in out.stderr
@@ -380,7 +380,7 @@ def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(app,
 
 
 def test_ab_order_is_seeded_per_question_and_balanced():
-    from stages.ui import ab_order
+    from mediagent.commands.review_app import ab_order
 
     orders = [ab_order(0, f"q{i}", ("medqa", "base")) for i in range(200)]
     assert all(set(o) == {"base", "medqa"} for o in orders)
@@ -390,7 +390,7 @@ def test_ab_order_is_seeded_per_question_and_balanced():
 
 
 def test_bind_host_and_test_split_checks(tmp_path):
-    from stages.ui import UIError, check_bind_host, load_questions
+    from mediagent.commands.review_app import UIError, check_bind_host, load_questions
 
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_bind_host(host, allow_remote=False)

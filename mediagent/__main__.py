@@ -1,0 +1,3 @@
+from mediagent.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""What a person runs: each module exposes one click ``command`` that ``mediagent`` lists."""

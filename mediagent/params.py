@@ -1,0 +1,456 @@
+"""Typed view of params.yaml.
+
+Each section becomes a frozen dataclass. Unknown keys, missing keys, wrong types and
+cross-field problems are collected and raised as one ParamsError that lists every problem
+with the param to fix (``lora.r`` style names), before any data or model is touched.
+The dataclasses have no defaults: params.yaml is the one source of every value, so deleting
+a key is an error that names it instead of a silent change of value.
+
+    from mediagent.params import load_params
+    params = load_params()          # params.yaml in the current directory
+    params.lora.r
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mediagent.errors import UserError
+
+# Ranks vLLM can serve (vllm/config/lora.py); any other rank trains fine and then fails
+# at serving time, so it is rejected up front.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+QUANTIZATIONS = ("none", "nf4")
+
+
+class ParamsError(UserError, ValueError):
+    """One or more params are invalid; the message lists each with its fix."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_dir: str
+    processed_dir: str
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    base_url: str
+    out_dir: str
+    files: dict[str, str]
+    timeout_s: float
+
+    def problems(self) -> list[str]:
+        out = [
+            f"download.files.{name}: {blob!r} is not a 40-hex git blob id"
+            for name, blob in self.files.items()
+            if len(str(blob)) != 40 or any(c not in "0123456789abcdef" for c in str(blob))
+        ]
+        if not self.files:
+            out.append("download.files: list at least one file (name: git blob id)")
+        if not self.base_url.startswith(("https://", "http://")):
+            out.append(f"download.base_url: {self.base_url!r} must be an http(s) URL")
+        if self.timeout_s <= 0:
+            out.append("download.timeout_s: must be > 0")
+        return out
+
+
+@dataclass(frozen=True)
+class ProcessParams:
+    system_prompt: str
+    limit: int
+    min_question_chars: int
+    max_question_chars: int
+    min_answer_chars: int
+    max_answer_chars: int
+    mask_pii: bool
+    answers_per_question: str
+    val_ratio: float
+    test_ratio: float
+    seed: int
+    metrics_file: str
+    num_negatives: int
+    max_candidate_questions: int
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.answers_per_question not in ("all", "first"):
+            out.append(f"process.answers_per_question: {self.answers_per_question!r} must be 'all' or 'first'")
+        if self.limit < 0:
+            out.append("process.limit: must be >= 0 (0 = all rows)")
+        if not 0 <= self.val_ratio < 1 or not 0 <= self.test_ratio < 1 or self.val_ratio + self.test_ratio >= 1:
+            out.append("process.val_ratio/test_ratio: each in [0, 1) and their sum below 1")
+        if self.min_question_chars > self.max_question_chars:
+            out.append("process.min_question_chars: larger than process.max_question_chars")
+        if self.min_answer_chars > self.max_answer_chars:
+            out.append("process.min_answer_chars: larger than process.max_answer_chars")
+        if self.num_negatives < 1:
+            out.append("process.num_negatives: must be >= 1")
+        if self.max_candidate_questions < 0:
+            out.append("process.max_candidate_questions: must be >= 0 (0 = all test questions)")
+        if self.min_question_chars < 1 or self.min_answer_chars < 1:
+            out.append("process.min_question_chars/min_answer_chars: must be >= 1 (empty texts are always dropped)")
+        return out
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    base: str
+    dir: str
+    revision: str
+    source: str
+    dtype: str
+    trust_remote_code: bool
+    quantization: str  # none | nf4: the base in 4-bit for training only (QLoRA)
+
+    @property
+    def path(self) -> Path:
+        """Where the base model lives: <model.dir>/<model.base> (the `base` stage's out)."""
+        return Path(self.dir) / self.base
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.base != "tiny" and (self.base.startswith(("/", ".")) or ".." in self.base):
+            out.append(
+                f"model.base: {self.base!r} must be 'tiny' or a hub id like 'Qwen/Qwen3-8B'; "
+                f"put a local copy under {self.dir}/<org>/<name> and name it by that id"
+            )
+        if self.source not in ("huggingface", "modelscope"):
+            out.append(f"model.source: {self.source!r} must be 'huggingface' or 'modelscope'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            out.append(f"model.dtype: {self.dtype!r} must be auto, float32, bfloat16 or float16")
+        if self.quantization not in QUANTIZATIONS:
+            out.append(f"model.quantization: {self.quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
+        return out
+
+
+@dataclass(frozen=True)
+class TinyParams:
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    seed: int
+
+    def problems(self) -> list[str]:
+        if self.num_attention_heads % self.num_key_value_heads:
+            return ["tiny.num_key_value_heads: must divide tiny.num_attention_heads"]
+        return []
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """Maps 1:1 onto peft.LoraConfig (task_type is always CAUSAL_LM)."""
+
+    r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    bias: str
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r not in VLLM_LORA_RANKS:
+            out.append(
+                f"lora.r: {self.r} cannot be served by vLLM; use one of {', '.join(map(str, VLLM_LORA_RANKS))}"
+            )
+        if not self.target_modules:
+            out.append("lora.target_modules: must name at least one module (e.g. q_proj)")
+        if self.bias != "none":  # peft would train bias vectors, which vLLM's LoRA cannot serve
+            out.append(f"lora.bias: {self.bias!r} cannot be served by vLLM; use none")
+        if not 0 <= self.lora_dropout < 1:
+            out.append("lora.lora_dropout: must be in [0, 1)")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Names follow transformers.TrainingArguments where one exists."""
+
+    output_dir: str
+    checkpoint_dir: str
+    max_seq_length: int
+    learning_rate: float
+    num_train_epochs: float
+    max_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    gradient_accumulation_steps: int
+    micro_batch_size: int | str  # auto | a divisor of per_device_train_batch_size
+    warmup_steps: int
+    lr_scheduler_type: str
+    weight_decay: float
+    seed: int
+    gradient_checkpointing: bool | str  # auto | true | false
+    loss: str  # chunked | full
+    memory_budget: float | str  # auto | GiB
+    allow_quantization: bool  # may the plan switch to a 4-bit base when nothing else fits
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    group_by_length: bool
+    max_eval_examples: int
+    metrics_file: str
+    dvclive_dir: str
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_seq_length < 16:
+            out.append("train.max_seq_length: must be >= 16 tokens")
+        if self.learning_rate <= 0:
+            out.append("train.learning_rate: must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            out.append("train.max_steps / train.num_train_epochs: one must be > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}: must be >= 1")
+        if self.micro_batch_size != "auto" and not (
+                isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool)
+                and self.micro_batch_size >= 1 and self.per_device_train_batch_size % self.micro_batch_size == 0):
+            out.append(f"train.micro_batch_size: {self.micro_batch_size!r} must be auto or a divisor of "
+                       f"train.per_device_train_batch_size ({self.per_device_train_batch_size})")
+        if self.gradient_checkpointing != "auto" and not isinstance(self.gradient_checkpointing, bool):
+            out.append(f"train.gradient_checkpointing: {self.gradient_checkpointing!r} must be auto, true or false")
+        if self.loss not in ("chunked", "full"):
+            out.append(f"train.loss: {self.loss!r} must be chunked or full")
+        if self.memory_budget != "auto" and not (
+                isinstance(self.memory_budget, (int, float)) and not isinstance(self.memory_budget, bool)
+                and self.memory_budget > 0):
+            out.append(f"train.memory_budget: {self.memory_budget!r} must be auto or a size in GiB (e.g. 24)")
+        paths = {"output_dir": self.output_dir, "checkpoint_dir": self.checkpoint_dir, "dvclive_dir": self.dvclive_dir}
+        for a, b in ((a, b) for a in paths for b in paths if a < b):
+            pa, pb = Path(paths[a]), Path(paths[b])
+            if pa == pb or pa in pb.parents or pb in pa.parents:
+                # the adapter is a DVC out, checkpoints are scratch: nesting would mix them
+                out.append(f"train.{a} / train.{b}: must be separate folders, not {paths[a]!r} and {paths[b]!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    output_dir: str
+    parity_prompts: int
+    tolerance: float
+    relative_tolerance: float  # 16-bit bases: bound = this x max |reference logit|
+    max_shard_size: str  # safetensors shard size (transformers' save_pretrained)
+    metrics_file: str
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.parity_prompts < 1:
+            out.append("merge.parity_prompts: must be >= 1 (the parity check needs a sequence)")
+        if not self.tolerance > 0:
+            out.append("merge.tolerance: must be > 0")
+        if not 0 < self.relative_tolerance < 1:
+            out.append("merge.relative_tolerance: must be in (0, 1)")
+        return out
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    backend: str
+    scorer: str  # answer selection: auto | hf | vllm
+    max_questions: int
+    max_generations: int
+    max_new_tokens: int
+    max_seq_length: int  # prompt + answer tokens scored (loss, answer selection)
+    batch_size: int
+    seed: int
+    metrics_file: str
+    report_path: str  # backend, serve-readiness reasons (not metrics: strings)
+    samples_path: str
+    plots_dir: str
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.backend not in ("auto", "vllm", "hf"):
+            out.append(f"eval.backend: {self.backend!r} must be auto, vllm or hf")
+        if self.scorer not in ("auto", "vllm", "hf"):
+            out.append(f"eval.scorer: {self.scorer!r} must be auto, vllm or hf")
+        if self.max_questions < 0:
+            out.append("eval.max_questions: must be >= 0 (0 = the whole test split)")
+        if self.max_generations < 1:
+            out.append("eval.max_generations: must be >= 1 (BLEU/ROUGE need an answer)")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"eval.{name}: must be >= 1")
+        if self.max_seq_length < 16:
+            out.append("eval.max_seq_length: must be >= 16 tokens")
+        return out
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    host: str
+    port: int
+    alias: str
+    max_model_len: int
+    base_name: str  # the base model's name in /v1/models (adapters are named by lineage)
+    cpu_kv_cache_gib: int  # VLLM_CPU_KVCACHE_SPACE on CPU-only machines
+    startup_timeout_s: float  # give up if vLLM is not healthy by then
+    experiments_dir: str  # adapters of DVC experiments (--exp), copied out of the DVC cache
+    runtime_max_loras: int  # extra --max-loras slots for adapters loaded at runtime
+    runtime_max_lora_rank: int  # --max-lora-rank with --runtime-lora: later adapters must fit
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.runtime_max_lora_rank not in VLLM_LORA_RANKS:
+            out.append(f"serve.runtime_max_lora_rank: {self.runtime_max_lora_rank} must be one of vLLM's ranks "
+                       f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+        if self.runtime_max_loras < 1:
+            out.append("serve.runtime_max_loras: must be >= 1 (one slot per adapter loaded at runtime)")
+        if not self.experiments_dir:
+            out.append("serve.experiments_dir: must name a folder (git-ignored, e.g. models/experiments)")
+        if not 0 < self.port < 65536:
+            out.append(f"serve.port: {self.port} must be in 1..65535")
+        if self.max_model_len < 16:
+            out.append("serve.max_model_len: must be >= 16 tokens")
+        if self.cpu_kv_cache_gib < 1:
+            out.append("serve.cpu_kv_cache_gib: must be >= 1")
+        if not self.alias or self.alias == self.base_name:
+            out.append(f"serve.alias: {self.alias!r} must be non-empty and differ from serve.base_name")
+        return out
+
+
+@dataclass(frozen=True)
+class ReviewParams:
+    """Clinician review: `make ui`'s blind A/B tab and the `review` stage."""
+
+    judgments_file: str
+    answers_file: str
+    metrics_file: str
+    plots_file: str
+    seed: int
+    max_questions: int
+    max_tokens: int
+    temperature: float
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_questions < 1:
+            out.append("review.max_questions: must be >= 1")
+        if self.max_tokens < 1:
+            out.append("review.max_tokens: must be >= 1")
+        if self.temperature < 0:
+            out.append("review.temperature: must be >= 0 (0 = greedy, the same answer every time)")
+        if len({self.judgments_file, self.answers_file, self.metrics_file, self.plots_file}) < 4:
+            out.append("review.judgments_file/answers_file/metrics_file/plots_file: must be four different files")
+        return out
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    download: DownloadParams
+    process: ProcessParams
+    model: ModelParams
+    tiny: TinyParams
+    lora: LoraParams
+    train: TrainParams
+    merge: MergeParams
+    eval: EvalParams
+    serve: ServeParams
+    review: ReviewParams
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    """Check one YAML value against a dataclass field type (ints are accepted as floats)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{where}: expected a list of strings, got {value!r}")
+            return value
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(hint, lambda v: True)
+    if not ok(value):
+        problems.append(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, section: str, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{section}: expected a mapping of params, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{section}.{key}: unknown param (known: {', '.join(fields)})")
+    kwargs, type_problems = {}, []
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{section}.{name}", type_problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            type_problems.append(f"{section}.{name}: missing required param")
+    problems.extend(type_problems)
+    if type_problems:  # cross-field checks would only repeat them
+        return None
+    obj = cls(**kwargs)
+    problems.extend(getattr(obj, "problems", lambda: [])())
+    return obj
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Build Params from a parsed YAML mapping; raise one ParamsError listing every problem."""
+    problems: list[str] = []
+    sections = {}
+    hints = typing.get_type_hints(Params)
+    for f in dataclasses.fields(Params):
+        if f.name not in raw:
+            problems.append(f"{f.name}: missing section")
+            continue
+        sections[f.name] = _build(hints[f.name], f.name, raw[f.name], problems)
+    for key in raw:
+        if key not in hints:
+            problems.append(f"{key}: unknown section (known: {', '.join(hints)})")
+    if problems:
+        raise ParamsError(f"invalid params in {source}:\n  - " + "\n  - ".join(problems))
+    return Params(**sections)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
+    with path.open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    return parse_params(raw, str(path))
+
+
+def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
+    """A copy of params with some fields replaced, re-validated (tests and benchmarks)."""
+    raw = params.to_dict()
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values}
+    return parse_params(raw, "overrides")
+

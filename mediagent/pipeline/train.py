@@ -1,0 +1,514 @@
+"""LoRA supervised fine-tuning of the base model: the `train` stage.
+
+Reads  <data.processed_dir>/train.jsonl and val.jsonl (ChatML examples from `process`),
+       the base model at <model.dir>/<model.base> (from `base`), params `model`, `lora`,
+       `train`.
+Writes <train.output_dir>/ (peft adapter, tokenizer with the project's chat template,
+       lineage.json), <train.metrics_file>, and dvclive curves under <train.dvclive_dir>.
+       Checkpoints go to <train.checkpoint_dir>, a scratch area outside the DVC outs:
+       an interrupted run resumes from there on rerun, and it is emptied after success.
+
+Run:   python -m mediagent.pipeline.train            (DVC: dvc repro train)
+Scale: accelerate launch --config_file configs/accelerate/ddp.yaml -m mediagent.pipeline.train
+
+Only the assistant's answer (and its <|im_end|>) is learned; batches are grouped by length
+and padded to their own longest example, so little compute goes into padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mediagent.errors import UserError, run_stage
+from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
+from mediagent.chatml import CHAT_TEMPLATE, encode_example
+from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
+from mediagent.params import LoraParams, Params, ParamsError, TrainParams
+from mediagent.loss import use_chunked_loss
+from mediagent.memory import format_choice, log_plan, plan_training
+
+log = logging.getLogger(__name__)
+
+# The run record next to the checkpoints: which params/data they belong to.
+RUN_FILE = "run.json"
+# Where every rank saves the final adapter before the main process publishes it.
+STAGING = "final"
+# Modules LoRA must not touch: vLLM cannot load adapters that train embeddings or the head,
+# and with tied embeddings (Qwen3 <= 4B) the head *is* the embedding matrix.
+FORBIDDEN_TARGETS = ("embed_tokens", "lm_head")
+# Whole-file hashing of the base for the resume fingerprint stops being cheap above this;
+# bigger checkpoints are identified by file names, sizes and mtimes instead.
+HASH_BASE_WEIGHTS_BELOW = 1 << 30
+
+
+# ---------------------------------------------------------------- inputs and checks
+
+
+def data_files(params: Params) -> tuple[Path, Path]:
+    """(train.jsonl, val.jsonl) of the process stage; fail naming the fix if absent."""
+    processed = Path(params.data.processed_dir)
+    paths = (processed / "train.jsonl", processed / "val.jsonl")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"training data not found: {', '.join(missing)}; run `dvc repro process` "
+            f"(or `python -m mediagent.pipeline.process`) first"
+        )
+    return paths
+
+
+def target_module_problems(model: torch.nn.Module, lora: LoraParams) -> list[str]:
+    """Problems with lora.target_modules for this model (empty when every target is usable).
+
+    peft matches a target by module-name suffix and silently skips targets that match
+    nothing; an adapter that matched nothing serves as the plain base model, so every
+    name must match at least one nn.Linear of the decoder.
+    """
+    linear = {name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    known = sorted({name.rsplit(".", 1)[-1] for name in linear} - set(FORBIDDEN_TARGETS))
+    out = []
+    for target in lora.target_modules:
+        if target.rsplit(".", 1)[-1] in FORBIDDEN_TARGETS:
+            out.append(f"lora.target_modules: {target!r} would train embeddings/the LM head, which vLLM cannot serve")
+        elif not any(name == target or name.endswith("." + target) for name in linear):
+            out.append(f"lora.target_modules: {target!r} matches no linear layer of the base model (known: {', '.join(known)})")
+    return out
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraParams):
+    """Wrap the base in a peft LoRA model; only lora_A/lora_B weights end up trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, **dataclasses.asdict(lora))
+    config.target_modules = list(lora.target_modules)
+    peft_model = get_peft_model(model, config)
+    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+    if stray:  # would make an adapter vLLM refuses (modules_to_save / embeddings / biases)
+        raise RuntimeError(f"parameters other than LoRA A/B would be trained: {stray[:5]}")
+    return peft_model
+
+
+@dataclasses.dataclass
+class SplitStats:
+    examples: int = 0  # kept (have at least one learned token)
+    truncated: int = 0  # cut to max_seq_length (answer tail lost), still kept
+    dropped: int = 0  # prompt alone filled max_seq_length: nothing left to learn
+
+
+def encode_split(
+    tokenizer, rows: list[dict], max_length: int, source: str, progress: bool = True
+) -> tuple[list[dict], SplitStats]:
+    """Token ids and assistant-only labels per example; over-long ones truncated, empty ones dropped."""
+    from tqdm import tqdm
+
+    features, stats = [], SplitStats()
+    bar = tqdm(rows, desc=f"encode {Path(source).name}", unit="ex", mininterval=2, disable=not progress)
+    for line, row in enumerate(bar, start=1):
+        try:
+            enc = encode_example(tokenizer, row["messages"], max_length)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{source} line {line}: not a ChatML example ({exc}); rerun the process stage") from exc
+        if all(label == -100 for label in enc.labels):
+            stats.dropped += 1
+            continue
+        stats.truncated += enc.truncated
+        features.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    stats.examples = len(features)
+    return features, stats
+
+
+# ---------------------------------------------------------------- identity of a run
+
+
+def _md5_json(obj: Any) -> str:
+    return hashlib.md5(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def params_hash(params: Params) -> str:
+    """md5 over the params that define the adapter (lora, train, which base)."""
+    return _md5_json({
+        "lora": dataclasses.asdict(params.lora),
+        "train": dataclasses.asdict(params.train),
+        "model": {"base": params.model.base, "revision": params.model.revision},
+    })
+
+
+def base_identity(path: Path) -> dict[str, Any]:
+    """What identifies the base checkpoint's content, as cheaply as its size allows."""
+    weights = sorted(path.glob("*.safetensors"))
+    ident: dict[str, Any] = {"config_md5": md5_file(path / "config.json")}
+    if sum(f.stat().st_size for f in weights) < HASH_BASE_WEIGHTS_BELOW:
+        ident["weights"] = {f.name: md5_file(f) for f in weights}
+    else:  # conservative: a re-downloaded copy (new mtime) discards old checkpoints
+        ident["weights"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weights}
+    return ident
+
+
+def run_fingerprint(params: Params, data_md5: dict[str, str], base: dict[str, Any], world_size: int,
+                    plan: dict[str, Any] | None = None) -> str:
+    """Checkpoints are resumable only by a run with this same fingerprint."""
+    return _md5_json({
+        "model": dataclasses.asdict(params.model),
+        "lora": dataclasses.asdict(params.lora),
+        "train": dataclasses.asdict(params.train),
+        "data": data_md5,
+        "base": base,
+        "world_size": world_size,  # batches per step and optimizer shards depend on it
+        "plan": plan,  # micro-batching and a 4-bit base change what a checkpoint holds
+    })
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lineage(params: Params, data_md5: dict[str, str], metrics: dict[str, float],
+            plan: dict[str, Any] | None = None, world_size: int = 1) -> dict[str, Any]:
+    """The adapter's provenance: no wall-clock time, so identical inputs give identical bytes."""
+    import dvc
+    import peft
+    import transformers
+
+    return {
+        "name": f"medqa-{data_md5['train_md5'][:8]}-{params_hash(params)[:8]}",
+        "base": {
+            "id": params.model.base,
+            "revision": params.model.revision,
+            "config_md5": md5_file(params.model.path / "config.json"),
+        },
+        "data": data_md5,
+        "params": {"lora": dataclasses.asdict(params.lora), "train": dataclasses.asdict(params.train)},
+        # what the memory plan chose (micro-batch, checkpointing, loss, quantization): merge
+        # measures a 4-bit-trained adapter against the 4-bit base as well
+        "plan": plan,
+        "world_size": world_size,
+        "git_commit": git_commit(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "dvc": dvc.__version__,
+        },
+        "metrics": {"train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]},
+    }
+
+
+# ---------------------------------------------------------------- checkpoints (resume)
+
+
+def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """checkpoint-N dirs, oldest first, that were fully written (trainer_state.json is saved last)."""
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    found.sort(key=lambda p: int(p.name.split("-", 1)[1]))
+    return [p for p in found if (p / "trainer_state.json").is_file()]
+
+
+def clear_checkpoints(ckpt_dir: Path) -> None:
+    """Remove what this stage put in the checkpoint dir (and nothing else a user may keep there)."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in list(ckpt_dir.glob("checkpoint-*")) + [ckpt_dir / STAGING]:
+        if p.is_dir():
+            shutil.rmtree(p)
+    (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
+    if not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
+
+
+def discard_stale_checkpoints(ckpt_dir: Path, fingerprint: str) -> None:
+    """Keep only checkpoints a run with this fingerprint can resume from (main process only).
+
+    Checkpoints of other params/data (or without a run record) are removed, with the
+    reason logged; a checkpoint cut off mid-write is removed so the one before it is used.
+    """
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        return
+    record = _read_record(ckpt_dir)
+    complete = _complete_checkpoints(ckpt_dir)
+    if complete and record.get("fingerprint") == fingerprint:
+        for p in sorted(ckpt_dir.glob("checkpoint-*")):
+            if p.is_dir() and p not in complete:
+                log.warning("removing incomplete %s (interrupted while saving)", p.name)
+                shutil.rmtree(p)
+        return
+    why = ("no complete checkpoint" if not complete
+           else "no run record" if not record
+           else "they come from other params or data")
+    log.info("discarding old checkpoints in %s: %s", ckpt_dir, why)
+    clear_checkpoints(ckpt_dir)
+
+
+def resumable_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict]:
+    """The latest complete checkpoint of a run with this fingerprint (or None), and that run's record."""
+    record = _read_record(ckpt_dir)
+    complete = _complete_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    if complete and record.get("fingerprint") == fingerprint:
+        return complete[-1], record
+    return None, {}
+
+
+def _read_record(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / RUN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def training_arguments(train: TrainParams, dtype: torch.dtype, plan: dict[str, Any]):
+    """TrainingArguments from the `train` section (same names where transformers has them)
+    and the memory plan (micro-batch, accumulation, checkpointing)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=train.checkpoint_dir,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=plan["per_device_train_batch_size"],
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=plan["gradient_accumulation_steps"],
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.lr_scheduler_type,
+        weight_decay=train.weight_decay,
+        seed=train.seed,
+        data_seed=train.seed,
+        gradient_checkpointing=plan["gradient_checkpointing"],
+        # non-reentrant checkpointing needs no grad on the (frozen) inputs, unlike the old default
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        # transformers 5 names it train_sampling_strategy; `group_by_length` keeps 4.x's name
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Without a GPU, transformers refuses bf16 unless told it runs on the CPU (model.dtype=bfloat16
+        # on a CPU: the rehearsal of a bf16 base). Where a GPU exists this stays False.
+        use_cpu=not torch.cuda.is_available(),
+        label_names=["labels"],  # PeftModel's forward hides them; eval_loss needs them
+        prediction_loss_only=True,  # evaluation needs eval_loss only (the chunked loss returns no logits)
+        remove_unused_columns=False,  # features hold exactly input_ids and labels
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # worker processes would make batch order depend on timing
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
+        report_to="none",  # dvclive is attached explicitly (on the main process only)
+    )
+
+
+def make_trainer(**kwargs):
+    """A transformers.Trainer that also counts real vs padded tokens of the batches it trains on."""
+    from transformers import Trainer
+
+    class _Trainer(Trainer):
+        real_tokens = 0
+        batch_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            self.real_tokens += int(mask.sum())
+            self.batch_tokens += mask.numel()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return _Trainer(**kwargs)
+
+
+def _callbacks(dvclive_dir: str, resume: bool):
+    """dvclive curves (train/eval loss at the trainer's global step) and a one-line eval log."""
+    from dvclive import Live
+    from transformers import TrainerCallback
+    from transformers.integrations import DVCLiveCallback
+
+    class StepDVCLive(DVCLiveCallback):
+        # The stock callback advances one dvclive step per log call; pinning the step to the
+        # trainer's global step puts train and eval loss on one x axis and lets a resumed run
+        # continue its curves.
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if state.is_world_process_zero and self.live is not None:
+                self.live.step = state.global_step
+            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    class EvalLine(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.is_world_process_zero and metrics:
+                log.info("eval step %d: eval_loss %.4f", state.global_step, metrics["eval_loss"])
+
+    # save_dvc_exp=False: outside `dvc exp run` dvclive would otherwise create its own
+    # experiment commits; dvcyaml=False: the pipeline's dvc.yaml already declares the plots.
+    live = Live(dir=dvclive_dir, resume=resume, save_dvc_exp=False, dvcyaml=False, report=None)
+    return [StepDVCLive(live=live, log_model=False), EvalLine()]
+
+
+def run_metrics(history: list[dict], trainer_train_loss: float) -> dict[str, float]:
+    """train_loss and final eval_loss from the trainer's log history.
+
+    train_loss is the mean of the logged training losses: unlike Trainer's own figure it
+    covers the whole run also after a resume (log_history is restored from the checkpoint).
+    The last evaluation is the one Trainer runs at the final step.
+    """
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return {
+        "train_loss": sum(losses) / len(losses) if losses else trainer_train_loss,
+        "eval_loss": evals[-1],
+    }
+
+
+def publish_adapter(staging: Path, output_dir: Path, lineage_record: dict) -> None:
+    """Atomically replace output_dir with the saved adapter + tokenizer and its lineage.json."""
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        for f in sorted(staging.iterdir()):
+            # training_args.bin is a pickle; peft's README is an empty model-card template
+            if f.is_file() and f.name not in ("training_args.bin", "README.md"):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "lineage.json").write_text(
+            json.dumps(lineage_record, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak: reserved GPU memory where training ran on a GPU, else its peak RSS.
+
+    VmHWM rather than ru_maxrss: Linux carries ru_maxrss over from a forking parent.
+    """
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_reserved())
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def main(params: Params) -> None:
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    train = params.train
+    check_model_dir(params.model.path)
+    train_path, val_path = data_files(params)
+    dtype = resolve_dtype(params.model)
+    log_plan(params, "train", log, dtype_name(dtype))  # before anything is loaded
+    choice = plan_training(params, dtype_name(dtype))  # stops here, with the table, if nothing fits
+    plan = choice["plan"]
+    args = training_arguments(train, dtype, plan)  # also sets up the process group under accelerate
+    is_main = args.should_save
+    if not is_main:
+        log.setLevel(logging.WARNING)
+    log.info("%s", format_choice(choice))
+    log.info("params: %s", json.dumps(
+        {"model": dataclasses.asdict(params.model), "lora": dataclasses.asdict(params.lora),
+         "train": dataclasses.asdict(train), "dtype": str(dtype), "world_size": args.world_size},
+        ensure_ascii=False, sort_keys=True))
+
+    tokenizer = load_tokenizer(params.model.path, params.model.trust_remote_code)
+    tokenizer.chat_template = CHAT_TEMPLATE  # the adapter carries the format it was trained on
+    model = load_model(params.model.path, params.model, dtype, quantization=plan["quantization"])
+    if plan["quantization"] != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # float32 norms/embeddings/head and input grads for the 4-bit base (peft's QLoRA recipe)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan["gradient_checkpointing"],
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if plan["chunked_loss"]:
+        use_chunked_loss(model)
+    problems = target_module_problems(model, params.lora)
+    if problems:
+        raise ParamsError("invalid params for this base model:\n  - " + "\n  - ".join(problems))
+    set_seed(train.seed)  # LoRA A matrices are initialised randomly
+    model = attach_lora(model, params.lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable params: %s / %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    train_set, train_stats = encode_split(tokenizer, read_jsonl(train_path), train.max_seq_length, str(train_path), is_main)
+    val_rows = read_jsonl(val_path)[: train.max_eval_examples]
+    val_set, val_stats = encode_split(tokenizer, val_rows, train.max_seq_length, str(val_path), is_main)
+    log.info("train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
+             train_stats.examples, train_stats.truncated, train.max_seq_length, train_stats.dropped)
+    if not train_set or not val_set:
+        raise UserError(f"no usable examples in {train_path if not train_set else val_path}: "
+                         f"raise train.max_seq_length ({train.max_seq_length}) or check the process stage")
+
+    data_md5 = {"train_md5": md5_file(train_path), "val_md5": md5_file(val_path)}
+    ckpt_dir = Path(train.checkpoint_dir)
+    fingerprint = run_fingerprint(params, data_md5, base_identity(params.model.path), args.world_size, plan)
+    if is_main:
+        discard_stale_checkpoints(ckpt_dir, fingerprint)
+    _barrier()
+    resume_from, record = resumable_checkpoint(ckpt_dir, fingerprint)
+
+    trainer = make_trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        processing_class=tokenizer,
+        # pads each batch to its own longest example; padded label positions get -100
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+        callbacks=_callbacks(train.dvclive_dir, resume=resume_from is not None) if is_main else [],
+    )
+    if resume_from is None:
+        eval_loss_step0 = trainer.evaluate()["eval_loss"]
+        if is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_json(ckpt_dir / RUN_FILE, {"fingerprint": fingerprint, "eval_loss_step0": eval_loss_step0})
+    else:
+        eval_loss_step0 = record["eval_loss_step0"]
+        log.info("resuming from %s (same params and data)", resume_from.name)
+    _barrier()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    metrics = {
+        **run_metrics(trainer.state.log_history, output.training_loss),
+        "eval_loss_step0": eval_loss_step0,
+        "steps": trainer.state.global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        **{f"train_{k}": v for k, v in dataclasses.asdict(train_stats).items()},
+        **{f"val_{k}": v for k, v in dataclasses.asdict(val_stats).items()},
+        "nonpad_fraction": trainer.real_tokens / trainer.batch_tokens if trainer.batch_tokens else None,
+        "plan": plan,
+        "budget_bytes": choice["budget_bytes"],
+        "estimate_bytes": choice["estimate_bytes"],
+        "peak_bytes": peak_memory_bytes(),
+    }
+
+    # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the main process
+    # then publishes the adapter atomically with its lineage.
+    staging = ckpt_dir / STAGING
+    if is_main and staging.exists():  # left by a run killed while publishing
+        shutil.rmtree(staging)
+    _barrier()
+    trainer.save_model(str(staging))
+    _barrier()
+    if is_main:
+        publish_adapter(staging, Path(train.output_dir), lineage(params, data_md5, metrics, plan, args.world_size))
+        write_json(train.metrics_file, metrics)
+        clear_checkpoints(ckpt_dir)
+        log.info("adapter written to %s: %s", train.output_dir, json.dumps(metrics, sort_keys=True))
+    _barrier()
+
+
+if __name__ == "__main__":
+    run_stage(main)
