@@ -26,7 +26,7 @@ CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro rehearse serve chat ui bench bench-process bench-train bench-evaluate bench-serve load unload clean
+.PHONY: install demo test data base repro rehearse serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload clean
 
 install: $(VENV)/.installed
 
@@ -102,6 +102,11 @@ ui: install
 
 bench-serve: install
 	$(PY) bench/serve.py
+
+# `make preflight [BASE=Qwen/Qwen3-8B] [MEMORY_GB=24] [ALLOW_QUANTIZATION=1] [JSON=1]`:
+# the memory plan for a model and a device before anything is downloaded or loaded.
+preflight: install
+	$(MEDIAGENT) preflight $(if $(BASE),--base $(BASE)) $(if $(MEMORY_GB),--memory-gb $(MEMORY_GB)) $(if $(filter 1,$(ALLOW_QUANTIZATION)),--allow-quantization) $(if $(filter 1,$(JSON)),--json) $(if $(filter 1,$(TABLE)),--table)
 
 clean:
 	rm -rf .pytest_cache

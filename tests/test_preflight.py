@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from stages import preflight as pf
-from stages.params import with_overrides
+from mediagent import memory as pf
+from mediagent.params import with_overrides
 from tests.adapter_kit import candidates, sample_pairs
 from tests.conftest import ROOT
 
@@ -75,11 +75,14 @@ def test_orderings(repo_params):
         assert t["activations_gc"] < t["activations_no_gc"] / 4
         assert t["peak_gc"] < t["peak_no_gc"]
     arch = pf.Arch.from_config(pf.qwen3_config("Qwen3-8B"))
+    repo_params = _params(repo_params, loss="full")  # logits grow with the batch (the chunked loss caps them)
     small, big = (pf.train_plan(arch, _params(repo_params, per_device_train_batch_size=b), "bfloat16") for b in (1, 8))
     assert big["activations_no_gc"] == 8 * small["activations_no_gc"] and big["logits"] == 8 * small["logits"]
     long = pf.train_plan(arch, _params(repo_params, max_seq_length=2048), "bfloat16")
     assert long["activations"] > pf.train_plan(arch, repo_params, "bfloat16")["activations"]
-    assert pf.train_plan(arch, repo_params, "bfloat16", weight_bits=4)["weights"] < big["weights"] / 2
+    n = pf.param_counts(arch)  # QLoRA: NF4 linears; embeddings, head, norms upcast to float32 by peft
+    assert pf.train_plan(arch, repo_params, "bfloat16", weight_bits=4)["weights"] == \
+        -(-n["linear"] * 4.127 // 8) + 4 * (n["embed"] + n["head"] + n["other"])
     short = pf.train_plan(arch, repo_params, "bfloat16", seq_len=128)  # data shorter than the cap
     assert short["logits"] * 4 == pf.train_plan(arch, repo_params, "bfloat16")["logits"]
     assert pf.train_plan(arch, repo_params, "bfloat16", seq_len=4096) == pf.train_plan(arch, repo_params, "bfloat16")
@@ -120,6 +123,9 @@ def test_llama_factory_table_7b(repo_params):
     arch = pf.Arch.from_config(llama7b)
     lora16 = pf.train_plan(arch, p, "bfloat16")["peak"] + 1 * GB
     qlora4 = pf.train_plan(arch, p, "bfloat16", weight_bits=4)["peak"] + 1 * GB
+    # Our QLoRA upcasts embeddings, head and norms to float32 (peft's prepare_model_for_kbit_training);
+    # the published figure keeps them in 16 bit.
+    qlora4 -= pf.weight_bytes(arch, 2, 4, other_bytes=4) - pf.weight_bytes(arch, 2, 4)
     assert lora16 == pytest.approx(16 * GB, rel=0.15), lora16 / GB
     assert qlora4 == pytest.approx(6 * GB, rel=0.15), qlora4 / GB
 
@@ -145,32 +151,56 @@ def test_candidate_counts_from_processed_file(repo_params, sample_data, tmp_path
 # ---------------------------------------------------------------- measured on a real run
 
 MEASURE = r"""
-import json, resource, sys
+import json, resource, sys, tempfile
 import torch
-import transformers
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from stages.params import parse_params
-from stages.train import attach_lora
+from mediagent.loading import load_model
+from mediagent.loss import use_chunked_loss
+from mediagent.params import parse_params
+from mediagent.pipeline.train import attach_lora
 
-cfg, params, steps = json.loads(sys.argv[1]), parse_params(json.loads(sys.argv[2])), int(sys.argv[3])
+cfg, params, knobs = json.loads(sys.argv[1]), parse_params(json.loads(sys.argv[2])), json.loads(sys.argv[3])
 torch.manual_seed(0)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 before = rss()  # interpreter + torch + transformers + peft: the runtime the plan leaves out
-model = Qwen3ForCausalLM(Qwen3Config(**cfg)).float()
-model = attach_lora(model, params.lora)
 t = params.train
-if t.gradient_checkpointing:
+with tempfile.TemporaryDirectory() as tmp:
+    # through the project's loader, from safetensors, as the train stage loads a base
+    Qwen3ForCausalLM(Qwen3Config(**cfg)).float().save_pretrained(tmp)
+    open(f"{tmp}/tokenizer_config.json", "w").write("{}")  # the loader checks for a whole checkpoint
+    model = load_model(tmp, params.model, torch.float32, quantization=knobs["quantization"])
+    # On a CPU, weights loaded in their file's dtype stay views of the mmapped checkpoint,
+    # which keeps every page read while quantizing mapped (file-backed RSS a GPU never
+    # holds). Copies make the weights this process's own memory, counted as a GPU counts them.
+    for p in model.parameters():
+        if type(p).__name__ != "Params4bit":
+            p.data = p.data.clone()
+if knobs["quantization"] != "none":
+    from peft import prepare_model_for_kbit_training
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+if knobs["chunked"]:
+    use_chunked_loss(model)
+model = attach_lora(model, params.lora)
+if knobs["gc"]:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.train()
+# Loading reads the checkpoint through mmap; those pages are gone once loaded. Reset the
+# high-water mark so that it measures training (Linux: 5 > clear_refs resets VmHWM).
+open("/proc/self/clear_refs", "w").write("5")
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+micro, accumulation = knobs["micro"], t.per_device_train_batch_size // knobs["micro"]
 ids = torch.randint(0, cfg["vocab_size"], (t.per_device_train_batch_size, t.max_seq_length))
-for _ in range(steps):
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+labels = ids.clone()
+labels[:, : int(t.max_seq_length * knobs["prompt_share"])] = -100  # the prompt: no loss
+for _ in range(2):
+    for k in range(accumulation):
+        rows = slice(k * micro, (k + 1) * micro)
+        loss = model(input_ids=ids[rows], labels=labels[rows]).loss / accumulation
+        loss.backward()
+        del loss
     opt.step()
     opt.zero_grad(set_to_none=True)
-    del loss
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (a pytest
 # process holding models), while VmHWM is this program's own high-water mark.
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -178,40 +208,98 @@ print(json.dumps({"before": before, "peak": peak}))
 """
 
 
-def measure(config: dict, params) -> dict:
+def measure(config: dict, params, knobs: dict) -> dict:
     # glibc's malloc raises its mmap threshold after large frees and then keeps freed
     # tensors' pages in its heap: default RSS stays at 1.6-2.6x the live bytes on the
     # layer-heavy cases below. A fixed threshold returns freed tensors to the OS, so the
     # peak RSS measures what was alive at once, which is what the plan (and a GPU) counts.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config), json.dumps(params.to_dict()), "2"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config), json.dumps(params.to_dict()),
+                          json.dumps(knobs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+VOCAB152K = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 151936, "tie_word_embeddings": True}
+LAYERS = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+          "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096, "tie_word_embeddings": False}
+# weights dominate: where a 4-bit base shows
+WIDE = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 4096, "tie_word_embeddings": False}
+BATCH8 = dict(per_device_train_batch_size=8, max_seq_length=256)
 CASES = {
     # the tiny default's shape (152k vocab, tied): the fp32 logits are nearly everything
-    "tiny-vocab152k": ({"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 151936, "tie_word_embeddings": True},
-                       dict(per_device_train_batch_size=4, max_seq_length=256)),
+    "vocab152k-full-8x1": (VOCAB152K, BATCH8, dict(chunked=False, micro=8)),
+    "vocab152k-chunked-8x1": (VOCAB152K, BATCH8, dict(chunked=True, micro=8)),
+    "vocab152k-full-2x4": (VOCAB152K, BATCH8, dict(chunked=False, micro=2)),
+    "vocab152k-chunked-2x4": (VOCAB152K, BATCH8, dict(chunked=True, micro=2)),
     # small vocab, more and wider layers: the per-layer activation formula dominates
-    "layers-vocab4k": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
-                        "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096, "tie_word_embeddings": False},
-                       dict(per_device_train_batch_size=4, max_seq_length=512)),
-    "layers-vocab4k-gc": ({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096,
-                           "tie_word_embeddings": False},
-                          dict(per_device_train_batch_size=4, max_seq_length=512, gradient_checkpointing=True)),
+    "layers-vocab4k": (LAYERS, dict(per_device_train_batch_size=4, max_seq_length=512), dict(chunked=False, micro=4)),
+    "layers-vocab4k-gc": (LAYERS, dict(per_device_train_batch_size=4, max_seq_length=512),
+                          dict(chunked=False, micro=4, gc=True)),
+    # QLoRA vs LoRA on the same weights-heavy model (float32 compute on a CPU)
+    "wide-lora": (WIDE, dict(per_device_train_batch_size=2, max_seq_length=128), dict(chunked=True, micro=2)),
+    "wide-qlora-nf4": (WIDE, dict(per_device_train_batch_size=2, max_seq_length=128),
+                       dict(chunked=True, micro=2, quantization="nf4")),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_estimate_within_30_percent_of_measured_cpu_training(case, repo_params):
-    config, train = CASES[case]
+def test_estimate_within_20_percent_of_measured_cpu_training(case, repo_params):
+    config, train, knobs = CASES[case]
+    knobs = {"gc": False, "quantization": "none", "prompt_share": 0.5, **knobs}
     params = _params(repo_params, per_device_eval_batch_size=1, **train)
-    got = measure(config, params)
+    got = measure(config, params, knobs)
     used = got["peak"] - got["before"]
-    estimate = pf.train_plan(pf.Arch.from_config({"model_type": "qwen3", **config}), params, "float32")["peak"]
+    learned = knobs["micro"] * (train["max_seq_length"] - int(train["max_seq_length"] * knobs["prompt_share"]))
+    estimate = pf.train_plan(pf.Arch.from_config({"model_type": "qwen3", **config}), params, "float32",
+                             weight_bits=4 if knobs["quantization"] == "nf4" else None,
+                             gradient_checkpointing=knobs["gc"], micro_batch=knobs["micro"],
+                             chunked_loss=knobs["chunked"], learned_tokens=learned)["peak"]
     print(f"{case}: estimate {estimate / 2**20:.0f} MiB, measured peak RSS {got['peak'] / 2**20:.0f} MiB "
           f"- runtime {got['before'] / 2**20:.0f} MiB = {used / 2**20:.0f} MiB ({estimate / used:.2f}x)")
-    assert estimate == pytest.approx(used, rel=0.30)
+    assert estimate == pytest.approx(used, rel=0.20)
+
+
+# ---------------------------------------------------------------- a machine you do not have
+
+
+def _preflight_json(*args: str) -> dict:
+    out = subprocess.run(["make", "-s", "preflight", *args, "JSON=1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_qwen3_8b_fits_one_24gb_gpu_without_quantization():
+    got = _preflight_json("BASE=Qwen/Qwen3-8B", "MEMORY_GB=24")
+    assert got["model"] == "Qwen/Qwen3-8B" and got["budget_bytes"] == 24 * 2**30 and got["fits"] is True
+    assert got["plan"]["quantization"] == "none" and got["plan"]["chunked_loss"] is True
+    assert got["estimate_bytes"] <= 22 * 2**30  # the runtime included
+    plan = got["plan"]  # the effective batch is the params' own
+    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 8
+
+
+def test_qwen3_14b_on_24gb_needs_quantization_and_says_so():
+    got = _preflight_json("BASE=Qwen/Qwen3-14B", "MEMORY_GB=24")
+    assert got["fits"] is False and got["plan"] is None and got["fits_with_quantization"] is True
+    assert "train.allow_quantization" in got["needs"]
+    allowed = _preflight_json("BASE=Qwen/Qwen3-14B", "MEMORY_GB=24", "ALLOW_QUANTIZATION=1")
+    assert allowed["fits"] is True and allowed["plan"]["quantization"] == "nf4"
+    assert allowed["estimate_bytes"] <= 0.9 * 24 * 2**30
+
+
+def test_plan_order_and_explicit_values_win(repo_params):
+    config = pf.qwen3_config("Qwen3-8B")
+    gib = 2**30
+    auto = pf.choose_plan(config, repo_params, 80 * gib, "bfloat16")
+    assert auto["plan"]["per_device_train_batch_size"] == 8 and not auto["plan"]["gradient_checkpointing"]
+    # a fixed micro-batch and checkpointing are kept even where the plan would choose otherwise
+    fixed = _params(repo_params, micro_batch_size=2, gradient_checkpointing=True)
+    got = pf.choose_plan(config, fixed, 80 * gib, "bfloat16")["plan"]
+    assert (got["per_device_train_batch_size"], got["gradient_accumulation_steps"], got["gradient_checkpointing"]) \
+        == (2, 4, True)
+    # nothing fits 8 GiB without 4-bit: the error names the options
+    small = pf.choose_plan(config, repo_params, 8 * gib, "bfloat16")
+    assert not small["fits"] and "too big" in pf.format_choice(small)

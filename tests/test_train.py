@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.models import BaseModelError, load_tokenizer
-from stages.chatml import CHAT_TEMPLATE, IM_END, encode_example
-from stages.fileio import md5_dir
-from stages.params import Params, ParamsError, with_overrides
-from stages.train import encode_split, main
+from mediagent.errors import UserError
+from mediagent.loading import BaseModelError, load_tokenizer
+from mediagent.chatml import CHAT_TEMPLATE, IM_END, encode_example
+from mediagent.fileio import md5_dir
+from mediagent.params import Params, ParamsError, with_overrides
+from mediagent.pipeline.train import encode_split, main
 from tests.adapter_kit import write_processed
 from tests.conftest import ROOT
 
@@ -35,7 +36,7 @@ ADAPTER_FILES = [
 METRIC_KEYS = {
     "train_loss", "eval_loss", "eval_loss_step0", "steps", "trainable_params", "total_params",
     "train_examples", "train_truncated", "train_dropped", "val_examples", "val_truncated",
-    "val_dropped", "nonpad_fraction",
+    "val_dropped", "nonpad_fraction", "plan", "budget_bytes", "estimate_bytes", "peak_bytes",
 }
 # Small but real: short sequences and few steps keep each run to seconds on two cores.
 SMALL = dict(max_seq_length=128, per_device_train_batch_size=4, per_device_eval_batch_size=16,
@@ -119,7 +120,12 @@ def test_training_lowers_heldout_loss(workdir, repo_params):
     assert not config.get("modules_to_save")
     assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
     lineage = read_json(adapter / "lineage.json")
-    assert set(lineage) == {"name", "base", "data", "params", "git_commit", "versions", "metrics"}
+    assert set(lineage) == {"name", "base", "data", "params", "plan", "world_size", "git_commit", "versions", "metrics"}
+    assert lineage["plan"] == metrics["plan"] == {
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+        "chunked_loss": True, "quantization": "none"}
+    assert lineage["world_size"] == 1
+    assert 0 < metrics["estimate_bytes"] < metrics["budget_bytes"] and metrics["peak_bytes"] > 0
     assert lineage["name"].startswith("medqa-" + lineage["data"]["train_md5"][:8] + "-")
     assert lineage["base"]["id"] == "tiny" and lineage["params"]["lora"]["r"] == 16
     assert lineage["metrics"] == {"train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]}
@@ -151,7 +157,7 @@ def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
     params = small(repo_params, max_steps=6, per_device_train_batch_size=2, save_steps=2, eval_steps=6,
                    max_eval_examples=8)
     write_params(params, workdir / "params.yaml")
-    cmd = [sys.executable, "-m", "stages.train"]
+    cmd = [sys.executable, "-m", "mediagent.pipeline.train"]
     with open(workdir / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=stage_env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -176,9 +182,9 @@ def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
 
 
 def test_checkpoints_of_other_params_are_discarded(workdir, repo_params, caplog):
-    from stages.train import RUN_FILE
+    from mediagent.pipeline.train import RUN_FILE
 
-    caplog.set_level("INFO", logger="stages.train")
+    caplog.set_level("INFO", logger="mediagent.pipeline.train")
 
     stale = Path("models/checkpoints/checkpoint-2")
     stale.mkdir(parents=True)
@@ -188,6 +194,66 @@ def test_checkpoints_of_other_params_are_discarded(workdir, repo_params, caplog)
     metrics = read_json("metrics/train.json")
     assert metrics["steps"] == 1 and metrics["eval_loss_step0"] > 5  # measured afresh, not taken over
     assert "discarding old checkpoints in models/checkpoints: they come from other params or data" in caplog.text
+
+
+def _adapter_weights(path: str | Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def test_micro_batches_train_the_same_adapter(workdir, repo_params):
+    """8 x 1 and 2 x 4 (same effective batch, same data order) give the same LoRA weights;
+    the chunked and the full loss too."""
+    import torch
+
+    runs = {}
+    for name, train in {"8x1": dict(micro_batch_size=8), "2x4": dict(micro_batch_size=2),
+                        "8x1-full": dict(micro_batch_size=8, loss="full")}.items():
+        main(small(repo_params, max_steps=3, per_device_train_batch_size=8, max_eval_examples=8,
+                   learning_rate=0.01, output_dir=f"models/{name}", **train))
+        runs[name] = _adapter_weights(f"models/{name}")
+        plan = read_json(f"models/{name}/lineage.json")["plan"]
+        micro = train["micro_batch_size"]
+        assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (micro, 8 // micro)
+        assert plan["chunked_loss"] == (train.get("loss", "chunked") == "chunked")
+    base = runs["8x1"]
+    assert any(float(w.abs().max()) > 0 for k, w in base.items() if "lora_B" in k)  # it trained
+    scale = max(float(w.abs().max()) for w in base.values())
+    for other in ("2x4", "8x1-full"):
+        assert runs[other].keys() == base.keys()
+        diff = max(float((runs[other][k] - w).abs().max()) for k, w in base.items())
+        print(f"{other} vs 8x1: max |LoRA weight diff| {diff:.2e} (weights up to {scale:.3f})")
+        # float32 sums in another order; AdamW's first steps scale a gradient by its own size,
+        # so a 1e-7 difference in a near-zero gradient moves a weight by ~1e-5
+        assert diff <= 2e-4 * scale
+
+
+def test_plan_picks_smaller_micro_batches_for_a_small_budget(workdir, repo_params, caplog):
+    """A budget below what the full batch needs: the plan halves the micro-batch, keeps the
+    effective batch, logs and records the plan; below anything: one error with the table."""
+    import logging
+
+    from mediagent import memory
+
+    params = small(repo_params, max_steps=1, per_device_train_batch_size=8, max_eval_examples=8,
+                   per_device_eval_batch_size=1, loss="full")
+    config = json.loads(Path("models/base/tiny/config.json").read_text())
+    needs = {m: memory.train_plan(memory.Arch.from_config(config), params, "float32", micro_batch=m,
+                                  gradient_checkpointing=False)["peak"] + memory.RUNTIME_BYTES for m in (8, 4, 2)}
+    # between what 2 and 4 sequences need: the plan must pick 2 x 4
+    budget_gib = (needs[2] + needs[4]) / 2 / (1 - memory.MARGIN) / memory.GIB
+    with caplog.at_level(logging.INFO):
+        main(with_overrides(params, train={"memory_budget": budget_gib}))
+    plan = read_json("metrics/train.json")["plan"]
+    assert plan == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                    "gradient_checkpointing": False, "chunked_loss": False, "quantization": "none"}
+    assert "chosen: micro-batch 2 x 4 accumulation steps" in caplog.text
+
+    with pytest.raises(UserError) as err:
+        main(with_overrides(params, train={"memory_budget": 0.05, "output_dir": "models/none"}))
+    assert "no training plan fits" in str(err.value) and "too big" in str(err.value)
+    assert not Path("models/none").exists()
 
 
 def test_bad_params_fail_early_with_clear_messages(workdir, repo_params):
@@ -205,7 +271,7 @@ def test_bad_params_fail_early_with_clear_messages(workdir, repo_params):
 
     with pytest.raises(BaseModelError, match="make base"):
         main(with_overrides(repo_params, model={"dir": "nowhere"}))
-    with pytest.raises(FileNotFoundError, match="dvc repro process"):
+    with pytest.raises(UserError, match="dvc repro process"):
         main(with_overrides(repo_params, data={"processed_dir": "data/none"}))
     # nothing was written by the failed runs
     assert not any(Path(p).exists() for p in ("models/adapter", "models/checkpoints", "metrics", "dvclive"))
@@ -217,7 +283,7 @@ def test_two_process_ddp_writes_a_loadable_adapter(workdir, repo_params, tiny_ba
     # accelerate's `--cpu` flag starts one process unless run under MPI; its torchrun-based
     # launcher with ACCELERATE_USE_CPU gives two real processes with gloo DDP on CPU.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stages.train"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mediagent.pipeline.train"]
     env = {**stage_env(), "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(launch, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
