@@ -247,6 +247,7 @@ class MergeParams:
     parity_prompts: int
     tolerance: float
     relative_tolerance: float  # 16-bit bases: bound = this x max |reference logit|
+    quantized_relative_tolerance: float  # 4-bit-trained adapters: merged vs adapter on the 4-bit base
     max_shard_size: str  # safetensors shard size (transformers' save_pretrained)
     metrics_file: str
 
@@ -258,6 +259,8 @@ class MergeParams:
             out.append("merge.tolerance: must be > 0")
         if not 0 < self.relative_tolerance < 1:
             out.append("merge.relative_tolerance: must be in (0, 1)")
+        if not 0 < self.quantized_relative_tolerance < 1:
+            out.append("merge.quantized_relative_tolerance: must be in (0, 1)")
         return out
 
 

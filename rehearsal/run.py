@@ -279,18 +279,27 @@ def bf16_shards(merged: Path) -> dict:
     return {"files": [s.name for s in shards], "header_dtypes": sorted(dtypes)}
 
 
-def preflight_estimate(repo: Path, base_dir: Path) -> int:
-    """The pre-flight estimate of the train stage's peak (mediagent.memory) for the clone's params.
+def budget_forcing_micro_batches(repo: Path, base_dir: Path, overrides: dict) -> float:
+    """A train.memory_budget (GiB) between what half the batch and the whole batch need, so
+    that the plan must train in micro-batches of half the batch, with twice the accumulation.
 
-    It counts model, LoRA, optimizer, activations and logits, not the framework (the
-    imported libraries hold several hundred MB of RSS): the measured peak RSS exceeds it
-    by about that much.
+    Priced by the pre-flight itself (mediagent.memory) from the base's config.json and the
+    clone's params with the rehearsal's overrides; the model is never loaded for it.
     """
-    from mediagent.params import load_params
-    from mediagent.memory import train_peak_bytes
+    from mediagent import memory
+    from mediagent.params import load_params, with_overrides
 
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    return int(train_peak_bytes(config, load_params(repo / "params.yaml")))
+    sections: dict = {}
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    params = with_overrides(load_params(repo / "params.yaml"), **{k: v for k, v in sections.items() if k in ("train", "model")})
+    batch = params.train.per_device_train_batch_size
+    arch = memory.Arch.from_config(config)
+    need = {m: memory.train_plan(arch, params, "bfloat16", micro_batch=m, gradient_checkpointing=False)["peak"]
+            + memory.RUNTIME_BYTES for m in (batch, batch // 2)}
+    return round((need[batch] + need[batch // 2]) / 2 / (1 - memory.MARGIN) / memory.GIB, 4)
 
 
 def rehearse(work: Path, report: dict) -> None:
@@ -359,6 +368,8 @@ def rehearse(work: Path, report: dict) -> None:
 
         # ---- 4. the pipeline in bfloat16
         overrides = {"model.base": REPO_ID, "model.revision": COMMIT, **OVERRIDES}
+        # A device too small for the whole batch: the plan trains 2 x 2 instead of 4 x 1.
+        overrides["train.memory_budget"] = budget_forcing_micro_batches(repo, base_dir, overrides)
         args = dvc + ["exp", "run"] + [a for k, v in overrides.items() for a in ("-S", f"{k}={v}")]
         peak = PeakRSS("mediagent.pipeline.train")
         before = hub.count()
@@ -394,12 +405,19 @@ def rehearse(work: Path, report: dict) -> None:
             raise RehearsalError(f"candidate lists of sizes {sizes}, expected 100 each")
         train_metrics = json.loads((repo / "metrics" / "train.json").read_text())
         report["train"] = {k: train_metrics.get(k) for k in ("train_loss", "eval_loss", "steps", "trainable_params",
-                                                             "total_params")}
-        estimate = preflight_estimate(repo, base_dir)
+                                                             "total_params", "plan", "budget_bytes", "estimate_bytes",
+                                                             "peak_bytes")}
+        plan = train_metrics["plan"]
+        if plan["per_device_train_batch_size"] * 2 != OVERRIDES["train.per_device_train_batch_size"] or \
+                plan["gradient_accumulation_steps"] != 2:
+            raise RehearsalError(f"train.memory_budget {overrides['train.memory_budget']} GiB should force micro-batches "
+                                 f"of half the batch, the plan was {plan}")
+        estimate = train_metrics["estimate_bytes"]  # peak + the 1 GiB the plan reserves for the runtime
         report["preflight"] = {
-            "train_measured_peak_bytes": peak.peak,
+            "train_memory_budget_gib": overrides["train.memory_budget"],
+            "train_measured_peak_bytes": peak.peak,  # RSS of the stage's process tree, polled
+            "train_measured_vmhwm_bytes": train_metrics["peak_bytes"],  # the stage's own high-water mark
             "train_estimate_bytes": estimate,
-            # the estimate leaves out the imported libraries' RSS (see preflight_estimate)
             "estimate_over_measured": round(estimate / peak.peak, 3) if peak.peak else None,
         }
         # Commit the run as a user would before sweeping: queued runs see only git-tracked

@@ -98,7 +98,7 @@ def _model(tmp_path, revision=COMMIT):
     from mediagent.params import ModelParams
 
     return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="huggingface",
-                       dtype="bfloat16", trust_remote_code=False)
+                       dtype="bfloat16", trust_remote_code=False, quantization="none")
 
 
 def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):

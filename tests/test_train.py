@@ -205,7 +205,6 @@ def _adapter_weights(path: str | Path) -> dict:
 def test_micro_batches_train_the_same_adapter(workdir, repo_params):
     """8 x 1 and 2 x 4 (same effective batch, same data order) give the same LoRA weights;
     the chunked and the full loss too."""
-    import torch
 
     runs = {}
     for name, train in {"8x1": dict(micro_batch_size=8), "2x4": dict(micro_batch_size=2),

@@ -170,13 +170,16 @@ def merge_to_dir(
     model: ModelParams,
     max_shard_size: str,
     after_reload: Callable[[torch.nn.Module], None] | None = None,
+    quantized_reference: list[torch.Tensor] | None = None,
 ) -> tuple[torch.dtype, dict]:
     """Merge, save with the adapter's tokenizer into ``out_dir``, reload, measure parity.
 
     Returns (base dtype, parity stats incl. the largest |reference logit|).
 
     ``after_reload`` sees the reloaded merged model before its logits are taken; tests use
-    it to tamper with a weight and prove the parity check fails.
+    it to tamper with a weight and prove the parity check fails. ``quantized_reference``:
+    logits of the adapter on the 4-bit base it was trained on; stats["quantized"] then holds
+    their difference from the merged model's.
     """
     from peft import PeftModel
 
@@ -197,9 +200,38 @@ def merge_to_dir(
     check_tied_embeddings(reloaded)
     if after_reload is not None:
         after_reload(reloaded)
-    stats = logits_parity(reference, sequence_logits(reloaded, sequences))
+    merged_logits = sequence_logits(reloaded, sequences)
+    stats = logits_parity(reference, merged_logits)
     stats["reference_max_abs_logit"] = max(float(r.abs().max()) for r in reference)
+    if quantized_reference is not None:
+        stats["quantized"] = logits_parity(quantized_reference, merged_logits)
     return dtype, stats
+
+
+def quantized_logits(base_dir: Path, adapter_dir: Path, sequences, model: ModelParams, dtype: torch.dtype,
+                     quantization: str) -> list[torch.Tensor]:
+    """Logits of the adapter on the quantized base it was trained on (QLoRA), to compare with
+    the merged model: what the adapter did in training vs what merge, evaluate and serve use."""
+    from peft import PeftModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_model(base_dir, model, dtype, quantization=quantization)
+    peft_model = PeftModel.from_pretrained(base if device == "cpu" else base.to(device), str(adapter_dir)).eval()
+    out = sequence_logits(peft_model, sequences)
+    del peft_model, base
+    return out
+
+
+def check_quantized_parity(stats: dict, relative: float) -> float:
+    """The bound for merged vs adapter-on-4-bit logits; fail above it. Returns the bound."""
+    q = stats["quantized"]
+    bound = relative * stats["reference_max_abs_logit"]
+    if not q["max_abs_diff"] <= bound:
+        raise ParityError(
+            f"merged model vs the adapter on its 4-bit training base: max |logit diff| {q['max_abs_diff']:.3g} > "
+            f"bound {bound:.3g} (merge.quantized_relative_tolerance {relative} x max |logit|): the 4-bit rounding "
+            f"changes this model more than allowed; train without quantization or raise the tolerance")
+    return bound
 
 
 def check_chat_template(tokenizer, adapter_dir: Path) -> None:
@@ -249,9 +281,17 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
     check_chat_template(tokenizer, adapter_dir)
     sequences = parity_sequences(Path(params.data.processed_dir), tokenizer, params.merge.parity_prompts)
 
+    # QLoRA: the adapter was trained on a 4-bit base; it is merged onto the unquantized one
+    # (never onto the 4-bit weights), and measured against what it was trained on as well.
+    quantization = (lineage.get("plan") or {}).get("quantization", "none")
+    reference_4bit = None
+    if quantization != "none":
+        reference_4bit = quantized_logits(base_dir, adapter_dir, sequences, params.model, base_dtype(base_dir),
+                                          quantization)
     with atomic_path(out_dir, is_dir=True) as tmp:
         dtype, stats = merge_to_dir(
-            base_dir, adapter_dir, tmp, sequences, params.model, params.merge.max_shard_size, after_reload
+            base_dir, adapter_dir, tmp, sequences, params.model, params.merge.max_shard_size, after_reload,
+            reference_4bit,
         )
         bound = parity_bound(stats["reference_max_abs_logit"], dtype, params.merge.tolerance,
                              params.merge.relative_tolerance)
@@ -261,6 +301,12 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
             stats["tokens"], bound,
         )
         check_parity(stats, bound, dtype)
+        if reference_4bit is not None:
+            stats["quantized"]["bound"] = check_quantized_parity(stats, params.merge.quantized_relative_tolerance)
+            stats["quantized"]["quantization"] = quantization
+            log.info("merged vs adapter on the %s base: max |diff| %.3g, mean %.3g, bound %.3g", quantization,
+                     stats["quantized"]["max_abs_diff"], stats["quantized"]["mean_abs_diff"],
+                     stats["quantized"]["bound"])
         write_json(tmp / "lineage.json", merge_lineage(lineage, adapter_dir, dtype, params))
         shards = len(list(tmp.glob("*.safetensors")))
     write_json(params.merge.metrics_file, {
