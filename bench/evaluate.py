@@ -52,7 +52,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_SAMPLE = Path(os.environ.get("MEDQA_SHARED_DATA", ROOT / ".." / "shared" / "data" / "cmedqa2")) / "sample"
 
 

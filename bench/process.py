@@ -121,10 +121,15 @@ def main() -> None:
             "floor": ([sys.executable, str(ROOT / "bench" / "process_floor.py"), str(raw), str(tmp / "floor")], tmp, env),
         }
         if args.against:
-            # The stages/ package of that revision, run on the same data with its own outputs.
+            # The code of that revision (stages/ before the mediagent package), run on the same
+            # data with its own outputs.
             old = tmp / "against"
             (old / "work").mkdir(parents=True)
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, "stages"],
+            listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", args.against],
+                                    capture_output=True, check=True, text=True).stdout.split()
+            package, module = ("mediagent", "mediagent.pipeline.process") if "mediagent" in listed else \
+                ("stages", "stages.process")
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, package],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
             # ... with that revision's own params.yaml (its params.py rejects keys added since)
@@ -133,7 +138,7 @@ def main() -> None:
             old_params = {**then, "data": {**then["data"], "raw_dir": str(raw), "processed_dir": str(old / "processed")},
                           "process": {**params["process"], "metrics_file": str(old / "process.json")}}
             (old / "work" / "params.yaml").write_text(yaml.safe_dump(old_params, allow_unicode=True), encoding="utf-8")
-            commands["old"] = ([sys.executable, "-m", "mediagent.pipeline.process"], old / "work",
+            commands["old"] = ([sys.executable, "-m", module], old / "work",
                                {**os.environ, "PYTHONPATH": str(old)})
         walls = {k: [] for k in commands}
         rss = {k: 0.0 for k in commands}

@@ -5,8 +5,8 @@ prompt) at concurrency 1, 8 and 32, every request forced to exactly ``--max-toke
 tokens (vLLM ``ignore_eos``, transformers ``min_new_tokens``) so that all setups do the same
 work, against:
 
-  (a) lora    ``python -m mediagent.commands.serve``: vLLM on the base + the adapter (LoRA module)
-  (b) merged  ``python -m mediagent.commands.serve --merged``: vLLM on the merged model
+  (a) lora    ``mediagent serve``: vLLM on the base + the adapter (LoRA module)
+  (b) merged  ``mediagent serve --merged``: vLLM on the merged model
   (c) naive   transformers ``generate`` on the merged model, one request at a time
               behind a lock (what a minimal Flask-style server does), greedy, float32
 
@@ -46,7 +46,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from mediagent.params import Params, load_params, with_overrides  # noqa: E402
 
@@ -149,7 +148,7 @@ def served(project: Path, args: list[str], model: str, system: str, max_tokens: 
     env["PYTHONPATH"] = str(ROOT)
     log = project / f"{name}.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mediagent.commands.serve", "--port", str(port), *args], cwd=project,
+        proc = subprocess.Popen([sys.executable, "-m", "mediagent", "serve", "--port", str(port), *args], cwd=project,
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()

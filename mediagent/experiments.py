@@ -7,7 +7,7 @@ at the experiment's commit (what ``dvc get . models/adapter --rev <exp>`` does),
 ``serve.experiments_dir/<commit sha>``. A commit never changes, so a copy made once is
 reused; it is written atomically, so an interrupted copy is never taken for a whole one.
 
-Used by ``python -m mediagent.commands.serve --exp`` and ``python -m mediagent.commands.serve load --exp``.
+Used by ``mediagent serve --exp`` and ``mediagent serve load --exp``.
 """
 
 from __future__ import annotations

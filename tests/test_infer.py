@@ -1,4 +1,4 @@
-"""Batch inference (`python -m mediagent.commands.infer`) with vLLM's offline engine on the tiny base + LoRA."""
+"""Batch inference (`mediagent infer`) with vLLM's offline engine on the tiny base + LoRA."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Reads  a running ``make serve`` (default ``http://<serve.host>:<serve.port>/v1``
        ``process.system_prompt`` (and ``model``, ``train``, ``merge`` offline).
 Writes the answers to stdout, streamed token by token from the server.
 
-Run: ``python -m mediagent.commands.chat [--question Q] [--base-url URL] [--api-key KEY] [--model NAME]``
+Run: ``mediagent chat [--question Q] [--base-url URL] [--api-key KEY] [--model NAME]``
      ``[--offline [--adapter DIR | --merged]] [--temperature T] [--max-tokens N]``
 
 Every conversation starts with the training system prompt (``process.system_prompt``), so

@@ -6,7 +6,7 @@ Writes ``<download.out_dir>/<name>.zip`` for each file, verified by git blob id 
        ``git hash-object`` prints), and the tables inside them (question.csv, answer.csv,
        dev_candidates.txt, test_candidates.txt) next to them. Inside a DVC repository it
        then runs ``dvc add <out_dir>`` and prints the pointer file to commit.
-Run    ``python -m mediagent.commands.download`` (or ``make data``). Rerunning skips files that are
+Run    ``mediagent data`` (or ``make data``). Rerunning skips files that are
        already there with the right id. Offline: copy the zips into out_dir by hand and
        rerun; they are verified and unzipped the same way.
 

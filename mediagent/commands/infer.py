@@ -9,7 +9,7 @@ Writes ``--output`` JSONL atomically, one line per answered question in input or
        ``{"id", "line", "question", "answer", "finish_reason", "prompt_tokens",
        "completion_tokens", "model"}``; with ``--errors FILE`` also the skipped lines.
 
-Run: ``python -m mediagent.commands.infer --input questions.jsonl --output answers.jsonl [--merged]``
+Run: ``mediagent infer --input questions.jsonl --output answers.jsonl [--merged]``
 
 Bad lines (invalid JSON, no question, a prompt longer than ``serve.max_model_len``) are
 reported by line number on stderr and in a summary at the end; they never stop the

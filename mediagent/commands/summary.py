@@ -5,7 +5,7 @@ Reads  ``eval.metrics_file`` (and ``merge.metrics_file`` when present); params `
 Writes the table to stdout: one row per model (random ranking, base, tuned), one column
        per headline metric, then the merge parity and serve-readiness in one line each.
 
-Run: ``python -m mediagent.commands.summary``. ``dvc metrics show`` / ``dvc exp show`` give every metric.
+Run: ``mediagent summary``. ``dvc metrics show`` / ``dvc exp show`` give every metric.
 """
 
 from __future__ import annotations
