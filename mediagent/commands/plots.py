@@ -32,6 +32,13 @@ from mediagent.fileio import atomic_path
 from mediagent.params import Params, load_params
 
 TEMPLATE_NAME = "offline_template.html"
+# review.plots_file before any clinician has judged: the same axes as dvc.yaml's win-rate plot.
+NO_JUDGMENTS = {
+    "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+    "data": {"values": []}, "mark": "bar", "width": 480, "height": 80,
+    "encoding": {"x": {"field": "win_rate", "type": "quantitative", "scale": {"domain": [0, 1]}},
+                 "y": {"field": "pair", "type": "nominal"}},
+}
 # The stage that writes each family's data, for the message when it is missing.
 STAGES = {"train": "train", "eval": "evaluate", "review": "review"}
 DVC_TIMEOUT_S = 300
@@ -130,19 +137,26 @@ def render_pngs(plots: dict, src: dict[str, Path], folder: Path, scale: float) -
     for plot_id, renderers in plots.items():
         family, name = png_name(plot_id, src)
         specs = [r["content"] for r in renderers if r.get("type") == "vega"]
+        if not specs and family == "review":  # DVC draws nothing from an empty list of pairs
+            specs = [NO_JUDGMENTS]
         if not specs:
             notes.append(f"{plot_id}: not a Vega plot (an image), nothing to draw")
             continue
-        rows = specs[0].get("data", {}).get("values", [])
-        if not rows:
-            hint = " (no judgments yet: `make ui`, Blind review tab, then `dvc repro review`)" if family == "review" else ""
-            notes.append(f"{plot_id}: no data{hint}")
+        spec = specs[0]
+        rows = spec.get("data", {}).get("values", [])
+        if not rows and family == "review":
+            # A fresh clone has no judgments: the chart says so instead of going missing.
+            spec = {**spec, "title": "Blind review win rates: no judgments yet "
+                                     "(make ui, Blind review tab, then dvc repro review)"}
+            notes.append(f"{plot_id}: no judgments yet, drawn empty")
+        elif not rows:
+            notes.append(f"{plot_id}: no data")
             continue
         if family == "train" and len(rows) < 2:
             notes.append(f"{plot_id}: one step, not a curve")
             continue
         # The data is inline; allowing no base URL makes sure nothing is fetched.
-        png = vl_convert.vegalite_to_png(specs[0], scale=scale, allowed_base_urls=[])
+        png = vl_convert.vegalite_to_png(spec, scale=scale, allowed_base_urls=[])
         target = folder / f"{name}.png"
         target.write_bytes(png)
         written.append(target)
