@@ -27,7 +27,7 @@ CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro rehearse serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload clean
+.PHONY: install demo test data base repro plots rehearse serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,11 @@ demo: install
 
 repro: install
 	$(DVC) repro
+
+# Curves offline (after repro): PNGs and a `dvc plots show` page that needs no CDN, in
+# plots/ (OUT=folder for another; it is replaced as a whole).
+plots: install
+	$(MEDIAGENT) plots $(if $(OUT),--out $(OUT))
 
 test: install
 	$(PY) -m pytest -q -ra tests

@@ -42,7 +42,7 @@ def test_help_lists_every_stage_and_command(tmp_path):
     out = _run(tmp_path, "-m", "mediagent", "--help")
     assert out.returncode == 0, out.stderr
     listed = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and line.split()}
-    assert {"serve", "chat", "infer", "review-app", "data", "preflight", "summary",
+    assert {"serve", "chat", "infer", "review-app", "data", "preflight", "summary", "plots",
             "process", "base", "train", "merge", "evaluate", "review"} <= listed
     for command in ("serve", "chat", "infer", "review-app", "data", "preflight", "summary", "train"):
         sub = _run(tmp_path, "-m", "mediagent", command, "--help")
