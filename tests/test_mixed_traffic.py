@@ -48,7 +48,7 @@ def served(tmp_path_factory, repo_params, tiny_base):
         lineage = {n: json.loads((p / "lineage.json").read_text())["name"] for n, p in adapters.items()}
         models = {"base": None, lineage["a"]: "a", lineage["b"]: "b", "medqa": "a", "c": "c", "d": "d"}
         assert {m.id for m in srv.client().models.list().data} == set(models)
-        yield srv, models, adapters
+        yield srv, models, adapters, lineage
 
 
 def _ids(reply) -> list[int]:
@@ -59,7 +59,7 @@ def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
     from mediagent.chatml import encode_prompt
     from mediagent.loading import load_tokenizer
 
-    srv, models, adapters = served
+    srv, models, adapters, lineage = served
     client = srv.client()
     # alone, one at a time: every model (so every LoRA slot has held its adapter) x every question
     solo = {(m, q): _ids(chat(client, m, question=q, extra_body={"return_token_ids": True}))
@@ -69,7 +69,7 @@ def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
     for model, source in models.items():  # the solo answers are the right model's (peft, float32)
         want = peft_greedy(tiny_base, adapters[source] if source else None, prompt, MAX_TOKENS)
         assert solo[(model, QUESTIONS[0])] == want, model
-    assert len({tuple(solo[(m, QUESTIONS[0])]) for m in ("base", "medqa", "b", "c", "d")}) == 5  # all differ
+    assert len({tuple(solo[(m, QUESTIONS[0])]) for m in ("base", "medqa", lineage["b"], "c", "d")}) == 5  # all differ
 
     jobs = [(m, q) for q in QUESTIONS for m in models] * 2  # 48 requests, the base among five adapter names
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -82,9 +82,9 @@ def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
 
 
 def test_64_concurrent_streams_over_three_models(served):
-    srv, models, _ = served
+    srv, models, _, lineage = served
     client = srv.client()
-    three = ["base", "medqa", "b"]
+    three = ["base", "medqa", lineage["b"]]
     solo = {(m, q): chat(client, m, question=q).choices[0].message.content for m in three for q in QUESTIONS}
 
     def stream(i: int) -> tuple[str, str, str]:
