@@ -13,7 +13,9 @@ a = bytes of the compute dtype):
 
 - weights: every parameter in the model dtype (embeddings once when tied, twice when the
   head is separate); with ``weight_bits=4`` the decoder's linear layers in NF4 with
-  double-quantised constants (4.127 bits each, QLoRA paper), embeddings and head in 16 bit.
+  double-quantised constants (4.127 bits each, QLoRA paper), embeddings, head and norms in
+  float32 (peft's prepare_model_for_kbit_training), plus the largest layer dequantized
+  twice (bitsandbytes dequantizes for each matmul).
 - LoRA: r x (in + out) per adapted linear; peft keeps adapters in float32 even on a
   bf16 base, and the Trainer's AdamW keeps a gradient and two float32 moments per
   parameter: 16 bytes per LoRA parameter (no separate master copy is needed).
@@ -242,8 +244,11 @@ def train_plan(arch: Arch, params: Params, dtype: str, weight_bits: int | None =
     else:
         logits = 3 * 4 * tokens * arch.vocab
         eval_logits = 2 * 4 * eval_tokens * arch.vocab
+    # bitsandbytes dequantizes a 4-bit layer's weight to the compute dtype for each matmul
+    # (forward, and backward for the input's gradient): the largest layer, twice, at a time.
+    dequant = 2 * a * max(i * o for i, o in arch.linears().values()) if weight_bits else 0
     out = {
-        "weights": weight_bytes(arch, a, weight_bits, other_bytes=4 if weight_bits else None),
+        "weights": weight_bytes(arch, a, weight_bits, other_bytes=4 if weight_bits else None) + dequant,
         "lora_params": lora,
         "lora_state": lora * LORA_STATE_BYTES,
         "activations": checkpointed if gc else full,
