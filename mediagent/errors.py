@@ -19,6 +19,9 @@ from typing import Any, NoReturn
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Libraries that log at INFO on every import or request; their warnings still show.
 QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock", "datasets", "torch.distributed")
+# Warnings that are not problems: bitsandbytes (imported by peft) says at every import on an
+# AVX-512 CPU that an optional, downloadable kernel is missing; its own fallback runs instead.
+SILENT_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
 class UserError(Exception):
@@ -34,6 +37,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _clip(text: str, width: int = 120) -> str:
