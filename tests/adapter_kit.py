@@ -118,3 +118,24 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     }
     (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
+
+
+def pipeline_params(repo_params, root: Path, tiny_base: Path, model: dict | None = None, train: dict | None = None,
+                    merge: dict | None = None, eval: dict | None = None):
+    """The repo's params with every output of train, merge and evaluate under ``root`` (and
+    ``root/processed`` as the data), the tiny base, and the given overrides on top."""
+    from mediagent.params import with_overrides
+
+    return with_overrides(
+        repo_params,
+        data={"processed_dir": str(root / "processed")},
+        model={"dir": str(tiny_base.parent), "base": "tiny", **(model or {})},
+        train={"output_dir": str(root / "adapter"), "checkpoint_dir": str(root / "ckpt"),
+               "dvclive_dir": str(root / "dvclive"), "metrics_file": str(root / "metrics" / "train.json"),
+               **(train or {})},
+        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
+               **(merge or {})},
+        eval={"metrics_file": str(root / "metrics" / "eval.json"), "report_path": str(root / "eval" / "report.json"),
+              "samples_path": str(root / "eval" / "samples.jsonl"), "plots_dir": str(root / "eval" / "plots"),
+              **(eval or {})},
+    )

@@ -20,7 +20,7 @@ from mediagent.vllm_engine import vllm_status
 from mediagent.loading import load_model, load_tokenizer
 from mediagent.chatml import encode_prompt
 from mediagent.params import with_overrides
-from tests.adapter_kit import SYSTEM, candidates, sample_pairs, write_adapter, write_processed
+from tests.adapter_kit import SYSTEM, candidates, pipeline_params, sample_pairs, write_adapter, write_processed
 
 MODEL_KEYS = {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "distinct_2",
               "mean_length", "empty_share", "think_share"}
@@ -172,20 +172,13 @@ def trained(tmp_path_factory, sample_data, tiny_base, repo_params):
     train = pytest.importorskip("mediagent.pipeline.train", reason="the train stage is not in this checkout")
     root = tmp_path_factory.mktemp("evaluate")
     write_processed(sample_data, root / "processed", n_train=8, n_val=2, n_test=6, negatives=7, one_per_question=True)
-    params = with_overrides(
-        repo_params,
-        data={"processed_dir": str(root / "processed")},
-        model={"dir": str(tiny_base.parent), "base": "tiny"},
-        train={"output_dir": str(root / "adapter"), "checkpoint_dir": str(root / "ckpt"),
-               "dvclive_dir": str(root / "dvclive"), "metrics_file": str(root / "metrics" / "train.json"),
-               # memorise 8 answers: enough steps at a high rate on short sequences
-               "max_steps": 16, "learning_rate": 0.005, "max_seq_length": 64, "per_device_train_batch_size": 4,
+    params = pipeline_params(
+        repo_params, root, tiny_base,
+        # memorise 8 answers: enough steps at a high rate on short sequences
+        train={"max_steps": 16, "learning_rate": 0.005, "max_seq_length": 64, "per_device_train_batch_size": 4,
                "warmup_steps": 1, "logging_steps": 4, "eval_steps": 16, "save_steps": 16, "max_eval_examples": 2},
-        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
-               "parity_prompts": 1},
-        eval={"metrics_file": str(root / "metrics" / "eval.json"), "report_path": str(root / "eval" / "report.json"),
-              "samples_path": str(root / "eval" / "samples.jsonl"), "plots_dir": str(root / "eval" / "plots"),
-              "max_questions": 6, "max_generations": 3, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
+        merge={"parity_prompts": 1},
+        eval={"max_questions": 6, "max_generations": 3, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
     )
     train.main(params)
     merge.main(params)

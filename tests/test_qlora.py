@@ -10,10 +10,9 @@ import math
 
 import pytest
 
-from mediagent.params import with_overrides
 from mediagent.pipeline import evaluate, merge, train
 from mediagent.vllm_engine import vllm_status
-from tests.adapter_kit import write_processed
+from tests.adapter_kit import pipeline_params, write_processed
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is in requirements.txt")
 
@@ -21,19 +20,12 @@ pytest.importorskip("bitsandbytes", reason="bitsandbytes is in requirements.txt"
 def test_nf4_trains_merges_evaluates_and_serves(tmp_path, sample_data, tiny_base, repo_params):
     root = tmp_path
     write_processed(sample_data, root / "processed", n_train=16, n_val=4, n_test=4, negatives=3, one_per_question=True)
-    params = with_overrides(
-        repo_params,
-        data={"processed_dir": str(root / "processed")},
-        model={"dir": str(tiny_base.parent), "base": "tiny", "quantization": "nf4"},
-        train={"output_dir": str(root / "adapter"), "checkpoint_dir": str(root / "ckpt"),
-               "dvclive_dir": str(root / "dvclive"), "metrics_file": str(root / "metrics" / "train.json"),
-               "max_steps": 6, "learning_rate": 0.01, "max_seq_length": 64, "per_device_train_batch_size": 4,
+    params = pipeline_params(
+        repo_params, root, tiny_base, model={"quantization": "nf4"},
+        train={"max_steps": 6, "learning_rate": 0.01, "max_seq_length": 64, "per_device_train_batch_size": 4,
                "warmup_steps": 1, "logging_steps": 2, "eval_steps": 6, "save_steps": 6, "max_eval_examples": 4},
-        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
-               "parity_prompts": 2},
-        eval={"metrics_file": str(root / "metrics" / "eval.json"), "report_path": str(root / "eval" / "report.json"),
-              "samples_path": str(root / "eval" / "samples.jsonl"), "plots_dir": str(root / "eval" / "plots"),
-              "max_questions": 4, "max_generations": 2, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
+        merge={"parity_prompts": 2},
+        eval={"max_questions": 4, "max_generations": 2, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
     )
     train.main(params)
     metrics = json.loads((root / "metrics" / "train.json").read_text())
