@@ -66,6 +66,9 @@ OVERRIDES = {
     "train.logging_steps": 1,
     "train.warmup_steps": 1,
     "train.max_eval_examples": 8,
+    # 4 x 128 eval tokens: in-training evaluation's logits stay below the train step's, so
+    # the memory budget below decides the micro-batch
+    "train.per_device_eval_batch_size": 4,
     "train.learning_rate": 0.01,
     "merge.parity_prompts": 2,
     "merge.max_shard_size": "30MB",
@@ -299,6 +302,8 @@ def budget_forcing_micro_batches(repo: Path, base_dir: Path, overrides: dict) ->
     arch = memory.Arch.from_config(config)
     need = {m: memory.train_plan(arch, params, "bfloat16", micro_batch=m, gradient_checkpointing=False)["peak"]
             + memory.RUNTIME_BYTES for m in (batch, batch // 2)}
+    if not need[batch // 2] < need[batch]:
+        raise RehearsalError(f"half the batch needs as much as the whole ({need}): no budget can force micro-batches")
     return round((need[batch] + need[batch // 2]) / 2 / (1 - memory.MARGIN) / memory.GIB, 4)
 
 
