@@ -54,20 +54,20 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor,
-                           bias: torch.Tensor | None = None, num_items_in_batch=None,
-                           ignore_index: int = IGNORE_INDEX, chunk_tokens: int = CHUNK_TOKENS,
-                           **_) -> torch.Tensor:
+def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, head: nn.Module,
+                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
+                           chunk_tokens: int = CHUNK_TOKENS, **_) -> torch.Tensor:
     """Causal-LM cross-entropy from hidden states (passed as ``logits`` by the model's forward).
 
     Args:
         logits: hidden states (batch, seq, hidden) from :class:`HiddenStatesHead`.
         labels: (batch, seq) token ids, ``ignore_index`` where nothing is learned.
-        weight, bias: the LM head's.
+        head: the :class:`HiddenStatesHead`; its weight is read at each call, so a wrapper that
+            swaps parameters in and out (FSDP, DeepSpeed ZeRO-3) hands over the live one.
         num_items_in_batch: learned tokens over all accumulated micro-batches (the Trainer
             passes it so that the loss is a per-token mean over the effective batch).
     """
-    hidden = logits
+    hidden, weight, bias = logits, head.weight, head.bias
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1).to(hidden.device)
     keep = shifted != ignore_index
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
@@ -97,7 +97,7 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"chunked loss needs a linear LM head, found {type(head).__name__}")
-    model.set_output_embeddings(HiddenStatesHead(head))
-    model.loss_function = functools.partial(chunked_causal_lm_loss, weight=head.weight, bias=head.bias,
-                                            chunk_tokens=chunk_tokens)
+    stand_in = HiddenStatesHead(head)
+    model.set_output_embeddings(stand_in)
+    model.loss_function = functools.partial(chunked_causal_lm_loss, head=stand_in, chunk_tokens=chunk_tokens)
     return model
