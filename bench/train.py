@@ -77,12 +77,6 @@ class RecordingCollator:
         return batch
 
 
-def vmhwm_mb() -> float:
-    """This process's own peak RSS (ru_maxrss would carry over a forking parent's)."""
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-
-
 def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: int, max_len: int) -> dict:
     """One training run in this (fresh) process; returns its figures.
 
@@ -97,6 +91,7 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
     from mediagent.loading import load_model, load_tokenizer
     from mediagent.params import load_params, with_overrides
     from mediagent.loss import use_chunked_loss
+    from mediagent.memory import measured_peak_bytes
     from mediagent.pipeline.train import attach_lora, encode_split, make_trainer, training_arguments
 
     params = load_params(ROOT / "params.yaml")
@@ -139,7 +134,7 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
         "tokens": real,
         "seconds": seconds,
         "tokens_per_s": real / seconds,
-        "peak_rss_mb": vmhwm_mb(),
+        "peak_rss_mb": measured_peak_bytes() / 2**20,
         "train_loss": output.training_loss,
     }
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from mediagent.errors import UserError, run
+from mediagent.errors import UserError, run, run_stage
 
 # name -> (module, one-line help). The DVC stages run `main(params)` of their module.
 STAGES = {
@@ -38,11 +38,7 @@ COMMANDS = {
 def _stage_command(name: str, module: str, help_text: str) -> click.Command:
     @click.command(name=name, help=f"{help_text} (DVC stage `{name}`; params from params.yaml.)")
     def stage() -> None:
-        from mediagent.errors import setup_logging
-        from mediagent.params import load_params
-
-        setup_logging()
-        importlib.import_module(module).main(load_params())
+        run_stage(importlib.import_module(module).main)
 
     return stage
 

@@ -42,6 +42,10 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_dtype(model: ModelParams, gpu: bool | None = None) -> torch.dtype:
     """``model.dtype``, with auto = bfloat16 on a bf16-capable GPU, else float32."""
     if model.dtype != "auto":

@@ -512,6 +512,19 @@ def table(params: Params, gpus=(24, 48, 80), plan_gb: int = 24) -> str:
     return "\n".join(rows)
 
 
+def measured_peak_bytes() -> int:
+    """This process's peak: reserved GPU memory where it ran on a GPU, else its peak RSS.
+
+    VmHWM rather than ru_maxrss: Linux carries ru_maxrss over from a forking parent.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_reserved())
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
 def plan_training(params: Params, dtype: str) -> dict:
     """The train stage's memory plan for its base and budget; stop, with the table, if none fits."""
     config = json.loads((params.model.path / "config.json").read_text(encoding="utf-8"))

@@ -157,6 +157,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from mediagent.loading import load_model
 from mediagent.loss import use_chunked_loss
+from mediagent.memory import measured_peak_bytes
 from mediagent.params import parse_params
 from mediagent.pipeline.train import attach_lora
 
@@ -204,7 +205,7 @@ for _ in range(2):
     opt.zero_grad(set_to_none=True)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (a pytest
 # process holding models), while VmHWM is this program's own high-water mark.
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+peak = measured_peak_bytes()
 print(json.dumps({"before": before, "peak": peak}))
 """
 

@@ -57,7 +57,7 @@ import click
 from mediagent.errors import UserError, setup_logging
 from mediagent.artifacts import Adapter, Merged, check_adapter, check_merged, vllm_rank
 from mediagent.experiments import materialise, resolve
-from mediagent.loading import check_model_dir, dtype_name, gpu_available, resolve_dtype
+from mediagent.loading import check_model_dir, dtype_name, gpu_available, gpu_count, resolve_dtype
 from mediagent.params import VLLM_LORA_RANKS, Params, load_params
 from mediagent.memory import log_plan
 from mediagent.net import is_loopback, local_url
@@ -194,12 +194,6 @@ def slot_targets(params: Params, adapters: Sequence[Adapter], runtime_lora: bool
     if runtime_lora:
         targets = sorted({*targets, *params.lora.target_modules})
     return targets or None
-
-
-def torch_gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_runtime_lora(host: str, api_key: str | None) -> None:
@@ -402,7 +396,7 @@ def main(
     if runtime_lora:
         check_runtime_lora(host, api_key)
     check_open_host(host, api_key, allow_no_auth)
-    check_parallel(tensor_parallel, data_parallel, torch_gpu_count())
+    check_parallel(tensor_parallel, data_parallel, gpu_count())
     # Runtime loading fixes the rank limit up front; every adapter must fit it.
     limit = max_lora_rank if max_lora_rank is not None or not runtime_lora else params.serve.runtime_max_lora_rank
     if merged:

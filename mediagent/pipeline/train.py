@@ -34,7 +34,7 @@ from mediagent.chatml import CHAT_TEMPLATE, encode_example
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.params import LoraParams, Params, ParamsError, TrainParams
 from mediagent.loss import use_chunked_loss
-from mediagent.memory import format_choice, log_plan, plan_training
+from mediagent.memory import format_choice, log_plan, measured_peak_bytes, plan_training
 
 log = logging.getLogger(__name__)
 
@@ -383,17 +383,6 @@ def publish_adapter(staging: Path, output_dir: Path, lineage_record: dict) -> No
         )
 
 
-def peak_memory_bytes() -> int:
-    """This process's peak: reserved GPU memory where training ran on a GPU, else its peak RSS.
-
-    VmHWM rather than ru_maxrss: Linux carries ru_maxrss over from a forking parent.
-    """
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_reserved())
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-
-
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -491,7 +480,7 @@ def main(params: Params) -> None:
         "plan": plan,
         "budget_bytes": choice["budget_bytes"],
         "estimate_bytes": choice["estimate_bytes"],
-        "peak_bytes": peak_memory_bytes(),
+        "peak_bytes": measured_peak_bytes(),
     }
 
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the main process
