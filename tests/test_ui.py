@@ -1,19 +1,21 @@
 """`make ui` in a real headless browser against a real vLLM server (base + a LoRA adapter).
 
 One vLLM server for the module (the `server` fixture of the serve tests: models `base`, the
-adapter's lineage name and `medqa`), one headless Chromium (Debian's ``chromium`` and
-``chromium-driver``, installed by the `chromium` fixture when missing), and the app started
-as ``mediagent review-app`` in a project folder with a small test split. The tests run in
-order: the blind review restarts the app and checks that the reviewer resumes.
+adapter's lineage name and `medqa`), headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, installed by the `chromium` fixture when missing; one browser whose
+Accept-Language is English, one whose is Chinese), and the app started as ``mediagent
+review-app`` in a project folder with a small test split. The tests run in order: the blind
+review restarts the app and checks that the reviewer resumes.
 
-Set ``MEDQA_UI_SCREENSHOTS=<folder>`` to save screenshots of both tabs there (docs/ holds
-the README's).
+Set ``MEDQA_UI_SCREENSHOTS=<folder>`` to save screenshots of both tabs and of the Chinese
+review page there (docs/ holds the README's; Chinese needs a CJK font, e.g. fonts-noto-cjk).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mediagent.commands.review_app import ab_order
+from mediagent.commands.review_app import ASSETS, LANGUAGES, ab_order, page_language
 # The serve tests' module-scoped fixtures: one tiny base + adapter and one vLLM server here.
 from tests.test_serve import API_KEY, adapter, free_port, project, server, stage_env  # noqa: F401
 
@@ -65,8 +67,9 @@ def chromium() -> None:
     assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "apt installed chromium but not at /usr/bin"
 
 
-@pytest.fixture(scope="module")
-def browser(chromium):
+def chrome(accept_language: str):
+    """Headless Chromium that sends ``accept_language``. Headless Chromium ignores --lang:
+    the intl.accept_languages pref sets the header (and navigator.languages)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -74,8 +77,22 @@ def browser(chromium):
     options.binary_location = CHROMIUM
     for flag in CHROME_FLAGS:
         options.add_argument(flag)
+    options.add_experimental_option("prefs", {"intl.accept_languages": accept_language})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    driver = chrome("en-US,en")
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser_zh(chromium):
+    driver = chrome("zh-CN,zh")
     yield driver
     driver.quit()
 
@@ -380,6 +397,117 @@ def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(app,
     assert len(_judgments(ui_project)) == 2
 
 
+# ---------------------------------------------------------------- languages (in order)
+
+MESSAGES = json.loads((ASSETS / "messages.json").read_text(encoding="utf-8"))
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def _render(lang: str, key: str, values: dict) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), MESSAGES[lang][key])
+
+
+def _open(driver, app, reload: bool = False) -> None:
+    """Load (or reload) the page and wait until the script has written its texts and the models."""
+    from selenium.webdriver.common.by import By
+
+    if reload:
+        driver.refresh()
+    else:
+        driver.get(app.url + "/")
+    wait(driver, lambda d: len(by_id(d, "review-model-1").find_elements(By.TAG_NAME, "option")) >= 3, "models")
+
+
+def _assert_page_in(driver, lang: str) -> None:
+    """<html lang>, the title, every text and placeholder the page shows: all from ``lang``'s table."""
+    assert driver.execute_script("return document.documentElement.lang") == lang
+    assert driver.title == MESSAGES[lang]["app.title"]
+    shown = driver.execute_script("""return [...document.querySelectorAll('[data-i18n]')].map(
+        (el) => [el.dataset.i18n, JSON.parse(el.dataset.i18nValues || '{}'), el.textContent])""")
+    assert len(shown) >= 25, shown
+    for key, values, text in shown:
+        assert text == _render(lang, key, values), (key, text)
+    for field, key in (("arena-question", "arena.question_placeholder"), ("reviewer", "review.reviewer_placeholder"),
+                       ("review-comment", "review.comment_placeholder")):
+        assert by_id(driver, field).get_attribute("placeholder") == MESSAGES[lang][key]
+    pressed = {b: by_id(driver, f"lang-{b}").get_attribute("aria-pressed") for b in LANGUAGES}
+    assert pressed == {b: str(b == lang).lower() for b in LANGUAGES}
+
+
+def test_page_language_follows_accept_language(app, browser, browser_zh):
+    # the server picks it from the header: the HTML it sends already says so
+    assert '<html lang="zh-CN">' in get(app.url + "/", headers={"Accept-Language": "zh-TW,zh;q=0.9,en;q=0.8"})[2]
+    assert '<html lang="en">' in get(app.url + "/", headers={"Accept-Language": "en-GB,zh;q=0.5"})[2]
+
+    _open(browser_zh, app)  # Accept-Language: zh-CN,zh
+    _assert_page_in(browser_zh, "zh-CN")
+    buttons = {name: by_id(browser_zh, name).get_attribute("textContent")
+               for name in ("tab-arena", "tab-review", "arena-ask", "review-start", "choose-a", "choose-tie", "choose-b")}
+    assert buttons == {"tab-arena": "竞技场", "tab-review": "盲评", "arena-ask": "提问", "review-start": "开始",
+                       "choose-a": "A 更好", "choose-tie": "平局", "choose-b": "B 更好"}
+    assert all(CJK.search(text) for text in buttons.values())
+    assert by_id(browser_zh, "reviewer").get_attribute("placeholder") == "您的姓名"
+    assert by_id(browser_zh, "server-status").text == "已部署 3 个模型；评审题 3 道"  # written by the script
+    # the empty-answer note comes from the table too (CSS reads it)
+    note = browser_zh.execute_script("return getComputedStyle(document.documentElement).getPropertyValue('--empty-answer')")
+    assert json.loads(note) == "（空回答）"
+
+    _open(browser, app)  # Accept-Language: en-US,en
+    _assert_page_in(browser, "en")
+    assert by_id(browser, "review-start").get_attribute("textContent") == "Start"
+    assert not CJK.search(by_id(browser, "server-status").text)
+
+
+def test_language_switch_overrides_the_header_and_persists(app, browser_zh):
+    _open(browser_zh, app)
+    by_id(browser_zh, "lang-en").click()
+    _assert_page_in(browser_zh, "en")  # at once, the script's statuses too
+    assert by_id(browser_zh, "server-status").text == "3 models served; 3 review questions"
+    _open(browser_zh, app, reload=True)  # the browser still prefers Chinese; the choice wins
+    _assert_page_in(browser_zh, "en")
+    assert by_id(browser_zh, "tab-review").get_attribute("textContent") == "Blind review"
+    by_id(browser_zh, "lang-zh-CN").click()
+    _open(browser_zh, app, reload=True)
+    _assert_page_in(browser_zh, "zh-CN")
+
+
+def test_judgments_do_not_depend_on_the_page_language(app, browser_zh, ui_project):
+    pair = ("base", "medqa")
+    before = _judgments(ui_project)
+    # Chinese page (the choice the previous test left): judge the first question
+    qid = _start_review(browser_zh, app, "张医生")
+    _assert_page_in(browser_zh, "zh-CN")
+    assert qid == QUESTIONS[0][0] and by_id(browser_zh, "review-progress").text == "第 1 题，共 3 题"
+    by_id(browser_zh, "unsafe-b").click()
+    by_id(browser_zh, "review-comment").send_keys("B 的建议不够谨慎")
+    screenshot(browser_zh, "review-zh.png")
+    by_id(browser_zh, "choose-a").click()
+    qid2 = _shown_item(browser_zh, not_id=qid)
+    # switch to English in the middle of the review: the question stays, its labels change
+    by_id(browser_zh, "lang-en").click()
+    _assert_page_in(browser_zh, "en")
+    assert by_id(browser_zh, "review-progress").text == "Question 2 of 3"
+    by_id(browser_zh, "unsafe-a").click()
+    by_id(browser_zh, "choose-b").click()
+    _shown_item(browser_zh, not_id=qid2)
+
+    zh, en = _judgments(ui_project)[len(before):]
+    assert set(zh) == set(en) == set(before[0])  # the fields a judgment always had
+    assert (zh["reviewer"], zh["question_id"], zh["choice"], zh["comment"]) == ("张医生", qid, "A", "B 的建议不够谨慎")
+    assert (en["reviewer"], en["question_id"], en["choice"], en["comment"]) == ("张医生", qid2, "B", "")
+    for record, flagged in ((zh, "B"), (en, "A")):
+        model_a, model_b = ab_order(0, record["question_id"], pair)
+        shown_as = {"A": model_a, "B": model_b}
+        assert (record["model_a"], record["model_b"]) == (model_a, model_b)
+        assert record["winner"] == shown_as[record["choice"]] and record["unsafe"] == [shown_as[flagged]]
+        # no label of either language in the record (the comment is the reviewer's own text)
+        values = json.dumps({k: v for k, v in record.items() if k != "comment"}, ensure_ascii=False)
+        assert not CJK.search(values.replace("张医生", ""))
+        assert not any(MESSAGES["en"][k] in values for k in ("review.choose_a", "review.choose_b", "review.unsafe_a"))
+    metrics = review_stage(ui_project)
+    assert metrics["judgments"] == len(before) + 2 and metrics["reviewers"] == 2
+
+
 # ---------------------------------------------------------------- pure functions (no server, no browser)
 
 
@@ -408,3 +536,44 @@ def test_bind_host_and_test_split_checks(tmp_path):
                                          encoding="utf-8")
     with pytest.raises(UIError, match=r"test.jsonl:1: not a ChatML row"):
         load_questions(tmp_path, 10)
+
+
+@pytest.mark.parametrize(("header", "saved", "lang"), [
+    ("zh-CN,zh;q=0.9,en;q=0.8", None, "zh-CN"),
+    ("zh", None, "zh-CN"),
+    ("zh-TW", None, "zh-CN"),
+    ("ZH-hk, en", None, "zh-CN"),
+    ("fr-FR,zh;q=0.8,en;q=0.5", None, "zh-CN"),  # zh ranked above en
+    ("en;q=0.5, zh;q=0.8", None, "zh-CN"),       # q decides, not the order
+    ("en-US,en;q=0.9", None, "en"),
+    ("en-US,zh-CN;q=0.9", None, "en"),
+    ("zh;q=0,en", None, "en"),                   # q=0: not acceptable
+    ("zh;q=x", None, "en"),
+    ("de-DE,*", None, "en"),
+    ("", None, "en"),
+    (None, None, "en"),
+    ("zh-CN", "en", "en"),                       # the reviewer's choice wins
+    ("en-US", "zh-CN", "zh-CN"),
+    ("zh-CN", "fr", "zh-CN"),                    # an unknown saved value is ignored
+])
+def test_page_language(header, saved, lang):
+    assert page_language(header, saved) == lang
+
+
+def test_message_tables_match_and_cover_every_key_the_page_uses():
+    assert set(MESSAGES) == set(LANGUAGES)
+    en, zh = MESSAGES["en"], MESSAGES["zh-CN"]
+    assert set(en) == set(zh)
+    for key in en:  # the same {values} in both, and a real translation
+        assert sorted(re.findall(r"\{(\w+)\}", en[key])) == sorted(re.findall(r"\{(\w+)\}", zh[key])), key
+        assert en[key].strip() and CJK.search(zh[key]), key
+    html = (ASSETS / "index.html").read_text(encoding="utf-8")
+    script = (ASSETS / "app.js").read_text(encoding="utf-8")
+    server = (ASSETS.parent / "review_app.py").read_text(encoding="utf-8")
+    in_html = set(re.findall(r'data-i18n(?:-placeholder|-title)?="([^"]+)"', html))
+    in_script = set(re.findall(r'"((?:[a-z]+\.)+[a-z_]+)"', script))  # every key-like literal of the script
+    from_server = {f"error.{code}" for code in re.findall(r'code="(\w+)"', server)}  # shown as error.<code>
+    assert len(in_html) >= 25 and len(in_script) >= 15 and len(from_server) >= 8
+    used = in_html | in_script | from_server
+    assert used - set(en) == set(), "keys the page uses but the tables lack"
+    assert set(en) - used == set(), "messages nothing uses"

@@ -27,6 +27,14 @@ key stays in this process (never sent to the browser, never written to review fi
 app binds to 127.0.0.1 and refuses any other address without ``--allow-remote``; on
 loopback it also rejects requests whose Host header is not loopback (DNS rebinding).
 
+Languages: the page speaks Chinese (zh-CN) and English, from one message table
+(``review_app_assets/messages.json``). The server picks the language of each page load (the
+reviewer's saved choice, a cookie the page's switch sets, else Chinese when Accept-Language
+prefers zh, else English) and writes it into ``<html lang>``. Errors the page shows carry a
+stable ``code`` (and ``values``) beside the English ``error`` text, and the page shows the
+code's message. Review files never depend on the language: the page sends codes (A, B,
+tie), not labels.
+
 The app is FastAPI + uvicorn (already in the environment as vLLM's own server stack)
 serving static files: no front-end build, no CDN, nothing fetched from the internet.
 """
@@ -50,7 +58,7 @@ from pydantic import BaseModel, Field
 from mediagent.errors import UserError, setup_logging
 from mediagent.chatml import split_messages
 from mediagent.fileio import read_jsonl
-from mediagent.judgments import ReviewFileError, append_jsonl, read_judgments, read_records
+from mediagent.judgments import CHOICES, ReviewFileError, append_jsonl, read_judgments, read_records
 from mediagent.net import LOOPBACK_NAMES, describe_openai_error, is_loopback, local_url
 from mediagent.params import Params, load_params
 
@@ -65,8 +73,22 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+LANGUAGES = ("zh-CN", "en")  # the tables of review_app_assets/messages.json
+LANG_COOKIE = "mediagent_lang"  # set by the page's language switch (app.js)
+
+
 class UIError(UserError):
-    """Something to fix before or while serving the page; the message says what."""
+    """Something to fix before or while serving the page; the message says what.
+
+    ``code`` and ``values`` name the message ``error.<code>`` of messages.json, so that the
+    page shows it in the reviewer's language; the English message stays for logs and API
+    clients. Errors raised before the page is served (bind address, test split) need no code.
+    """
+
+    def __init__(self, message: str, code: str = "", **values):
+        super().__init__(message)
+        self.code = code
+        self.values = values
 
 
 # ---------------------------------------------------------------- pure functions
@@ -105,6 +127,27 @@ def load_questions(processed_dir: str | Path, limit: int) -> list[Question]:
     if not seen:
         raise UIError(f"{path}: no questions; check process.test_ratio and rerun `dvc repro process`")
     return list(seen.values())
+
+
+def page_language(accept_language: str | None, saved: str | None = None) -> str:
+    """The page's language: ``saved`` (the reviewer's choice) when valid, else zh-CN when
+    Accept-Language ranks a zh tag (zh, zh-CN, zh-TW, ...) above every en tag, else en."""
+    if saved in LANGUAGES:
+        return saved
+    ranked = []  # (-q, position, language): highest q first, then the header's order
+    for position, item in enumerate((accept_language or "").split(",")):
+        tag, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        primary = tag.split("-")[0].lower()
+        if primary in ("zh", "en") and q > 0:
+            ranked.append((-q, position, primary))
+    return "zh-CN" if ranked and min(ranked)[2] == "zh" else "en"
 
 
 def ab_order(seed: int, question_id: str, pair: tuple[str, str]) -> tuple[str, str]:
@@ -183,14 +226,17 @@ class Review:
                unsafe_labels: list[str], comment: str) -> dict:
         """Append one judgment (fsynced) and return it; a second judgment of the same item is refused."""
         if question_id not in self.by_id:
-            raise UIError(f"question {question_id!r} is not among the review questions")
-        if choice not in ("A", "B", "tie") or not set(unsafe_labels) <= {"A", "B"}:
-            raise UIError("choice must be A, B or tie and unsafe flags A and/or B")
+            raise UIError(f"question {question_id!r} is not among the review questions", code="unknown_question",
+                          question=question_id)
+        if choice not in CHOICES or not set(unsafe_labels) <= {"A", "B"}:
+            raise UIError("choice must be A, B or tie and unsafe flags A and/or B", code="bad_choice")
         q = self.by_id[question_id]
         model_a, model_b = ab_order(self.cfg.seed, q.id, pair)
         with self._write:
             if question_id in self.judged(reviewer, pair):
-                raise UIError(f"{reviewer} already judged question {question_id} for {' vs '.join(sorted(pair))}")
+                shown = " vs ".join(sorted(pair))
+                raise UIError(f"{reviewer} already judged question {question_id} for {shown}", code="already_judged",
+                              reviewer=reviewer, question=question_id, pair=shown)
             record = {
                 "reviewer": reviewer, "question_id": question_id, "model_a": model_a, "model_b": model_b,
                 "choice": choice, "winner": {"A": model_a, "B": model_b}.get(choice),
@@ -251,6 +297,26 @@ def describe_error(exc: Exception, url: str) -> str:
                                  "set API_KEY for make ui") or str(exc)
 
 
+def error_body(message: str, code: str, **values) -> dict:
+    """What the page gets for a failure: the English message, and the code (with values)
+    that the page turns into ``error.<code>`` of messages.json in the reviewer's language."""
+    return {"error": message, "code": code, "values": values}
+
+
+def upstream_error(exc: Exception, url: str) -> dict:
+    """The error body for a failed request to the model server (the cases of describe_error)."""
+    import openai
+
+    message = describe_error(exc, url)
+    if isinstance(exc, openai.APIConnectionError):
+        return error_body(message, code="no_server", url=url)
+    if isinstance(exc, openai.AuthenticationError):
+        return error_body(message, code="needs_key", url=url)
+    if isinstance(exc, openai.APIStatusError):
+        return error_body(message, code="server_said", url=url, status=exc.status_code, detail=exc.message)
+    return error_body(message, code="model_server", detail=message)
+
+
 # ---------------------------------------------------------------- web app
 
 # Request bodies, at module level: with postponed annotations FastAPI resolves a route's
@@ -270,7 +336,7 @@ class Pick(BaseModel):
 
     def pair(self) -> tuple[str, str]:
         if self.models[0] == self.models[1]:
-            raise UIError("choose two different models")
+            raise UIError("choose two different models", code="same_models")
         return tuple(sorted(self.models))  # type: ignore[return-value]
 
 
@@ -283,8 +349,8 @@ class Judge(Pick):
 
 def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     """The FastAPI app: static page + JSON API. ``trusted_hosts`` None accepts any Host header."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi import Cookie, FastAPI, Header, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -306,18 +372,23 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
 
     @app.exception_handler(UIError)
     async def ui_error(_request, exc: UIError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(error_body(str(exc), exc.code, **exc.values), status_code=400)
 
     @app.exception_handler(ReviewFileError)
     async def file_error(_request, exc: ReviewFileError):
-        return JSONResponse({"error": str(exc)}, status_code=500)
+        return JSONResponse(error_body(str(exc), code="review_file", detail=str(exc)), status_code=500)
 
     def upstream(exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": describe_error(exc, models.url)}, status_code=502)
+        return JSONResponse(upstream_error(exc, models.url), status_code=502)
+
+    page = (ASSETS / "index.html").read_text(encoding="utf-8")
 
     @app.get("/")
-    def index():
-        return FileResponse(ASSETS / "index.html", media_type="text/html; charset=utf-8")
+    def index(accept_language: str | None = Header(default=None),
+              saved: str | None = Cookie(default=None, alias=LANG_COOKIE)):
+        lang = page_language(accept_language, saved)  # one of LANGUAGES, never the raw header
+        return HTMLResponse(page.replace('<html lang="en">', f'<html lang="{lang}">', 1),
+                            headers={"Vary": "Accept-Language, Cookie"})
 
     @app.get("/favicon.ico")
     def favicon():
@@ -341,16 +412,17 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
         except Exception as exc:
             return upstream(exc)
         if ask.model not in served:
-            return JSONResponse({"error": f"model {ask.model!r} is not served (served: {', '.join(served)})"},
+            return JSONResponse(error_body(f"model {ask.model!r} is not served (served: {', '.join(served)})",
+                                           code="model_not_served", model=ask.model, served=", ".join(served)),
                                 status_code=404)
 
         def lines() -> Iterator[str]:
-            # One JSON object per line: {"text": piece} ... or {"error": why} (the page tells them apart).
+            # One JSON object per line: {"text": piece} ... or an error body (the page tells them apart).
             try:
                 for piece in models.stream(ask.model, ask.question, ask.max_tokens, ask.temperature):
                     yield json.dumps({"text": piece}, ensure_ascii=False) + "\n"
             except Exception as exc:  # after the headers: the error travels in the body
-                yield json.dumps({"error": describe_error(exc, models.url)}, ensure_ascii=False) + "\n"
+                yield json.dumps(upstream_error(exc, models.url), ensure_ascii=False) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
 

@@ -5,17 +5,90 @@
 const $ = (id) => document.getElementById(id);
 const state = { models: [], item: null, reviewer: "", pair: null };
 
-function setStatus(el, text, isError) {
-  el.textContent = text || "";
+// ---------------------------------------------------------------- languages
+// messages.json holds one table per language. The server picks the page's language (the
+// reviewer's saved choice, else Accept-Language) and writes it into <html lang>; the switch
+// saves a new choice in a cookie so that the server picks it on the next load.
+
+const LANG_COOKIE = "mediagent_lang";
+let tables = {};
+let messages = {};
+
+function t(key, values = {}) {
+  const text = messages[key] ?? key;  // a missing key shows itself; tests keep the tables complete
+  return text.replace(/\{(\w+)\}/g, (whole, name) => (name in values ? String(values[name]) : whole));
+}
+
+// An element's text is kept as its message key and values (data-i18n, data-i18n-values), so
+// that a language switch can render it again, statuses and errors included.
+function setText(el, key, values = {}) {
+  if (!key) {
+    delete el.dataset.i18n;
+    el.textContent = "";
+    return;
+  }
+  el.dataset.i18n = key;
+  el.dataset.i18nValues = JSON.stringify(values);
+  el.textContent = t(key, values);
+}
+
+function translate() {
+  for (const el of document.querySelectorAll("[data-i18n]")) {
+    el.textContent = t(el.dataset.i18n, JSON.parse(el.dataset.i18nValues || "{}"));
+  }
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) {
+    el.placeholder = t(el.dataset.i18nPlaceholder);
+  }
+  for (const el of document.querySelectorAll("[data-i18n-title]")) el.title = t(el.dataset.i18nTitle);
+  // the note CSS shows in an empty answer (app.css: pre.answer:empty::before)
+  document.documentElement.style.setProperty("--empty-answer", JSON.stringify(t("answer.empty")));
+}
+
+function applyLanguage(lang) {
+  if (!(lang in tables)) lang = "en";
+  messages = tables[lang];
+  document.documentElement.lang = lang;
+  for (const button of document.querySelectorAll("[data-lang]")) {
+    button.setAttribute("aria-pressed", String(button.dataset.lang === lang));
+  }
+  translate();
+}
+
+function chooseLanguage(lang) {
+  document.cookie = `${LANG_COOKIE}=${lang}; path=/; max-age=31536000; samesite=strict`;
+  applyLanguage(lang);
+}
+
+// ---------------------------------------------------------------- statuses and errors
+
+function setStatus(el, key, values, isError) {
+  setText(el, key, values);
   el.classList.toggle("error", Boolean(isError));
 }
 
-function errorText(data, status) {
-  if (data.error) return data.error;
-  if (Array.isArray(data.detail)) {  // FastAPI's validation errors
-    return data.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+// A failure the page can name in either language: a message key and its values.
+class PageError extends Error {
+  constructor(key, values = {}) {
+    super(key);
+    this.key = key;
+    this.values = values;
   }
-  return `HTTP ${status}`;
+}
+
+// The server answers an error with a stable code (plus values) beside its English text;
+// the page shows the code's message in the reviewer's language.
+function responseError(data, status) {
+  if (data.code) return new PageError(`error.${data.code}`, data.values || {});
+  if (Array.isArray(data.detail)) {  // FastAPI's validation errors
+    return new PageError("error.invalid", { fields: data.detail.map((d) => (d.loc || []).slice(1).join(".")).join(", ") });
+  }
+  return new PageError("error.http", { status });
+}
+
+function showError(el, err) {
+  if (err instanceof PageError) return setStatus(el, err.key, err.values, true);
+  if (err instanceof TypeError && /fetch|network/i.test(err.message)) return setStatus(el, "error.network", {}, true);
+  return setStatus(el, "error.unexpected", { detail: err.message }, true);
 }
 
 async function postJSON(url, body) {
@@ -23,15 +96,17 @@ async function postJSON(url, body) {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
   const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) {
-    throw new Error(errorText(data, resp.status));
-  }
+  if (!resp.ok) throw responseError(data, resp.status);
   return data;
 }
 
 function fillSelect(select, names, chosen, allowNone) {
   select.replaceChildren();
-  if (allowNone) select.add(new Option("(none)", ""));
+  if (allowNone) {
+    const none = new Option("", "");
+    setText(none, "arena.none");
+    select.add(none);
+  }
   for (const name of names) select.add(new Option(name, name));
   select.value = chosen || "";
 }
@@ -45,13 +120,10 @@ function showTab(name) {
 
 async function loadConfig() {
   const resp = await fetch("/api/config");
-  const cfg = await resp.json();
-  if (!resp.ok) {
-    setStatus($("server-status"), cfg.error || `HTTP ${resp.status}`, true);
-    return;
-  }
+  const cfg = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw responseError(cfg, resp.status);
   state.models = cfg.models;
-  setStatus($("server-status"), `${cfg.models.length} models served; ${cfg.review_questions} review questions`);
+  setStatus($("server-status"), "status.config", { models: cfg.models.length, questions: cfg.review_questions });
   for (let i = 1; i <= 4; i++) {
     fillSelect($(`arena-model-${i}`), cfg.models, cfg.models[i - 1] && i <= 2 ? cfg.models[i - 1] : "", i > 2);
   }
@@ -73,9 +145,9 @@ async function streamInto(model, question, maxTokens, temperature, pane, out) {
   });
   if (!resp.ok) {
     const data = await resp.json().catch(() => ({}));
-    throw new Error(errorText(data, resp.status));
+    throw responseError(data, resp.status);
   }
-  // One JSON object per line: {"text": piece} while the answer streams, {"error": why} if it broke.
+  // One JSON object per line: {"text": piece} while the answer streams, {"error": why, "code": ...} if it broke.
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -84,7 +156,7 @@ async function streamInto(model, question, maxTokens, temperature, pane, out) {
   const take = (line) => {
     if (!line.trim()) return;
     const msg = JSON.parse(line);
-    if (msg.error) throw new Error(msg.error);
+    if (msg.error) throw responseError(msg, resp.status);
     out.textContent += msg.text;
     // when the first and the last piece arrived: the arena test checks the panes overlap
     if (!pieces) pane.dataset.first = String(performance.now());
@@ -109,13 +181,13 @@ async function ask() {
   const question = $("arena-question").value.trim();
   const chosen = [1, 2, 3, 4].map((i) => $(`arena-model-${i}`).value).filter(Boolean);
   const unique = [...new Set(chosen)];
-  if (!question) return setStatus($("arena-status"), "Type a question first.", true);
-  if (unique.length < 2) return setStatus($("arena-status"), "Choose at least two different models.", true);
+  if (!question) return setStatus($("arena-status"), "arena.need_question", {}, true);
+  if (unique.length < 2) return setStatus($("arena-status"), "arena.need_two_models", {}, true);
   const maxTokens = Number($("arena-max-tokens").value) || 512;
   const temperature = Number($("arena-temperature").value) || 0;
   const box = $("arena-answers");
   box.replaceChildren();
-  setStatus($("arena-status"), "Answering...");
+  setStatus($("arena-status"), "arena.answering");
   $("arena-ask").disabled = true;
   const jobs = unique.map((model) => {
     const pane = document.createElement("div");
@@ -126,15 +198,17 @@ async function ask() {
     title.textContent = model;
     const out = document.createElement("pre");
     out.className = "text answer";
-    pane.append(title, out);
+    const note = document.createElement("p");  // an error, apart from the model's text
+    note.className = "status";
+    pane.append(title, out, note);
     box.append(pane);
     return streamInto(model, question, maxTokens, temperature, pane, out)
-      .catch((err) => { out.textContent += `\n[error: ${err.message}]`; pane.dataset.error = "1"; })
+      .catch((err) => { showError(note, err); pane.dataset.error = "1"; })
       .finally(() => { pane.dataset.done = "1"; });
   });
   await Promise.all(jobs);
   $("arena-ask").disabled = false;
-  setStatus($("arena-status"), "Done.");
+  setStatus($("arena-status"), "arena.done");
 }
 
 // ---------------------------------------------------------------- blind review
@@ -144,10 +218,10 @@ function showItem(item) {
   const box = $("review-item");
   if (item.done) {
     box.hidden = true;
-    setStatus($("review-status"), `All ${item.total} questions judged for this pair. Thank you.`);
+    setStatus($("review-status"), "review.all_done", { total: item.total });
     return;
   }
-  $("review-progress").textContent = `Question ${item.position} of ${item.total}`;
+  setText($("review-progress"), "review.progress", { position: item.position, total: item.total });
   $("review-question").textContent = item.question;
   $("review-reference").textContent = item.reference;
   $("answer-a").textContent = item.answer_a;
@@ -163,19 +237,19 @@ function showItem(item) {
 async function startReview() {
   const reviewer = $("reviewer").value.trim();
   const pair = [$("review-model-1").value, $("review-model-2").value];
-  if (!reviewer) return setStatus($("review-status"), "Enter your name first.", true);
-  if (!pair[0] || pair[0] === pair[1]) return setStatus($("review-status"), "Choose two different models.", true);
+  if (!reviewer) return setStatus($("review-status"), "review.need_name", {}, true);
+  if (!pair[0] || pair[0] === pair[1]) return setStatus($("review-status"), "review.need_two_models", {}, true);
   localStorage.setItem("reviewer", reviewer);
   localStorage.setItem("review-pair", JSON.stringify(pair));
   state.reviewer = reviewer;
   state.pair = pair;
   // the name is entered once; reload the page to change it
   for (const id of ["reviewer", "review-model-1", "review-model-2", "review-start"]) $(id).disabled = true;
-  setStatus($("review-status"), "Loading answers...");
+  setStatus($("review-status"), "review.loading");
   try {
     showItem(await postJSON("/api/review/next", { reviewer, models: pair }));
   } catch (err) {
-    setStatus($("review-status"), err.message, true);
+    showError($("review-status"), err);
     for (const id of ["reviewer", "review-model-1", "review-model-2", "review-start"]) $(id).disabled = false;
   }
 }
@@ -187,28 +261,37 @@ async function judge(choice) {
   if ($("unsafe-b").checked) unsafe.push("B");
   const buttons = ["choose-a", "choose-b", "choose-tie"].map($);
   buttons.forEach((b) => { b.disabled = true; });
-  setStatus($("review-status"), "Saving...");
+  setStatus($("review-status"), "review.saving");
   try {
     const result = await postJSON("/api/review/judge", {
       reviewer: state.reviewer, models: state.pair, question_id: state.item.question_id, choice, unsafe,
       comment: $("review-comment").value,
     });
     showItem(result.next);
-    if (!result.next.done) setStatus($("review-status"), `Saved your judgment of question ${result.recorded}.`);
+    if (!result.next.done) setStatus($("review-status"), "review.saved", { question: result.recorded });
   } catch (err) {
-    setStatus($("review-status"), err.message, true);
+    showError($("review-status"), err);
   } finally {
     buttons.forEach((b) => { b.disabled = false; });
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => {
+document.addEventListener("DOMContentLoaded", async () => {
   $("tab-arena").addEventListener("click", () => showTab("arena"));
   $("tab-review").addEventListener("click", () => showTab("review"));
+  for (const button of document.querySelectorAll("[data-lang]")) {
+    button.addEventListener("click", () => chooseLanguage(button.dataset.lang));
+  }
   $("arena-ask").addEventListener("click", ask);
   $("review-start").addEventListener("click", startReview);
   $("choose-a").addEventListener("click", () => judge("A"));
   $("choose-b").addEventListener("click", () => judge("B"));
   $("choose-tie").addEventListener("click", () => judge("tie"));
-  loadConfig().catch((err) => setStatus($("server-status"), err.message, true));
+  try {
+    tables = await (await fetch("/static/messages.json")).json();
+    applyLanguage(document.documentElement.lang);
+    await loadConfig();
+  } catch (err) {
+    showError($("server-status"), err);
+  }
 });
