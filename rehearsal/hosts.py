@@ -1,4 +1,5 @@
-"""Loopback stand-ins for the two remotes of the real job, both on 127.0.0.1.
+"""Loopback stand-ins for the remotes of the real job (the model hub, either source, and
+the data host), all on 127.0.0.1.
 
 ``LoopbackHub`` answers the Hugging Face hub API for one model repository at one commit,
 as the pinned ``huggingface_hub`` client calls it (read from its ``file_download.py``,
@@ -11,9 +12,28 @@ as the pinned ``huggingface_hub`` client calls it (read from its ``file_download
   or ``X-Linked-Etag`` + ``X-Linked-Size`` (sha256 and size of LFS files),
   ``Content-Length``, and ``Range`` on GET.
 
-An unknown revision gets the hub's 404 with ``X-Error-Code: RevisionNotFound``. Faults can
-be switched on per file: ``drop`` (promise the whole body, send half, hang up; resumed
-requests get nothing, so the client's retries run out) and
+An unknown revision gets the hub's 404 with ``X-Error-Code: RevisionNotFound``.
+
+``LoopbackModelScope`` answers ModelScope's ``/api/v1`` routes for the same kind of
+repository, as the pinned ``modelscope`` client (1.40, which delegates to ``modelscope-hub``)
+calls them when it downloads a model at a revision (read from ``modelscope_hub/_download.py``
+and ``_legacy_api.py``):
+
+- ``GET /api/v1/models/{repo}/repo/files?Revision=..&Recursive=True[&Root=..]``: the file
+  listing in ModelScope's envelope (``Code``, ``Message``, ``Success``, ``Data.Files`` with
+  ``Path``, ``Size``, ``Sha256``, ``Type``, ``IsLFS``). An unknown revision answers
+  200 with ``Files: null``, as the live hub does: the client then downloads nothing
+  without complaint, so the caller has to notice;
+- ``GET /api/v1/models/{repo}/repo?Revision=..&FilePath=..``: the file (``Range`` honoured);
+- ``GET /api/v1/models/{repo}/revisions``: ``Data.RevisionMap.Branches``/``Tags``, to tell
+  an unknown revision from an empty repository;
+- ``GET /api/v1/models/{repo}``: repository info (the client asks it when a listing
+  root is missing);
+- ``GET /api/v1/repos/internalAccelerationInfo``: the client's probe for an Alibaba Cloud
+  intranet route; answered with none, as outside Alibaba Cloud.
+
+Faults, for both stand-ins, can be switched on per file: ``drop`` (promise the whole body,
+send half, hang up; resumed requests get nothing, so the client's retries run out) and
 ``corrupt`` (same size, one byte flipped: only a content check can catch it). Every request
 is counted, so a caller can prove a second run fetched nothing.
 
@@ -113,18 +133,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class LoopbackHub(_Server):
-    """The hub API for ``repo_id`` at ``commit``, serving the files of ``folder``."""
+class _ModelRepo(_Server):
+    """One model repository at one commit, serving the files of ``folder``, with faults."""
 
-    def __init__(self, repo_id: str, commit: str, folder: str | Path):
-        super().__init__(_HubHandler)
+    def __init__(self, handler: type[_Handler], repo_id: str, commit: str, folder: str | Path):
+        super().__init__(handler)
         self.repo_id, self.commit = repo_id, commit
         self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
         self.sha256 = {n: hashlib.sha256(d).hexdigest() for n, d in self.files.items()}
-        self.blob = {n: git_blob_id(d) for n, d in self.files.items()}
         self.drop: set[str] = set()      # files whose GET is cut in half (every time)
         self.corrupt: set[str] = set()   # files served with one byte flipped
-        self.downloads: list[str] = []   # names of files whose body was sent (GET resolve)
+        self.downloads: list[str] = []   # names of files whose body was sent
 
     def body(self, name: str) -> bytes:
         data = self.files[name]
@@ -132,6 +151,18 @@ class LoopbackHub(_Server):
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
         return data
+
+    def sent(self, name: str) -> None:
+        with self.lock:
+            self.downloads.append(name)
+
+
+class LoopbackHub(_ModelRepo):
+    """The Hugging Face hub API for ``repo_id`` at ``commit``, serving the files of ``folder``."""
+
+    def __init__(self, repo_id: str, commit: str, folder: str | Path):
+        super().__init__(_HubHandler, repo_id, commit, folder)
+        self.blob = {n: git_blob_id(d) for n, d in self.files.items()}
 
     def tree(self) -> list[dict]:
         out = []
@@ -184,10 +215,88 @@ class _HubHandler(_Handler):
             else:
                 headers["ETag"] = f'"{hub.blob[name]}"'
             if not head:
-                with hub.lock:
-                    hub.downloads.append(name)
+                hub.sent(name)
             return self._send_body(data, headers, drop=(not head and name in hub.drop), head=head)
         return self._error(404, "RepoNotFound", f"Repository not found: {path}", head)
+
+
+class LoopbackModelScope(_ModelRepo):
+    """ModelScope's API for ``repo_id``: branch ``master`` and ``commit``, serving ``folder``.
+
+    Both name the same files; any other revision is unknown.
+    """
+
+    BRANCH = "master"  # ModelScope's default branch (not "main")
+
+    def __init__(self, repo_id: str, commit: str, folder: str | Path):
+        super().__init__(_ModelScopeHandler, repo_id, commit, folder)
+
+    def listing(self, root: str = "") -> list[dict]:
+        root = root.strip("/")
+        return [
+            {"Name": name.rsplit("/", 1)[-1], "Path": name, "Type": "blob", "Size": len(data),
+             "Sha256": self.sha256[name], "IsLFS": name.endswith(LFS_SUFFIXES), "Revision": self.commit}
+            for name, data in self.files.items() if not root or name.startswith(root + "/")
+        ]
+
+
+def _envelope(data) -> bytes:
+    """ModelScope's JSON envelope around a successful answer."""
+    return json.dumps({"Code": 200, "Message": "success", "Success": True, "RequestId": "loopback",
+                       "Data": data}).encode()
+
+
+class _ModelScopeHandler(_Handler):
+    host: LoopbackModelScope
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self._handle(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle(head=False)
+
+    def _fail(self, code: int, message: str, head: bool) -> None:
+        body = json.dumps({"Code": code, "Message": message, "Success": False, "RequestId": "loopback"}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _handle(self, head: bool) -> None:
+        ms = self.host
+        ms.record(self.command, self.path)
+        url = urllib.parse.urlsplit(self.path)
+        path = urllib.parse.unquote(url.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+        json_type = {"Content-Type": "application/json"}
+        if path == "/api/v1/repos/internalAccelerationInfo":
+            return self._send_body(_envelope({"InternalRegionQueryAddress": ""}), json_type, head=head)
+        base = f"/api/v1/models/{ms.repo_id}"
+        if path == base:
+            owner, name = ms.repo_id.split("/")
+            return self._send_body(_envelope({"Path": owner, "Name": name, "Revision": ms.BRANCH}), json_type, head=head)
+        if path == f"{base}/revisions":
+            created = 1735689600  # a fixed time: the answer is the same bytes every run
+            revisions = {"Branches": [{"Revision": ms.BRANCH, "CreatedAt": created}], "Tags": []}
+            return self._send_body(_envelope({"RevisionMap": revisions}), json_type, head=head)
+        revision = query.get("Revision") or ms.BRANCH
+        known = revision in (ms.commit, ms.BRANCH)
+        if path == f"{base}/repo/files":
+            files = ms.listing(query.get("Root", "")) if known else None
+            return self._send_body(_envelope({"Files": files}), json_type, head=head)
+        if path == f"{base}/repo":
+            name = query.get("FilePath", "")
+            if not known:
+                return self._fail(404, f"revision {revision} not found", head)
+            if name not in ms.files:
+                return self._fail(404, f"file {name} not found at {revision}", head)
+            if not head:
+                ms.sent(name)
+            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+            return self._send_body(ms.body(name), headers, drop=(not head and name in ms.drop), head=head)
+        return self._fail(404, f"no such route: {path}", head)
 
 
 class FileHost(_Server):

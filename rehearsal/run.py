@@ -1,11 +1,12 @@
 """`make rehearse`: the real job's commands, end to end, offline, with only the remotes made local.
 
 In a fresh clone of this repository (HEAD) in a temporary folder, with the Qwen3-8B-
-structured rehearsal checkpoint on a loopback hub and the official cMedQA2 layout on a
-loopback host:
+structured rehearsal checkpoint on a loopback hub (Hugging Face, or ModelScope with
+``--source modelscope``) and the official cMedQA2 layout on a loopback host:
 
-1. ``make base`` (``dvc repro base``) with ``model.base``/``model.revision`` pinned (real
-   ``snapshot_download``), then ``make base`` again, which must make no request;
+1. ``make base`` (``dvc repro base``) with ``model.base``/``model.revision``/``model.source``
+   pinned (the real ``huggingface_hub`` or ``modelscope`` client), then ``make base`` again,
+   which must make no request;
 2. ``make data`` with ``download.base_url`` and the blob ids of the rebuilt archives;
 3. ``dvc exp run -S model.dtype=bfloat16 ...`` through process, train, merge, evaluate (base
    is up to date and makes no request; bf16 merge parity, sharded BF16 merged model, 100 candidates per question), while the
@@ -18,7 +19,8 @@ loopback host:
 Writes a JSON report (``--report``, default rehearsal/report.json) and exits non-zero on
 the first failure (the report then holds what was measured so far and the error).
 
-Run: ``python -m rehearsal.run [--report PATH] [--keep]`` (or ``make rehearse``).
+Run: ``python -m rehearsal.run [--report PATH] [--source huggingface|modelscope] [--keep]``
+(or ``make rehearse [SOURCE=modelscope]``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import yaml
 from rehearsal.checkpoint import build_checkpoint
 from rehearsal.data import official_layout
 from mediagent.fileio import git_blob_id
-from rehearsal.hosts import FileHost, LoopbackHub
+from rehearsal.hosts import FileHost, LoopbackHub, LoopbackModelScope
 
 log = logging.getLogger("rehearsal")
 
@@ -51,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "rehearsal/Qwen3-8B-small"
 COMMIT = "5d2f9c1e0b7a4c3d8e6f1a2b3c4d5e6f7a8b9c0d"  # a fixed, made-up commit sha of that repo
 STAGES = ("process", "base", "train", "merge", "evaluate")
+# model.source -> the loopback stand-in that serves the checkpoint as that source's API does
+REMOTES = {"huggingface": LoopbackHub, "modelscope": LoopbackModelScope}
 SHARED = Path(os.environ.get("MEDQA_SHARED_DATA", ROOT.parent / "shared" / "data" / "cmedqa2"))
 
 # Sizes that keep the whole rehearsal within ~20 minutes on two CPU cores. Each is a -S
@@ -230,7 +234,7 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
         logf.close()
 
 
-def sweep(run: Runner, dvc: list[str], hub: LoopbackHub, logs: Path) -> dict:
+def sweep(run: Runner, dvc: list[str], hub: LoopbackHub | LoopbackModelScope, logs: Path) -> dict:
     before = hub.count()
     for r in (8, 32):
         run(dvc + ["exp", "run", "--queue", "-S", f"lora.r={r}"])
@@ -307,7 +311,16 @@ def budget_forcing_micro_batches(repo: Path, base_dir: Path, overrides: dict) ->
     return round((need[batch] + need[batch // 2]) / 2 / (1 - memory.MARGIN) / memory.GIB, 4)
 
 
-def rehearse(work: Path, report: dict) -> None:
+def remote_env(source: str, url: str, work: Path) -> dict:
+    """What points the source's real client at the stand-in (and keeps its state in work)."""
+    if source == "modelscope":
+        return {"MODELSCOPE_ENDPOINT": url, "MODELSCOPE_CACHE": str(work / "modelscope_cache"),
+                "MODELSCOPE_HOME": str(work / "modelscope_home")}
+    return {"HF_ENDPOINT": url, "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
     venv = (ROOT / ".venv").resolve()
     repo = work / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
@@ -319,23 +332,22 @@ def rehearse(work: Path, report: dict) -> None:
     files, data_summary = official_layout(SHARED / "sample", SHARED)
     report["timings_s"] = {"checkpoint": round(time.monotonic() - t, 1)}
 
-    with LoopbackHub(REPO_ID, COMMIT, hub_dir) as hub, FileHost(files) as host:
+    with REMOTES[source](REPO_ID, COMMIT, hub_dir) as hub, FileHost(files) as host:
         env = {
-            **os.environ,
-            "HF_ENDPOINT": hub.url, "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
+            **os.environ, **remote_env(source, hub.url, work), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
             "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
             "GIT_AUTHOR_NAME": "rehearsal", "GIT_AUTHOR_EMAIL": "rehearsal@localhost",
             "GIT_COMMITTER_NAME": "rehearsal", "GIT_COMMITTER_EMAIL": "rehearsal@localhost",
         }
-        env.pop("HF_HUB_OFFLINE", None)
+        for name in ("HF_HUB_OFFLINE", "MODELSCOPE_DOMAIN", "MODELSCOPE_API_TOKEN"):
+            env.pop(name, None)
         run = Runner(repo, env)
         # The venv is already installed: never let make reinstall it in the clone.
         make = ["make", "--no-print-directory", "-o", ".venv/.installed"]
         dvc = [str(venv / "bin" / "dvc")]
 
         # ---- 1-2. make base at a pinned revision, twice
-        pinned = {"model.base": REPO_ID, "model.revision": COMMIT, "model.dtype": "bfloat16"}
+        pinned = {"model.base": REPO_ID, "model.revision": COMMIT, "model.source": source, "model.dtype": "bfloat16"}
         set_params(repo / "params.yaml", pinned)
         t = time.monotonic()
         first_out = run(make + ["base"])
@@ -345,7 +357,7 @@ def rehearse(work: Path, report: dict) -> None:
         second_out = run(make + ["base"])
         report["stages_run_make_base"] = [ran(first_out), ran(second_out)]
         report["base"] = {
-            "repo": REPO_ID, "revision": fetch["revision"], "files": sorted(fetch["files"]),
+            "source": fetch["source"], "repo": REPO_ID, "revision": fetch["revision"], "files": sorted(fetch["files"]),
             "requests": first, "downloaded": sorted(hub.downloads), "refetch_requests": hub.count() - first,
             # Hard links to the DVC cache (link count 2) or symlinks: the base is stored once.
             "shard_link_counts": sorted({p.stat().st_nlink for p in base_dir.glob("*.safetensors")}),
@@ -355,6 +367,8 @@ def rehearse(work: Path, report: dict) -> None:
                 "rope_theta", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers")},
         }
         report["timings_s"]["make_base_x2"] = round(time.monotonic() - t, 1)
+        if report["base"]["source"] != source:
+            raise RehearsalError(f"fetch.json says the base came from {report['base']['source']}, not {source}")
         if report["base"]["refetch_requests"]:
             raise RehearsalError(f"second `make base` made {report['base']['refetch_requests']} requests")
 
@@ -372,7 +386,7 @@ def rehearse(work: Path, report: dict) -> None:
         run(["git", "commit", "-qm", "Pin the base, track cMedQA2 raw data"])
 
         # ---- 4. the pipeline in bfloat16
-        overrides = {"model.base": REPO_ID, "model.revision": COMMIT, **OVERRIDES}
+        overrides = {"model.base": REPO_ID, "model.revision": COMMIT, "model.source": source, **OVERRIDES}
         # A device too small for the whole batch: the plan trains 2 x 2 instead of 4 x 1.
         overrides["train.memory_budget"] = budget_forcing_micro_batches(repo, base_dir, overrides)
         args = dvc + ["exp", "run"] + [a for k, v in overrides.items() for a in ("-S", f"{k}={v}")]
@@ -452,15 +466,17 @@ def rehearse(work: Path, report: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", default="rehearsal/report.json")
+    parser.add_argument("--source", default="huggingface", choices=sorted(REMOTES),
+                        help="where `make base` fetches the base from (model.source): its loopback stand-in")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone (its path is logged)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = Path(tempfile.mkdtemp(prefix="medqa-rehearsal-"))
     log.info("working in %s", work)
-    report: dict = {"ok": False}
+    report: dict = {"ok": False, "source": args.source}
     t0 = time.monotonic()
     try:
-        rehearse(work, report)
+        rehearse(work, report, args.source)
         report["ok"] = True
     except Exception as e:  # the report must say what failed, whatever it was
         log.error("rehearsal failed: %s", e)

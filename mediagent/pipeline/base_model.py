@@ -9,8 +9,9 @@ Writes <model.dir>/<model.base>/ (config, safetensors weights, tokenizer, chat t
 - A hub id (``Qwen/Qwen3-8B``) is downloaded at ``model.revision`` from Hugging Face or
   ModelScope (``model.source``) if it is not already in place: only config, generation
   config, safetensors weights + index and tokenizer files, into a temporary folder that is
-  renamed into place once every file matched the hub's digest. ``fetch.json`` records
-  what was fetched; with the same repo and revision the stage then makes no request. A
+  renamed into place once every file matched the digest its source published (the hub's
+  etag; the SHA-256 in ModelScope's file listing). ``fetch.json`` records what was
+  fetched; with the same repo, revision and source the stage then makes no request. A
   copy put there by hand (no ``fetch.json``) is checked and used as is.
 
 Run: ``python -m mediagent.pipeline.base_model``, or ``make base`` (``dvc repro base``: the base is then
@@ -106,8 +107,9 @@ def build_tiny(tiny: TinyParams, out_dir: Path) -> None:
     log.info("built tiny Qwen3 (%s params) in %s", f"{model.num_parameters():,}", out_dir)
 
 
-# What `make base` fetches of a hub repository: config, generation config, safetensors
-# weights + index, tokenizer files. Never pickle weights (.bin/.pt), never remote code (*.py).
+# What `make base` fetches of a hub repository (either source): config, generation config,
+# safetensors weights + index, tokenizer files. Never pickle weights (.bin/.pt), never
+# remote code (*.py).
 HUB_FILES = [
     "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -131,20 +133,31 @@ def _digest(path: Path, etag: str) -> tuple[str, str]:
     return "sha256", h.hexdigest()
 
 
-def verify_download(out_dir: Path, etags: dict[str, str]) -> dict[str, dict]:
-    """Check every fetched file against the etag the hub sent; return the fetch record's files.
+# Whose digest a downloaded file is checked against, for the error that names a mismatch.
+DIGEST_SOURCES = {"huggingface": "hub's", "modelscope": "ModelScope file listing's"}
 
-    The hub client checks sizes only: a file of the right size with wrong bytes passes it.
-    Its etag is the sha256 of a weight file (git LFS) or the git blob id of a small file, so
-    hashing the bytes catches any corruption, and the error names the file.
+
+def verify_download(out_dir: Path, etags: dict[str, str], source: str = "huggingface") -> dict[str, dict]:
+    """Check every fetched file against the digest its source published; return the fetch record's files.
+
+    Hugging Face: the hub client checks sizes only, so a file of the right size with wrong
+    bytes passes it. Its etag is the sha256 of a weight file (git LFS) or the git blob id of
+    a small file. ModelScope: every entry of the file listing carries a sha256. Hashing the
+    bytes catches any corruption whatever the client checked, and the error names the file.
     """
+    missing = sorted(n for n in etags if not (out_dir / n).is_file())
+    if missing:
+        raise BaseModelError(
+            f"{', '.join(missing)}: listed at the pinned revision but not downloaded. Nothing was kept; "
+            f"run `make base` again"
+        )
     files = {}
     for name, etag in sorted(etags.items()):
         kind, got = _digest(out_dir / name, etag)
         if got != etag:
             raise BaseModelError(
-                f"{name}: downloaded bytes do not match the hub's {kind} {etag} (got {got}); the transfer "
-                f"was corrupted. Nothing was kept; run `make base` again"
+                f"{name}: downloaded bytes do not match the {DIGEST_SOURCES[source]} {kind} {etag} (got {got}); "
+                f"the transfer was corrupted. Nothing was kept; run `make base` again"
             )
         files[name] = {"size": (out_dir / name).stat().st_size, kind: etag}
     return files
@@ -180,18 +193,81 @@ def _hub_download(model: ModelParams, out_dir: Path) -> dict[str, str]:
     return etags
 
 
+def _modelscope_download(model: ModelParams, out_dir: Path) -> dict[str, str]:
+    """ModelScope's client at the pinned revision into out_dir; returns {file: sha256 from its listing}.
+
+    ``modelscope`` 1.40's ``snapshot_download`` is a thin shim over ``modelscope_hub``, whose
+    HubApi is called here directly: its file listing keeps each file's ``Sha256`` (the
+    shim's ``get_model_files`` drops it), and ``download_repo(file_list=...)`` fetches
+    exactly the files of that one listing, so what is downloaded is what gets verified.
+    Routes (see rehearsal/hosts.py): ``/api/v1/models/{repo}/repo/files`` (listing),
+    ``/api/v1/models/{repo}/repo?FilePath=`` (each file), ``/revisions`` (only to explain an
+    empty listing). There is no separate revision lookup.
+
+    The client checks each file's size and, when the listing gives one, its sha256 (a
+    mismatch is retried, then fails with FileIntegrityError); ``verify_download`` checks
+    again, so a client that stopped checking could not let a corrupted file through.
+    """
+    from fnmatch import fnmatch
+
+    from modelscope_hub import FileDownloadError, HubApi, HubConfig
+
+    # A fresh config reads MODELSCOPE_ENDPOINT (or MODELSCOPE_DOMAIN), MODELSCOPE_API_TOKEN
+    # and MODELSCOPE_CACHE now: the client's default config is built once per process.
+    api = HubApi(config=HubConfig())
+    listed = [f for f in api.list_repo_files(model.base, "model", revision=model.revision) if not f.is_dir]
+    if not listed:
+        raise _empty_listing(api, model)
+    wanted = [f for f in listed if any(fnmatch(f.path, pattern) for pattern in HUB_FILES)]
+    if not any(f.path.endswith(".safetensors") for f in wanted):
+        raise BaseModelError(
+            f"{model.base}@{model.revision} on ModelScope lists no safetensors weights "
+            f"({', '.join(sorted(f.path for f in listed)[:10])}); only safetensors are loaded: choose a "
+            f"repository that has them, or copy a safetensors checkpoint to {model.path} by hand"
+        )
+    unsigned = sorted(f.path for f in wanted if not f.sha256)
+    if unsigned:
+        raise BaseModelError(
+            f"{', '.join(unsigned)}: ModelScope's listing of {model.base}@{model.revision} gives no Sha256, so "
+            f"the download could not be verified; copy the checkpoint to {model.path} by hand"
+        )
+    try:
+        api.download_repo(
+            model.base, "model", revision=model.revision, local_dir=out_dir, allow_patterns=HUB_FILES,
+            file_list=[{"Path": f.path, "Size": f.size, "Sha256": f.sha256} for f in wanted],
+        )
+    except FileDownloadError as exc:  # the client tried every file first: name each one that failed
+        failed = "; ".join(f"{name}: {err}" for name, err in sorted(exc.failed_files.items()))
+        raise BaseModelError(
+            f"{failed} — could not download {model.base}@{model.revision} from ModelScope. Nothing was "
+            f"written to {model.path}; check the connection (or MODELSCOPE_ENDPOINT) and run `make base` again"
+        ) from exc
+    return {f.path: f.sha256.lower() for f in wanted}
+
+
+def _empty_listing(api, model: ModelParams) -> BaseModelError:
+    """Why ModelScope listed no files: an unknown revision (it answers 200 with no files) or an empty repo."""
+    refs = sorted({r.get("Revision") for r in api.list_repo_revisions(model.base, "model") if r.get("Revision")})
+    if model.revision in refs:
+        return BaseModelError(f"{model.base}@{model.revision} on ModelScope has no files; check model.base")
+    return BaseModelError(
+        f"model.revision {model.revision!r} was not found in ModelScope's {model.base} (its branches and "
+        f"tags: {', '.join(refs) or 'none'}; ModelScope's default branch is master, not main). Set "
+        f"model.revision to a tag or commit id of that repository. Nothing was written to {model.path}"
+    )
+
+
+# Each source's client downloads the HUB_FILES of model.base at model.revision into a
+# folder and returns {file: the digest that source published for it}.
+FETCHERS = {"huggingface": _hub_download, "modelscope": _modelscope_download}
+
+
 def download(model: ModelParams, out_dir: Path) -> dict:
     """Fetch and verify safetensors weights, config and tokenizer at a pinned revision.
 
     Returns the fetch record written to ``out_dir/fetch.json``.
     """
-    if model.source == "modelscope":
-        from modelscope import snapshot_download as ms_download  # optional: pip install modelscope
-
-        ms_download(model.base, revision=model.revision, local_dir=str(out_dir), allow_patterns=HUB_FILES)
-        files = {p.name: {"size": p.stat().st_size} for p in sorted(out_dir.iterdir()) if p.is_file()}
-    else:
-        files = verify_download(out_dir, _hub_download(model, out_dir))
+    files = verify_download(out_dir, FETCHERS[model.source](model, out_dir), model.source)
     check_shards(out_dir)
     record = {"repo": model.base, "revision": model.revision, "source": model.source, "files": files}
     (out_dir / FETCH_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
