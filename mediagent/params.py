@@ -357,6 +357,25 @@ class ReviewParams:
 
 
 @dataclass(frozen=True)
+class LaunchParams:
+    """How the train stage runs: in this process, or through `accelerate launch` (DDP,
+    FSDP, DeepSpeed) with one of configs/accelerate/*.yaml. Not part of the adapter's
+    identity: the same data and params give the same adapter on 1 or N processes."""
+
+    config: str  # "" = this process; else an accelerate config file
+    processes: int | str  # auto = one per GPU | a number (needed where there is no GPU)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.config and not Path(self.config).is_file():
+            out.append(f"launch.config: {self.config!r} is not a file (e.g. configs/accelerate/ddp.yaml, or \"\" for one process)")
+        if self.processes != "auto" and not (
+                isinstance(self.processes, int) and not isinstance(self.processes, bool) and self.processes >= 1):
+            out.append(f"launch.processes: {self.processes!r} must be auto or a number >= 1")
+        return out
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     download: DownloadParams
@@ -365,6 +384,7 @@ class Params:
     tiny: TinyParams
     lora: LoraParams
     train: TrainParams
+    launch: LaunchParams
     merge: MergeParams
     eval: EvalParams
     serve: ServeParams

@@ -36,7 +36,7 @@ ADAPTER_FILES = [
 METRIC_KEYS = {
     "train_loss", "eval_loss", "eval_loss_step0", "steps", "trainable_params", "total_params",
     "train_examples", "train_truncated", "train_dropped", "val_examples", "val_truncated",
-    "val_dropped", "nonpad_fraction", "plan", "budget_bytes", "estimate_bytes", "peak_bytes",
+    "val_dropped", "nonpad_fraction", "plan", "budget_bytes", "estimate_bytes", "peak_bytes", "devices",
 }
 # Small but real: short sequences and few steps keep each run to seconds on two cores.
 SMALL = dict(max_seq_length=128, per_device_train_batch_size=4, per_device_eval_batch_size=16,
@@ -177,8 +177,12 @@ def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
     metrics = read_json("metrics/train.json")
     assert metrics["steps"] == 6  # as many optimizer steps as an uninterrupted run
     assert metrics["eval_loss_step0"] > metrics["eval_loss"]
-    assert Path("models/adapter/adapter_model.safetensors").is_file()
     assert not Path("models/checkpoints").exists()
+    # the same adapter as a run that was never interrupted: same batches, optimizer state, schedule
+    main(with_overrides(params, train={"output_dir": "models/whole", "checkpoint_dir": "models/ckpt-whole"}))
+    resumed, whole = _adapter_weights("models/adapter"), _adapter_weights("models/whole")
+    diff = max(float((resumed[k] - w).abs().max()) for k, w in whole.items())
+    assert diff <= 2e-4 * max(float(w.abs().max()) for w in whole.values()), diff
 
 
 def test_checkpoints_of_other_params_are_discarded(workdir, repo_params, caplog):
@@ -274,30 +278,3 @@ def test_bad_params_fail_early_with_clear_messages(workdir, repo_params):
         main(with_overrides(repo_params, data={"processed_dir": "data/none"}))
     # nothing was written by the failed runs
     assert not any(Path(p).exists() for p in ("models/adapter", "models/checkpoints", "metrics", "dvclive"))
-
-
-def test_two_process_ddp_writes_a_loadable_adapter(workdir, repo_params, tiny_base):
-    params = small(repo_params, max_steps=3, per_device_train_batch_size=2, max_eval_examples=8)
-    write_params(params, workdir / "params.yaml")
-    # accelerate's `--cpu` flag starts one process unless run under MPI; its torchrun-based
-    # launcher with ACCELERATE_USE_CPU gives two real processes with gloo DDP on CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mediagent.pipeline.train"]
-    env = {**stage_env(), "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(launch, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert '"world_size": 2' in proc.stderr
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    assert sorted(p.name for p in Path("models/adapter").iterdir()) == ADAPTER_FILES
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, "models/adapter").eval()
-    ids = load_tokenizer("models/adapter")("头疼怎么办？", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    assert logits.shape == (1, ids.shape[1], base.config.vocab_size) and torch.isfinite(logits).all()
-    assert read_json("metrics/train.json")["steps"] == 3
-    assert proc.stderr.count("adapter written to") == 1  # only the main process publishes

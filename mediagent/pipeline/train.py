@@ -2,14 +2,15 @@
 
 Reads  <data.processed_dir>/train.jsonl and val.jsonl (ChatML examples from `process`),
        the base model at <model.dir>/<model.base> (from `base`), params `model`, `lora`,
-       `train`.
+       `train`, `launch` (and the accelerate config it names, under configs/accelerate).
 Writes <train.output_dir>/ (peft adapter, tokenizer with the project's chat template,
        lineage.json), <train.metrics_file>, and dvclive curves under <train.dvclive_dir>.
        Checkpoints go to <train.checkpoint_dir>, a scratch area outside the DVC outs:
        an interrupted run resumes from there on rerun, and it is emptied after success.
 
 Run:   python -m mediagent.pipeline.train            (DVC: dvc repro train)
-Scale: accelerate launch --config_file configs/accelerate/ddp.yaml -m mediagent.pipeline.train
+Scale: accelerate launch --config_file configs/accelerate/ddp.yaml -m mediagent.pipeline.train,
+       or params `launch.config` (+ `launch.processes`) to do that from `dvc repro` / `dvc exp run`.
 
 Only the assistant's answer (and its <|im_end|>) is learned; batches are grouped by length
 and padded to their own longest example, so little compute goes into padding.
@@ -21,8 +22,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +297,11 @@ def training_arguments(train: TrainParams, dtype: torch.dtype, plan: dict[str, A
         logging_steps=train.logging_steps,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
+        # eval_loss_step0: evaluated inside train(), after the model is wrapped, because
+        # FSDP2 must prepare the model together with its optimizer (a standalone
+        # evaluate() first would wrap it alone). A resumed run restores it from the
+        # checkpoint's log history (main() turns this off then).
+        eval_on_start=True,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
@@ -313,13 +322,93 @@ def training_arguments(train: TrainParams, dtype: torch.dtype, plan: dict[str, A
     )
 
 
+def fsdp_on_cpu(accelerator) -> bool:
+    """Turn accelerate's FSDP on for CPU processes launched with an FSDP config; True if it did.
+
+    accelerate (1.15) enables its FSDP plugin for GPU-like devices only: launched on CPUs
+    (ACCELERATE_USE_CPU=true) with configs/accelerate/fsdp.yaml it would silently train
+    plain data-parallel. torch's FSDP2 runs on CPU over gloo, so the plugin is switched
+    on here; wrapping, gathering and checkpoints are then accelerate's and transformers'
+    own FSDP code, as on GPUs, which is what rehearsing a multi-GPU run on CPUs is for.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* settings the launcher exported
+    if plugin.fsdp_version != 2:
+        raise UserError("fsdp_version 1 cannot run on CPU processes (torch's FSDP1 needs a GPU): "
+                        "use configs/accelerate/fsdp.yaml as shipped (fsdp_version: 2)")
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def check_engine(trainer) -> None:
+    """Fail when the launch asked for FSDP or DeepSpeed and accelerate quietly set up
+    something else (it falls back to plain data parallel where it cannot run them)."""
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(flag, "false").lower() == "true"]
+    got = {"FSDP": trainer.is_fsdp_enabled, "DeepSpeed": trainer.is_deepspeed_enabled}
+    for name in asked:
+        if not got[name]:
+            kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+            hint = (" (accelerate turns DeepSpeed off under ACCELERATE_USE_CPU / --cpu: drop it, DeepSpeed "
+                    "finds the CPU itself)" if name == "DeepSpeed" else "")
+            raise UserError(f"the accelerate config asks for {name}, but accelerate set up {kind}{hint}")
+
+
+def describe_parallelism(trainer, world_size: int) -> str:
+    """What the launch actually did, e.g. 'FSDP2, 344 of 344 parameter tensors sharded over 2 processes'."""
+    kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
+        from torch.distributed.tensor import DTensor
+
+        params = list(trainer.model_wrapped.parameters())
+        sharded = sum(isinstance(p, DTensor) for p in params)
+        return f"FSDP2, {sharded} of {len(params)} parameter tensors sharded over {world_size} processes"
+    if trainer.is_deepspeed_enabled:
+        return f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}, {world_size} processes"
+    return f"{kind}, {world_size} process{'es' if world_size > 1 else ''}"
+
+
 def make_trainer(**kwargs):
     """A transformers.Trainer that also counts real vs padded tokens of the batches it trains on."""
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        """Batches grouped by length in an order drawn from (seed, epoch) alone.
+
+        The stock sampler draws from the global RNG, which a resumed run restores to its
+        checkpoint's state rather than the epoch's start: the resumed run would skip the
+        first batches of another order and end with another adapter."""
+
+        def __init__(self, sampler: LengthGroupedSampler, seed: int):
+            super().__init__(sampler.batch_size, lengths=sampler.lengths)
+            self.seed = seed
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at each epoch's start
+            self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
     class _Trainer(Trainer):
         real_tokens = 0
         batch_tokens = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                return EpochSeededLengthSampler(sampler, self.args.data_seed)
+            return sampler
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            if fsdp_on_cpu(self.accelerator):
+                self.is_fsdp_enabled = True
+            check_engine(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs["attention_mask"]
@@ -361,13 +450,15 @@ def run_metrics(history: list[dict], trainer_train_loss: float) -> dict[str, flo
 
     train_loss is the mean of the logged training losses: unlike Trainer's own figure it
     covers the whole run also after a resume (log_history is restored from the checkpoint).
-    The last evaluation is the one Trainer runs at the final step.
+    The first evaluation is the one at step 0 (eval_on_start, kept in a resumed run's
+    restored history), the last the one Trainer runs at the final step.
     """
     losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
     return {
         "train_loss": sum(losses) / len(losses) if losses else trainer_train_loss,
-        "eval_loss": evals[-1],
+        "eval_loss": evals[-1]["eval_loss"],
+        "eval_loss_step0": next(h["eval_loss"] for h in evals if h["step"] == 0),
     }
 
 
@@ -391,9 +482,44 @@ def _barrier() -> None:
 # ---------------------------------------------------------------- the stage
 
 
+def _config_type(path: str) -> str:
+    import yaml
+
+    return str((yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("distributed_type", "")).upper()
+
+
+def launch(params: Params) -> None:
+    """Run this stage again under `accelerate launch` with launch.config; each process reads
+    params.yaml as a one-process run does, so DVC sees one command with the same outs."""
+    from mediagent.loading import gpu_count
+
+    gpus = gpu_count()
+    processes = params.launch.processes
+    if processes == "auto":
+        if not gpus:
+            raise UserError("launch.processes: auto starts one process per GPU and this machine has none; "
+                            "set a number to train on CPU processes (gloo)")
+        processes = gpus
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.launch.config,
+           "--num_processes", str(processes), "-m", "mediagent.pipeline.train"]
+    env = dict(os.environ)
+    if not gpus and _config_type(params.launch.config) != "DEEPSPEED":
+        # CPU processes over gloo (accelerate's own --cpu flag starts a single process).
+        # DeepSpeed finds the CPU itself, and accelerate would turn it off under this flag.
+        env["ACCELERATE_USE_CPU"] = "true"
+    log.info("launching %d processes: %s", processes, shlex.join(cmd))
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise UserError(f"accelerate launch with {params.launch.config} ({processes} processes) exited with "
+                        f"{code}; the processes' errors are above")
+
+
 def main(params: Params) -> None:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
+    if params.launch.config and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
+        launch(params)
+        return
     train = params.train
     check_model_dir(params.model.path)
     train_path, val_path = data_files(params)
@@ -445,7 +571,8 @@ def main(params: Params) -> None:
     if is_main:
         discard_stale_checkpoints(ckpt_dir, fingerprint)
     _barrier()
-    resume_from, record = resumable_checkpoint(ckpt_dir, fingerprint)
+    resume_from, _ = resumable_checkpoint(ckpt_dir, fingerprint)
+    args.eval_on_start = resume_from is None
 
     trainer = make_trainer(
         model=model,
@@ -458,19 +585,17 @@ def main(params: Params) -> None:
         callbacks=_callbacks(train.dvclive_dir, resume=resume_from is not None) if is_main else [],
     )
     if resume_from is None:
-        eval_loss_step0 = trainer.evaluate()["eval_loss"]
         if is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_json(ckpt_dir / RUN_FILE, {"fingerprint": fingerprint, "eval_loss_step0": eval_loss_step0})
+            write_json(ckpt_dir / RUN_FILE, {"fingerprint": fingerprint})
     else:
-        eval_loss_step0 = record["eval_loss_step0"]
         log.info("resuming from %s (same params and data)", resume_from.name)
     _barrier()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    log.info("parallelism: %s", describe_parallelism(trainer, args.world_size))
 
     metrics = {
         **run_metrics(trainer.state.log_history, output.training_loss),
-        "eval_loss_step0": eval_loss_step0,
         "steps": trainer.state.global_step,
         "trainable_params": trainable,
         "total_params": total,
@@ -481,6 +606,8 @@ def main(params: Params) -> None:
         "budget_bytes": choice["budget_bytes"],
         "estimate_bytes": choice["estimate_bytes"],
         "peak_bytes": measured_peak_bytes(),
+        # which GPUs this run was given (`mediagent sweep` sets one group per worker)
+        "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
     }
 
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the main process
