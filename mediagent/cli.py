@@ -31,6 +31,7 @@ COMMANDS = {
     "data": ("mediagent.commands.download", "Download and verify the official cMedQA2 files."),
     "preflight": ("mediagent.commands.preflight", "Memory plan for a base and a budget, before anything loads."),
     "summary": ("mediagent.commands.summary", "Base vs tuned headline metrics."),
+    "sweep": ("mediagent.commands.sweep", "Run the queued DVC experiments in parallel, one GPU (group) each."),
     "plots": ("mediagent.commands.plots", "Plots as PNGs and an HTML page that needs no CDN (offline)."),
 }
 

@@ -1,0 +1,88 @@
+"""`mediagent sweep --gpus ...` (`make sweep GPUS=...`): the queued DVC experiments, several
+at once, each on its own GPU (or group of GPUs).
+
+`dvc queue start -j N` starts N queue workers that all see every GPU, so N experiments
+would crowd onto the same device. This starts DVC's own queue workers
+(`dvc exp queue-worker`, the process `dvc queue start` spawns, with the same names) in the
+foreground, one per device group, each with its own ``CUDA_VISIBLE_DEVICES``; each takes
+the next queued experiment until the queue is empty, then exits. Results land in
+`dvc exp show` as with `dvc queue start`; the train stage records its devices in
+``metrics/train.json`` (``devices``).
+
+    dvc exp run --queue -S lora.r=8
+    dvc exp run --queue -S lora.r=32
+    mediagent sweep --gpus 0,1          # two workers: GPU 0 and GPU 1
+    mediagent sweep --gpus 0+1,2+3      # two workers with two GPUs each (launch.config)
+
+Reads  the DVC experiment queue of the current repository.
+Writes nothing itself; each experiment is a `dvc exp run` of the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+
+import click
+
+from mediagent.errors import UserError, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def device_groups(spec: str) -> list[str]:
+    """'0,1,2,3' -> ['0', '1', '2', '3']; '0+1,2+3' -> ['0,1', '2,3'] (CUDA_VISIBLE_DEVICES values)."""
+    groups = [[d.strip() for d in group.split("+")] for group in spec.split(",")]
+    devices = [d for group in groups for d in group]
+    if not devices or not all(d.isdigit() for d in devices):
+        raise UserError(f"--gpus {spec!r}: give device numbers, ',' between workers and '+' within one "
+                        "worker's group, e.g. 0,1,2,3 or 0+1,2+3")
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--gpus {spec!r}: a device is given to two workers")
+    return [",".join(group) for group in groups]
+
+
+def worker_name(wdir: str, num: int) -> str:
+    """The node name `dvc queue start` gives its worker `num` (so `dvc queue stop` sees ours)."""
+    return f"dvc-exp-{hashlib.sha256(wdir.encode('utf-8')).hexdigest()[:6]}-{num}@localhost"
+
+
+def _failed(queue) -> set[str]:
+    return {result.entry.stash_rev for result in queue.iter_failed()}
+
+
+def run_sweep(groups: list[str]) -> None:
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        queue = repo.experiments.celery_queue
+        wdir = queue.wdir
+        queued = list(queue.iter_queued())
+        failed_before = _failed(queue)
+    if not queued:
+        raise UserError("no queued experiments: queue them first with `dvc exp run --queue -S <param>=<value>`")
+    log.info("%d queued experiments, %d workers: %s", len(queued), len(groups),
+             ", ".join(f"CUDA_VISIBLE_DEVICES={g}" for g in groups))
+    workers = []
+    for num, devices in enumerate(groups, start=1):
+        # worker 1 cleans the queue's broker up when it stops, as with `dvc queue start`
+        cmd = [sys.executable, "-m", "dvc", "exp", "queue-worker", worker_name(wdir, num), *(["--clean"] if num == 1 else [])]
+        workers.append(subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices}))
+    codes = [w.wait() for w in workers]
+    with Repo() as repo:
+        failed = _failed(repo.experiments.celery_queue) - failed_before
+    if any(codes) or failed:
+        raise UserError(f"sweep: {len(failed)} experiment(s) failed, worker exit codes {codes}; "
+                        "see `dvc queue status` and `dvc queue logs <name>`")
+    log.info("sweep done: see `dvc exp show`")
+
+
+@click.command()
+@click.option("--gpus", required=True, help="Devices per worker: 0,1,2,3 (one each) or 0+1,2+3 (groups).")
+def command(gpus: str) -> None:
+    """Run the queued experiments in parallel, one GPU (or group) per DVC queue worker."""
+    setup_logging()
+    run_sweep(device_groups(gpus))
