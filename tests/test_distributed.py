@@ -10,7 +10,6 @@ within float32 tolerance.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from mediagent.errors import UserError
 from mediagent.params import Params, with_overrides
 from tests.adapter_kit import write_processed
 from tests.conftest import ROOT, copy_repo
+from tests.test_pipeline import git_env, run_ok, shrink
 from tests.test_train import ADAPTER_FILES, _adapter_weights, read_json, small, stage_env, write_params
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -253,34 +253,16 @@ def test_accelerate_configs_are_accepted_by_accelerate():
 def test_sweep_runs_queued_experiments_at_once_one_device_each(tmp_path):
     """`mediagent sweep --gpus 0,1`: two DVC queue workers, each with its own
     CUDA_VISIBLE_DEVICES, run two queued experiments at the same time."""
-    import yaml
-
     repo = copy_repo(tmp_path / "repo")
-    path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    raw["train"].update(max_steps=8, eval_steps=8, save_steps=8, logging_steps=4, max_seq_length=128)
-    raw["eval"].update(max_questions=4, max_generations=1, max_new_tokens=4, backend="hf")
-    raw["merge"].update(parity_prompts=1)
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    shrink(repo)
+    env = {**git_env(), "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     dvc = [sys.executable, "-m", "dvc"]
-
-    def sh(args: list[str], timeout: int = 900) -> str:
-        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"{args}:\n{(proc.stdout + proc.stderr)[-4000:]}"
-        return proc.stdout + proc.stderr
-
-    sh(["git", "init", "-q"])
-    sh(["git", "add", "-A"])
-    sh(["git", "commit", "-qm", "init"])
-    sh(dvc + ["repro"])
-    sh(["git", "add", "-A"])
-    sh(["git", "commit", "-qm", "baseline"])
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"], dvc + ["repro"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        run_ok(cmd, repo, env)
     for r in (8, 32):
-        sh(dvc + ["exp", "run", "--queue", "-S", f"lora.r={r}", "--name", f"r{r}"])
+        run_ok(dvc + ["exp", "run", "--queue", "-S", f"lora.r={r}", "--name", f"r{r}"], repo, env)
 
     sweep = subprocess.Popen([sys.executable, "-m", "mediagent.cli", "sweep", "--gpus", "0,1"], cwd=repo, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -297,7 +279,7 @@ def test_sweep_runs_queued_experiments_at_once_one_device_each(tmp_path):
     assert "2 queued experiments, 2 workers: CUDA_VISIBLE_DEVICES=0, CUDA_VISIBLE_DEVICES=1" in out
     assert running == 2, f"at most {running} experiment(s) ran at once"
 
-    shown = json.loads(sh(dvc + ["exp", "show", "--json"]))
+    shown = json.loads(run_ok(dvc + ["exp", "show", "--json"], repo, env))
     devices = {}
     for commit in shown:
         for exp in commit.get("experiments") or []:

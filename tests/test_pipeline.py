@@ -21,7 +21,7 @@ from tests.conftest import copy_repo
 STAGES = ["process", "base", "train", "merge", "evaluate"]
 
 
-def _run(args: list[str], cwd: Path, env: dict) -> str:
+def run_ok(args: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-4000:]}"
@@ -32,7 +32,7 @@ def _ran(output: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
-def _shrink(repo: Path) -> None:
+def shrink(repo: Path) -> None:
     """Keep the tiny default but fewer steps, so the test costs about a minute per run."""
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -42,22 +42,27 @@ def _shrink(repo: Path) -> None:
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
-def test_repro_then_experiment(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
-    _shrink(repo)
-    env = {
+def git_env() -> dict:
+    """The venv's dvc and mediagent first on PATH, no analytics, a git identity for commits."""
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
     }
-    dvc = [sys.executable, "-m", "dvc"]
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "init"], repo, env)
 
-    first = _run(dvc + ["repro"], repo, env)
+
+def test_repro_then_experiment(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    shrink(repo)
+    env = git_env()
+    dvc = [sys.executable, "-m", "dvc"]
+    run_ok(["git", "init", "-q"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "init"], repo, env)
+
+    first = run_ok(dvc + ["repro"], repo, env)
     assert _ran(first) == set(STAGES)
     processed = repo / "data" / "processed"
     assert sorted(p.name for p in processed.iterdir()) == [
@@ -71,7 +76,7 @@ def test_repro_then_experiment(tmp_path):
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
     assert {"base", "tuned"} <= set(evaluation)
 
-    again = _run(dvc + ["repro"], repo, env)
+    again = run_ok(dvc + ["repro"], repo, env)
     assert _ran(again) == set(), again
 
     # A change to the shared model-loading code makes every stage that loads a model stale,
@@ -80,25 +85,25 @@ def test_repro_then_experiment(tmp_path):
     original = loading.read_text(encoding="utf-8")
     loading.write_text(original.replace("use_safetensors=True,", "use_safetensors=True,  # edited"), encoding="utf-8")
     assert loading.read_text(encoding="utf-8") != original
-    stale = json.loads(_run(dvc + ["status", "--json"], repo, env))
+    stale = json.loads(run_ok(dvc + ["status", "--json"], repo, env))
     assert {name.split(":")[-1] for name in stale} == {"base", "train", "merge", "evaluate"}, stale
     loading.write_text(original, encoding="utf-8")
-    assert json.loads(_run(dvc + ["status", "--json"], repo, env)) == {}
+    assert json.loads(run_ok(dvc + ["status", "--json"], repo, env)) == {}
 
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "baseline"], repo, env)
-    exp = _run(dvc + ["exp", "run", "-S", "lora.r=32"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "baseline"], repo, env)
+    exp = run_ok(dvc + ["exp", "run", "-S", "lora.r=32"], repo, env)
     assert _ran(exp) == {"train", "merge", "evaluate"}, exp
     config = json.loads((repo / "models" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 32
 
     # The experiment sits in the workspace: diff it against the committed r=16 baseline.
-    diff = json.loads(_run(dvc + ["metrics", "diff", "--json"], repo, env))
+    diff = json.loads(run_ok(dvc + ["metrics", "diff", "--json"], repo, env))
     changed = diff["metrics/eval.json"]
     assert changed["tuned.loss"]["old"] != changed["tuned.loss"]["new"]
     assert "base.loss" not in changed  # the base model did not change
 
-    shown = json.loads(_run(dvc + ["exp", "show", "--json"], repo, env))
+    shown = json.loads(run_ok(dvc + ["exp", "show", "--json"], repo, env))
     ranks = set()
     for commit in shown:
         for exp_entry in [commit] + [e for e in (commit.get("experiments") or [])]:

@@ -569,10 +569,10 @@ def test_message_tables_match_and_cover_every_key_the_page_uses():
         assert en[key].strip() and CJK.search(zh[key]), key
     html = (ASSETS / "index.html").read_text(encoding="utf-8")
     script = (ASSETS / "app.js").read_text(encoding="utf-8")
-    server = (ASSETS.parent / "review_app.py").read_text(encoding="utf-8")
+    app_source = (ASSETS.parent / "review_app.py").read_text(encoding="utf-8")
     in_html = set(re.findall(r'data-i18n(?:-placeholder|-title)?="([^"]+)"', html))
     in_script = set(re.findall(r'"((?:[a-z]+\.)+[a-z_]+)"', script))  # every key-like literal of the script
-    from_server = {f"error.{code}" for code in re.findall(r'code="(\w+)"', server)}  # shown as error.<code>
+    from_server = {f"error.{code}" for code in re.findall(r'code="(\w+)"', app_source)}  # shown as error.<code>
     assert len(in_html) >= 25 and len(in_script) >= 15 and len(from_server) >= 8
     used = in_html | in_script | from_server
     assert used - set(en) == set(), "keys the page uses but the tables lack"
