@@ -165,19 +165,26 @@ cfg, params, knobs = json.loads(sys.argv[1]), parse_params(json.loads(sys.argv[2
 torch.manual_seed(0)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-before = rss()  # interpreter + torch + transformers + peft: the runtime the plan leaves out
+def load(cfg):
+    with tempfile.TemporaryDirectory() as tmp:
+        # through the project's loader, from safetensors, as the train stage loads a base
+        Qwen3ForCausalLM(Qwen3Config(**cfg)).float().save_pretrained(tmp)
+        open(f"{tmp}/tokenizer_config.json", "w").write("{}")  # the loader checks for a whole checkpoint
+        return load_model(tmp, params.model, torch.float32, quantization=knobs["quantization"])
+# Loading imports more libraries on first use (bitsandbytes, deepspeed where installed):
+# a throw-away model of 1 small layer loads them first, so that they count as runtime.
+warm = load({**cfg, "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 256,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32})
+del warm
+before = rss()  # interpreter + torch + transformers + peft + what loading imports: the runtime the plan leaves out
 t = params.train
-with tempfile.TemporaryDirectory() as tmp:
-    # through the project's loader, from safetensors, as the train stage loads a base
-    Qwen3ForCausalLM(Qwen3Config(**cfg)).float().save_pretrained(tmp)
-    open(f"{tmp}/tokenizer_config.json", "w").write("{}")  # the loader checks for a whole checkpoint
-    model = load_model(tmp, params.model, torch.float32, quantization=knobs["quantization"])
-    # On a CPU, weights loaded in their file's dtype stay views of the mmapped checkpoint,
-    # which keeps every page read while quantizing mapped (file-backed RSS a GPU never
-    # holds). Copies make the weights this process's own memory, counted as a GPU counts them.
-    for p in model.parameters():
-        if type(p).__name__ != "Params4bit":
-            p.data = p.data.clone()
+model = load(cfg)
+# On a CPU, weights loaded in their file's dtype stay views of the mmapped checkpoint,
+# which keeps every page read while quantizing mapped (file-backed RSS a GPU never
+# holds). Copies make the weights this process's own memory, counted as a GPU counts them.
+for p in model.parameters():
+    if type(p).__name__ != "Params4bit":
+        p.data = p.data.clone()
 if knobs["quantization"] != "none":
     from peft import prepare_model_for_kbit_training
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
