@@ -174,18 +174,28 @@ class LoopbackHub(_ModelRepo):
         return out
 
 
-class _HubHandler(_Handler):
-    host: LoopbackHub
+class _ModelRepoHandler(_Handler):
+    """HEAD and GET of a model repository's API, each request counted first."""
+
+    host: _ModelRepo
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self.host.record(self.command, self.path)
         self._handle(head=True)
 
     def do_GET(self) -> None:  # noqa: N802
+        self.host.record(self.command, self.path)
         self._handle(head=False)
 
     def _handle(self, head: bool) -> None:
+        raise NotImplementedError
+
+
+class _HubHandler(_ModelRepoHandler):
+    host: LoopbackHub
+
+    def _handle(self, head: bool) -> None:
         hub = self.host
-        hub.record(self.command, self.path)
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         api = f"/api/models/{hub.repo_id}/"
         resolve = f"/{hub.repo_id}/resolve/"
@@ -246,14 +256,8 @@ def _envelope(data) -> bytes:
                        "Data": data}).encode()
 
 
-class _ModelScopeHandler(_Handler):
+class _ModelScopeHandler(_ModelRepoHandler):
     host: LoopbackModelScope
-
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
-        self._handle(head=True)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._handle(head=False)
 
     def _fail(self, code: int, message: str, head: bool) -> None:
         body = json.dumps({"Code": code, "Message": message, "Success": False, "RequestId": "loopback"}).encode()
@@ -266,7 +270,6 @@ class _ModelScopeHandler(_Handler):
 
     def _handle(self, head: bool) -> None:
         ms = self.host
-        ms.record(self.command, self.path)
         url = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(url.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}

@@ -255,13 +255,12 @@ def discard_stale_checkpoints(ckpt_dir: Path, fingerprint: str) -> None:
     clear_checkpoints(ckpt_dir)
 
 
-def resumable_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict]:
-    """The latest complete checkpoint of a run with this fingerprint (or None), and that run's record."""
-    record = _read_record(ckpt_dir)
+def resumable_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    """The latest complete checkpoint of a run with this fingerprint, or None."""
     complete = _complete_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-    if complete and record.get("fingerprint") == fingerprint:
-        return complete[-1], record
-    return None, {}
+    if complete and _read_record(ckpt_dir).get("fingerprint") == fingerprint:
+        return complete[-1]
+    return None
 
 
 def _read_record(ckpt_dir: Path) -> dict:
@@ -346,23 +345,25 @@ def fsdp_on_cpu(accelerator) -> bool:
     return True
 
 
+def _engine(trainer) -> str:
+    """accelerate's distributed type as a plain name: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED."""
+    return str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+
+
 def check_engine(trainer) -> None:
     """Fail when the launch asked for FSDP or DeepSpeed and accelerate quietly set up
     something else (it falls back to plain data parallel where it cannot run them)."""
-    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(flag, "false").lower() == "true"]
-    got = {"FSDP": trainer.is_fsdp_enabled, "DeepSpeed": trainer.is_deepspeed_enabled}
-    for name in asked:
-        if not got[name]:
-            kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-            hint = (" (accelerate turns DeepSpeed off under ACCELERATE_USE_CPU / --cpu: drop it, DeepSpeed "
-                    "finds the CPU itself)" if name == "DeepSpeed" else "")
-            raise UserError(f"the accelerate config asks for {name}, but accelerate set up {kind}{hint}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        raise UserError(f"the accelerate config asks for FSDP, but accelerate set up {_engine(trainer)}")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not trainer.is_deepspeed_enabled:
+        raise UserError(f"the accelerate config asks for DeepSpeed, but accelerate set up {_engine(trainer)} "
+                        "(accelerate turns DeepSpeed off under ACCELERATE_USE_CPU / --cpu: drop it, DeepSpeed "
+                        "finds the CPU itself)")
 
 
-def describe_parallelism(trainer, world_size: int) -> str:
+def describe_parallelism(trainer) -> str:
     """What the launch actually did, e.g. 'FSDP2, 344 of 344 parameter tensors sharded over 2 processes'."""
-    kind = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    world_size = trainer.args.world_size
     if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
         from torch.distributed.tensor import DTensor
 
@@ -371,7 +372,7 @@ def describe_parallelism(trainer, world_size: int) -> str:
         return f"FSDP2, {sharded} of {len(params)} parameter tensors sharded over {world_size} processes"
     if trainer.is_deepspeed_enabled:
         return f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}, {world_size} processes"
-    return f"{kind}, {world_size} process{'es' if world_size > 1 else ''}"
+    return f"{_engine(trainer)}, {world_size} process{'es' if world_size > 1 else ''}"
 
 
 def make_trainer(**kwargs):
@@ -571,7 +572,7 @@ def main(params: Params) -> None:
     if is_main:
         discard_stale_checkpoints(ckpt_dir, fingerprint)
     _barrier()
-    resume_from, _ = resumable_checkpoint(ckpt_dir, fingerprint)
+    resume_from = resumable_checkpoint(ckpt_dir, fingerprint)
     args.eval_on_start = resume_from is None
 
     trainer = make_trainer(
@@ -592,7 +593,7 @@ def main(params: Params) -> None:
         log.info("resuming from %s (same params and data)", resume_from.name)
     _barrier()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    log.info("parallelism: %s", describe_parallelism(trainer, args.world_size))
+    log.info("parallelism: %s", describe_parallelism(trainer))
 
     metrics = {
         **run_metrics(trainer.state.log_history, output.training_loss),
