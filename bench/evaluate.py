@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mediagent.chat_format import ChatFormat, conversation
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE = Path(os.environ.get("MEDQA_SHARED_DATA", ROOT / ".." / "shared" / "data" / "cmedqa2")) / "sample"
 
@@ -86,7 +88,7 @@ def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
 
     from mediagent import scoring
 
-    encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
+    encoded = [scoring.encode_question(ChatFormat.of(tok), q, max_length=512)[:2] for q in rows]
     n = sum(len(c) for _, c in encoded)
     prompt_tokens = statistics.mean(len(p) for p, _ in encoded)
     answer_tokens = statistics.mean(len(c) for _, cands in encoded for c in cands)
@@ -165,7 +167,7 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
     from mediagent.params import load_params
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoded = [scoring.encode_question(tok, q, max_length=512)[:2] for q in rows]
+    encoded = [scoring.encode_question(ChatFormat.of(tok), q, max_length=512)[:2] for q in rows]
     n = sum(len(c) for _, c in encoded)
     total = ROUNDS * n
     model = load_model(model_dir, load_params(ROOT / "params.yaml").model, getattr(torch, dtype)).to(device)
@@ -216,14 +218,14 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
 
 
 def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: int, new_tokens: int, batch_size: int) -> None:
-    from mediagent import eval_metrics, scoring, vllm_engine
+    from mediagent import scoring, vllm_engine
     from mediagent.pipeline import evaluate as ev
-    from mediagent.chatml import encode_prompt
 
-    prompts = [encode_prompt(tok, q["system"], q["question"]) for q in rows[:n_prompts]]
-    eos, _ = eval_metrics.special_ids(tok)
-    scoring.generate_hf(model, tok, prompts[:2], 2, batch_size)  # warm-up
-    hf, t_hf = timed(lambda: scoring.generate_hf(model, tok, prompts, new_tokens, batch_size, min_new_tokens=new_tokens))
+    fmt = ChatFormat.of(tok)
+    prompts = [fmt.prompt_ids(conversation(q["system"], q["question"])) for q in rows[:n_prompts]]
+    eos = fmt.stop_ids
+    scoring.generate_hf(model, fmt, prompts[:2], 2, batch_size)  # warm-up
+    hf, t_hf = timed(lambda: scoring.generate_hf(model, fmt, prompts, new_tokens, batch_size, min_new_tokens=new_tokens))
     hf_tokens = sum(len(g) for g in hf)
     print(f"generation: {len(prompts)} prompts x {new_tokens} new tokens, greedy, float32")
     print(f"  transformers generate (batch {batch_size}): {hf_tokens / t_hf:8.1f} tokens/s  ({t_hf:.2f} s)")

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mediagent.errors import UserError
-from mediagent.chatml import CHAT_TEMPLATE
 from mediagent.fileio import md5_file
 from mediagent.loading import BaseModelError, check_model_dir
 from mediagent.params import VLLM_LORA_RANKS, ModelParams
@@ -75,9 +74,14 @@ def check_adapter_files(path: Path, fix: str = TRAIN_FIX) -> dict:
     missing = [n for n in ADAPTER_FILES if not (path / n).is_file()]
     if missing:
         raise ArtifactError(f"no trained adapter at {path} (missing {', '.join(missing)}): {fix}")
+    return read_adapter_config(path, fix)
+
+
+def read_adapter_config(path: Path, fix: str = TRAIN_FIX) -> dict:
+    """The adapter's parsed adapter_config.json (the one reader of it)."""
     try:
         return json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path / 'adapter_config.json'} unreadable ({exc}): {fix}") from exc
 
 
@@ -116,13 +120,9 @@ def vllm_problems(config: dict) -> dict[str, str]:
 
 
 def chat_template_file(path: Path) -> Path | None:
-    """The saved chat template; a warning when it is not the project's (it is served as saved)."""
+    """The saved chat template (the format trained on, which vLLM is given to serve)."""
     f = path / "chat_template.jinja"
-    if not f.is_file():
-        return None
-    if f.read_text(encoding="utf-8") != CHAT_TEMPLATE:
-        log.warning("%s differs from mediagent.chatml.CHAT_TEMPLATE; serving the saved one", f)
-    return f.resolve()
+    return f.resolve() if f.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 
-from mediagent.chatml import ENDOFTEXT, IM_END
 
 SELECTION_KEYS = ("p_at_1", "mrr", "map")
 
@@ -83,20 +82,19 @@ def random_baseline(labels: list[list[int]]) -> dict:
     return {"p_at_1": float(np.mean(p1)), "mrr": float(np.mean(rr)), "map": float(np.mean(ap))}
 
 
-def special_ids(tokenizer) -> tuple[list[int], tuple[int, int]]:
-    """(ids that end an answer, (<think>, </think>) ids)."""
-    eos = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    think = (tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>"))
-    return eos, think
+def think_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(<think>, </think>) ids where the tokenizer has them as tokens (Qwen3's reasoning markers)."""
+    vocab = tokenizer.get_added_vocab()
+    return vocab.get("<think>"), vocab.get("</think>")
 
 
-def clean_generation(tokenizer, ids: list[int]) -> tuple[str, bool]:
+def clean_generation(tokenizer, ids: list[int], eos: list[int]) -> tuple[str, bool]:
     """(visible answer, whether it contained <think>) from generated ids.
 
     Cut at the first end token; a think block (closed or not) is removed from the text
     but reported, since the non-thinking format must never produce one.
     """
-    eos, (think_open, think_close) = special_ids(tokenizer)
+    think_open, think_close = think_ids(tokenizer)
     ids = list(ids)
     for i, t in enumerate(ids):
         if t in eos:
@@ -104,7 +102,7 @@ def clean_generation(tokenizer, ids: list[int]) -> tuple[str, bool]:
             break
     raw = tokenizer.decode(ids, skip_special_tokens=False)
     has_think = "<think>" in raw
-    while think_open in ids:
+    while think_open is not None and think_open in ids:
         start = ids.index(think_open)
         end = ids.index(think_close, start) + 1 if think_close in ids[start:] else len(ids)
         ids = ids[:start] + ids[end:]
@@ -120,18 +118,50 @@ class CharTokenizer:
         return [ch for ch in text if not ch.isspace()]
 
 
-def generation_metrics(answers: list[str], references: list[str], think: list[bool]) -> dict:
-    import sacrebleu
+# An answer "loops" when some 6-character sequence occurs 3 or more times in it (a pretrained
+# model's greedy decoding repeating itself), and "echoes" the question when it holds a run of
+# at least half the question (8 characters or more) verbatim.
+LOOP_NGRAM, LOOP_REPEATS, ECHO_MIN_CHARS = 6, 3, 8
+
+
+def loops(text: str) -> bool:
+    from collections import Counter
+
+    grams = Counter(text[i:i + LOOP_NGRAM] for i in range(len(text) - LOOP_NGRAM + 1))
+    return bool(grams) and max(grams.values()) >= LOOP_REPEATS
+
+
+def echoes(answer: str, question: str) -> bool:
+    from difflib import SequenceMatcher
+
+    if not answer or not question:
+        return False
+    match = SequenceMatcher(None, answer, question, autojunk=False).find_longest_match()
+    return match.size >= max(ECHO_MIN_CHARS, len(question) // 2)
+
+
+def generation_items(answers: list[str], references: list[str], questions: list[str]) -> dict[str, list[float]]:
+    """Per-answer values of the generation metrics (their means are the metrics; BLEU: see intervals)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharTokenizer())
-    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for ref, hyp in zip(references, answers, strict=True)]
+    return {
+        "rouge_l": [scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(references, answers, strict=True)],
+        "mean_length": [float(len(a)) for a in answers],
+        "loop_share": [float(loops(a)) for a in answers],
+        "echo_share": [float(echoes(a, q)) for a, q in zip(answers, questions, strict=True)],
+    }
+
+
+def generation_metrics(answers: list[str], references: list[str], think: list[bool], questions: list[str]) -> dict:
+    import sacrebleu
+
+    items = generation_items(answers, references, questions)
     bigrams = [text[i:i + 2] for text in answers for i in range(len(text) - 1)]
     return {
         "bleu4": float(sacrebleu.corpus_bleu(answers, [references], tokenize="zh").score),
-        "rouge_l": float(np.mean(rouge)),
+        **{k: float(np.mean(v)) for k, v in items.items()},
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
-        "mean_length": float(np.mean([len(a) for a in answers])),
         "empty_share": float(np.mean([not a for a in answers])),
         "think_share": float(np.mean(think)),
     }

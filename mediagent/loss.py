@@ -54,7 +54,8 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, head: nn.Module,
+def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None, *,
+                           head: nn.Module,
                            num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
                            chunk_tokens: int = CHUNK_TOKENS, **_) -> torch.Tensor:
     """Causal-LM cross-entropy from hidden states (passed as ``logits`` by the model's forward).
@@ -62,6 +63,7 @@ def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, head: 
     Args:
         logits: hidden states (batch, seq, hidden) from :class:`HiddenStatesHead`.
         labels: (batch, seq) token ids, ``ignore_index`` where nothing is learned.
+        vocab_size: unused (models pass it, by keyword or position, as to ForCausalLMLoss).
         head: the :class:`HiddenStatesHead`; its weight is read at each call, so a wrapper that
             swaps parameters in and out (FSDP, DeepSpeed ZeRO-3) hands over the live one.
         num_items_in_batch: learned tokens over all accumulated micro-batches (the Trainer
@@ -95,6 +97,10 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
     Call before wrapping it in peft (LoRA never targets the head here).
     """
     head = model.get_output_embeddings()
+    if getattr(model.config, "final_logit_softcapping", None):
+        # the model's forward would soft-cap the hidden states this head hands over
+        raise ValueError("train.loss: chunked cannot train a model that soft-caps its logits "
+                         "(config final_logit_softcapping); set train.loss: full")
     if not isinstance(head, nn.Linear):
         raise TypeError(f"chunked loss needs a linear LM head, found {type(head).__name__}")
     stand_in = HiddenStatesHead(head)

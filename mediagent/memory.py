@@ -23,7 +23,7 @@ a = bytes of the compute dtype):
   et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
   34·h bytes per token for a 16-bit GPT layer) but counts what a Qwen3 layer with LoRA on
   every linear keeps in transformers:
-    * each RMSNorm upcasts its input to float32 and keeps it: 4·h per norm (2 norms),
+    * each RMSNorm upcasts its input to float32 and keeps it: 4·h per norm (2 norms; Gemma 3: 4),
       plus 4·(q + kv) for Qwen3's q/k norms when a < 4, a·(q + kv) in float32;
     * every LoRA-adapted linear keeps its input for the adapter's gradient (the frozen
       base weight needs none). In float32 q/k/v share one input and gate/up another:
@@ -96,6 +96,16 @@ def qwen3_config(name: str) -> dict:
             "attention_bias": False, **QWEN3[name]}
 
 
+# What config.json does not say about a decoder layer, by model_type prefix (others: Llama's
+# layout, two norms, no q/k norm, attention bias as config says). Small parameter counts;
+# the norms also keep float32 activations.
+LAYER_TRAITS = {
+    "qwen3": {"qk_norm": True},
+    "qwen2": {"bias": True},  # q/k/v biases, which Qwen2's config does not list
+    "gemma3": {"qk_norm": True, "norms": 4},
+}
+
+
 @dataclass(frozen=True)
 class Arch:
     hidden: int
@@ -109,6 +119,7 @@ class Arch:
     qk_norm: bool
     bias: bool
     dtype: str      # the checkpoint's own dtype (config torch_dtype / dtype)
+    norms: int = 2  # RMSNorms per decoder layer (Gemma 3: 4, around attention and MLP)
 
     @classmethod
     def from_config(cls, config: dict) -> Arch:
@@ -117,14 +128,17 @@ class Arch:
         if missing:
             raise ValueError(f"config.json lacks {missing}: not a decoder-only transformer config this plan knows")
         heads = int(config["num_attention_heads"])
+        traits = next((t for prefix, t in LAYER_TRAITS.items() if str(config.get("model_type", "")).startswith(prefix)),
+                      {})
         return cls(
             hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
             layers=int(config["num_hidden_layers"]), heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
             vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)),
-            qk_norm=str(config.get("model_type", "")).startswith("qwen3"),
-            bias=bool(config.get("attention_bias", False)),
+            qk_norm=traits.get("qk_norm", False),
+            bias=bool(config.get("attention_bias", traits.get("bias", False))),
+            norms=traits.get("norms", 2),
             dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         )
 
@@ -146,7 +160,7 @@ class Arch:
 def param_counts(arch: Arch) -> dict[str, int]:
     """Parameters by group: embeddings, head (0 when tied), decoder linears, norms and biases."""
     per_layer_linear = sum(i * o for i, o in arch.linears().values())
-    per_layer_other = 2 * arch.hidden + (2 * arch.head_dim if arch.qk_norm else 0)
+    per_layer_other = arch.norms * arch.hidden + (2 * arch.head_dim if arch.qk_norm else 0)
     if arch.bias:
         per_layer_other += arch.q + 2 * arch.kv
     return {
@@ -177,7 +191,7 @@ def layer_activation_bytes(arch: Arch, a: int, targets) -> int:
     """Bytes one decoder layer keeps for backward per token (see the module docstring)."""
     h, q, kv, i = arch.hidden, arch.q, arch.kv, arch.intermediate
     names = {t.rsplit(".", 1)[-1] for t in targets}
-    norms = 2 * 4 * h + ((4 if a < 4 else a) * (q + kv) if arch.qk_norm else 0)
+    norms = arch.norms * 4 * h + ((4 if a < 4 else a) * (q + kv) if arch.qk_norm else 0)
     if a < 4:  # autocast: each adapter casts (and keeps) its own copy of its input
         lora_inputs = a * sum(fan_in for name, (fan_in, _) in arch.linears().items()
                               if name in names and name != "down_proj")

@@ -80,6 +80,7 @@ class ProcessParams:
     metrics_file: str
     num_negatives: int
     max_candidate_questions: int
+    heldout_candidates_dir: str  # hash split: questions of the official dev/test lists here always go to test
 
     def problems(self) -> list[str]:
         out = []
@@ -111,6 +112,9 @@ class ModelParams:
     dtype: str
     trust_remote_code: bool
     quantization: str  # none | nf4: the base in 4-bit for training only (QLoRA)
+    gguf: str  # source gguf: a .gguf path or pkg:<module> of a package shipping one
+    chat_template: str  # auto (the base's own) | a name in chat_format.TEMPLATES | a .jinja path
+    chat_template_kwargs: dict[str, Any]  # frozen into the saved template, e.g. enable_thinking: false
 
     @property
     def path(self) -> Path:
@@ -124,8 +128,10 @@ class ModelParams:
                 f"model.base: {self.base!r} must be 'tiny' or a hub id like 'Qwen/Qwen3-8B'; "
                 f"put a local copy under {self.dir}/<org>/<name> and name it by that id"
             )
-        if self.source not in ("huggingface", "modelscope"):
-            out.append(f"model.source: {self.source!r} must be 'huggingface' or 'modelscope'")
+        if self.source not in ("huggingface", "modelscope", "gguf"):
+            out.append(f"model.source: {self.source!r} must be 'huggingface', 'modelscope' or 'gguf'")
+        if self.source == "gguf" and not self.gguf:
+            out.append("model.gguf: name the .gguf file (a path, or pkg:<module> of a package that ships one)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             out.append(f"model.dtype: {self.dtype!r} must be auto, float32, bfloat16 or float16")
         if self.quantization not in QUANTIZATIONS:
@@ -268,6 +274,8 @@ class MergeParams:
 class EvalParams:
     backend: str
     scorer: str  # answer selection: auto | hf | vllm
+    selection_score: str  # mean (log-prob per answer token) | pmi (conditional - unconditional, sums)
+    bootstrap_resamples: int  # paired bootstrap resamples for the 95% intervals in the report
     max_questions: int
     max_generations: int
     max_new_tokens: int
@@ -285,6 +293,10 @@ class EvalParams:
             out.append(f"eval.backend: {self.backend!r} must be auto, vllm or hf")
         if self.scorer not in ("auto", "vllm", "hf"):
             out.append(f"eval.scorer: {self.scorer!r} must be auto, vllm or hf")
+        if self.selection_score not in ("mean", "pmi"):
+            out.append(f"eval.selection_score: {self.selection_score!r} must be mean or pmi")
+        if self.bootstrap_resamples < 100:
+            out.append("eval.bootstrap_resamples: must be >= 100 (percentile intervals need a few hundred)")
         if self.max_questions < 0:
             out.append("eval.max_questions: must be >= 0 (0 = the whole test split)")
         if self.max_generations < 1:

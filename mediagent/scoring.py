@@ -15,8 +15,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from mediagent.chatml import encode_answer, encode_example, encode_prompt
-from mediagent.eval_metrics import special_ids
+from mediagent.chat_format import IGNORE_INDEX, ChatFormat, conversation
 
 # Rows turned into vocab-sized float32 logits at once: 1024 x 152k x 4 B = 0.6 GB peak.
 LOGPROB_CHUNK = 1024
@@ -65,8 +64,8 @@ def target_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
 
 @torch.no_grad()
 def score_candidates(model, prompt: list[int], candidates: list[list[int]], batch_size: int,
-                     workspace: torch.Tensor | None = None) -> list[float]:
-    """Mean log-prob per answer token of each candidate after ``prompt`` (shared prefix).
+                     workspace: torch.Tensor | None = None, reduce: str = "mean") -> list[float]:
+    """Mean (``reduce="sum"``: total) log-prob of each candidate's tokens after ``prompt`` (shared prefix).
 
     The prompt runs once; its KV cache is copied for each batch of candidates (a
     DynamicCache grows in place during forward, so every batch gets a fresh one). The first
@@ -109,7 +108,7 @@ def score_candidates(model, prompt: list[int], candidates: list[list[int]], batc
     if hidden_rows:
         lp = target_logprobs(head, torch.cat(hidden_rows), torch.cat(target_rows), workspace)
         total = total.index_add(0, torch.cat(owner_rows), lp)
-    return (total / lengths).tolist()
+    return (total / lengths if reduce == "mean" else total).tolist()
 
 
 @torch.no_grad()
@@ -123,39 +122,55 @@ def score_candidates_naive(model, prompt: list[int], candidates: list[list[int]]
     return scores
 
 
-def encode_question(tokenizer, q: dict, max_length: int) -> tuple[list[int], list[list[int]], list[int]]:
-    """(prompt ids, candidate ids each ending in <|im_end|>, labels) of one candidates row.
+def encode_question(fmt: ChatFormat, q: dict, max_length: int) -> tuple[list[int], list[list[int]], list[int]]:
+    """(prompt ids, candidate ids each ending in the turn's end token, labels) of one candidates row.
 
     Candidates are cut so prompt + candidate fits ``max_length`` (the answer tail goes, as
     in training); the prompt is never cut.
     """
-    prompt = encode_prompt(tokenizer, q["system"], q["question"])
+    prompt = fmt.prompt_ids(conversation(q["system"], q["question"]))
     room = max(1, max_length - len(prompt))
-    cands = [encode_answer(tokenizer, c["content"])[:room] for c in q["candidates"]]
+    cands = [fmt.answer_ids(c["content"])[:room] for c in q["candidates"]]
     return prompt, cands, [int(c["label"]) for c in q["candidates"]]
 
 
-def score_questions(model, tokenizer, questions: list[dict], max_length: int, batch_size: int,
-                    desc: str) -> list[list[float]]:
+def score_questions(model, fmt: ChatFormat, questions: list[dict], max_length: int, batch_size: int,
+                    desc: str, rule: str = "mean") -> list[list[float]]:
+    """Each candidate's score under ``rule`` (eval.selection_score): ``mean`` log-prob per
+    answer token given the question, or ``pmi``: log p(answer | question) - log p(answer | an
+    empty question), in sums. PMI discounts answers that are likely whatever was asked (short,
+    generic ones); the unconditional term is computed once per distinct answer."""
     out, workspace = [], logits_workspace(model)
+    unconditional: dict[tuple[int, ...], float] = {}
     for q in tqdm(questions, desc=f"selection {desc}", unit="q", leave=False):
-        prompt, cands, _ = encode_question(tokenizer, q, max_length)
-        out.append(score_candidates(model, prompt, cands, batch_size, workspace))
+        prompt, cands, _ = encode_question(fmt, q, max_length)
+        if rule == "mean":
+            out.append(score_candidates(model, prompt, cands, batch_size, workspace))
+            continue
+        cond = score_candidates(model, prompt, cands, batch_size, workspace, reduce="sum")
+        empty, _, _ = encode_question(fmt, {**q, "question": "", "candidates": []}, max_length)
+        todo = list(dict.fromkeys(tuple(c) for c in cands if tuple(c) not in unconditional))
+        if todo:
+            sums = score_candidates(model, empty, [list(c) for c in todo], batch_size, workspace, reduce="sum")
+            unconditional.update(zip(todo, sums))
+        out.append([s - unconditional[tuple(c)] for s, c in zip(cond, cands)])
     return out
 
 
 @torch.no_grad()
-def answer_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size: int) -> dict:
-    """Token-weighted NLL of assistant tokens (chatml labels) and its perplexity."""
+def answer_loss(model, fmt: ChatFormat, examples: list[dict], max_length: int, batch_size: int) -> dict:
+    """Token-weighted NLL of assistant tokens (the training labels) and its perplexity."""
     device, body, head = _device(model), model.get_decoder(), model.get_output_embeddings()
-    encoded = [encode_example(tokenizer, e["messages"], max_length) for e in examples]
-    encoded.sort(key=lambda e: len(e.input_ids))  # similar lengths per batch: little padding
+    encoded = [fmt.encode(e["messages"], max_length) for e in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # similar lengths: little padding
     nll, tokens, workspace = 0.0, 0, logits_workspace(model)
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
+    items = [(0.0, 0)] * len(encoded)  # (NLL, tokens) per example, in the given order
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = [encoded[i] for i in rows]
         width = max(len(e.input_ids) for e in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long, device=device)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long, device=device)
         mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         for row, e in enumerate(batch):
             ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
@@ -163,20 +178,22 @@ def answer_loss(model, tokenizer, examples: list[dict], max_length: int, batch_s
             mask[row, :len(e.input_ids)] = 1
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         lp = target_logprobs(head, hidden[keep], targets[keep], workspace)
+        per_row = torch.zeros(len(batch), dtype=lp.dtype).index_add_(0, keep.nonzero()[:, 0].cpu(), lp.cpu())
+        for row, i in enumerate(rows):
+            items[i] = (-float(per_row[row]), int(keep[row].sum()))
         nll -= float(lp.sum())
         tokens += int(keep.sum())
     loss = nll / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens, "items": items}
 
 
 @torch.no_grad()
-def generate_hf(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+def generate_hf(model, fmt: ChatFormat, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                 min_new_tokens: int = 0) -> list[list[int]]:
     """Greedy continuations with transformers (left padding so all prompts end together)."""
-    device = _device(model)
-    eos, _ = special_ids(tokenizer)
+    device, tokenizer, eos = _device(model), fmt.tokenizer, fmt.stop_ids
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]

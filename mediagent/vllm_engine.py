@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mediagent.artifacts import Adapter, check_adapter, check_merged, vllm_rank
-from mediagent.chatml import ENDOFTEXT, IM_END
+from mediagent.chat_format import ChatFormat
 from mediagent.loading import dtype_name, gpu_available, resolve_dtype
 from mediagent.params import Params
 
@@ -123,10 +123,8 @@ def open_engine(params: Params, adapter: str | Path | None = None, merged: bool 
         m = check_merged(params.merge.output_dir, params.model)
         return Engine(open_llm(m.path, **common), None, m.name, m.path, m.path)
     a = check_adapter(adapter or params.train.output_dir, params.model)
-    from vllm.lora.request import LoRARequest
-
     llm = open_llm(params.model.path, adapters=[a], **common)
-    return Engine(llm, LoRARequest(a.name, 1, str(a.path)), a.name, params.model.path, a.path)
+    return Engine(llm, lora_request(a.name, a.path), a.name, params.model.path, a.path)
 
 
 def close_llm(llm) -> None:
@@ -135,14 +133,16 @@ def close_llm(llm) -> None:
     gc.collect()
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """The end of an assistant turn and the end of text."""
-    return [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+def lora_request(name: str, path: str | Path, slot: int = 1):
+    """vLLM's handle on an adapter folder (``slot``: its integer id in the engine)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, slot, str(path))
 
 
 def sampling_params(tokenizer, max_tokens: int, temperature: float = 0.0, seed: int = 0, **options):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed,
-                          stop_token_ids=stop_token_ids(tokenizer), **options)
+                          stop_token_ids=ChatFormat.of(tokenizer).stop_ids, **options)
 

@@ -66,10 +66,10 @@ QWEN3_8B_GENERATION_CONFIG = {
 # The only fields the rehearsal changes: small enough for a few CPU training steps.
 REHEARSAL_SIZE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "max_window_layers": 2}
 
-# Qwen3's chat template as shipped in the hub's tokenizer_config.json. Unlike the
-# project's (mediagent/chatml.py) it opens the assistant turn *without* the empty think block
-# unless enable_thinking=False is passed, so a pipeline that kept it would train and serve
-# different prompts.
+# Qwen3's chat template as shipped in the hub's tokenizer_config.json. It opens the
+# assistant turn *without* the empty think block unless enable_thinking=False is passed:
+# model.chat_template_kwargs freezes that into the saved template, so that training and
+# serving render the same prompt.
 QWEN3_CHAT_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0].role == 'system' %}

@@ -196,7 +196,7 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
     """Start `make serve [MERGED=1]`, ask one question with the openai client, check the prompt format."""
     from openai import OpenAI
 
-    from mediagent.chatml import render_prompt
+    from mediagent.chat_format import ChatFormat
 
     port = free_port()
     args = make + ["serve", f"PORT={port}"] + (["MERGED=1"] if merged else [])
@@ -221,7 +221,7 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(repo / "models" / ("merged" if merged else "adapter")))
-        want = tok(render_prompt(messages[0]["content"], messages[1]["content"]), add_special_tokens=False)["input_ids"]
+        want = ChatFormat.of(tok).prompt_ids(messages)
         return {"ok": isinstance(text, str) and reply.choices[0].finish_reason in ("stop", "length"),
                 "template_ok": served_ids == want, "answer": text, "startup_s": round(startup, 1)}
     finally:

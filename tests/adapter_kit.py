@@ -98,7 +98,8 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     torch.manual_seed(seed)
     model = load_model(base_dir, ModelParams(base=base_id, dir=str(base_dir.parent), revision="main",
                                              source="huggingface", dtype="float32", trust_remote_code=False,
-                                             quantization="none"))
+                                             quantization="none", gguf="", chat_template="auto",
+                                             chat_template_kwargs={}))
     config = LoraConfig(
         r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False,
         task_type="CAUSAL_LM", modules_to_save=modules_to_save,

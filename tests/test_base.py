@@ -9,8 +9,8 @@ import pytest
 
 from mediagent.pipeline.base_model import build_tiny
 from mediagent.loading import BaseModelError, check_model_dir, load_tokenizer
-from mediagent.chatml import render_prompt
 from mediagent.fileio import md5_dir
+from tests.formats import MESSAGES, QWEN3_PROMPT
 
 
 def test_same_params_same_bytes(tmp_path, repo_params, tiny_base):
@@ -41,10 +41,8 @@ def test_real_qwen_token_ids(tiny_base):
 
 def test_saved_chat_template_is_the_training_format(tiny_base):
     tok = load_tokenizer(tiny_base)
-    messages = [{"role": "system", "content": "系统"}, {"role": "user", "content": "头疼怎么办？"}]
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == render_prompt("系统", "头疼怎么办？")
-    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text == QWEN3_PROMPT
 
 
 def test_missing_or_pickled_base_is_refused(tmp_path):
@@ -98,7 +96,8 @@ def _model(tmp_path, revision=COMMIT):
     from mediagent.params import ModelParams
 
     return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="huggingface",
-                       dtype="bfloat16", trust_remote_code=False, quantization="none")
+                       dtype="bfloat16", trust_remote_code=False, quantization="none", gguf="",
+                       chat_template="auto", chat_template_kwargs={"enable_thinking": False})
 
 
 def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):

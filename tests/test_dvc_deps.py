@@ -81,6 +81,6 @@ def test_no_stage_or_command_imports_another():
 def test_closure_follows_helpers():
     """The check itself can fail: a helper's own import is part of the closure."""
     assert "mediagent.params" in closure("mediagent.loading")
-    assert "mediagent.chatml" in closure("mediagent.artifacts")
+    assert "mediagent.errors" in closure("mediagent.chat_format")
     assert {"mediagent.loading", "mediagent.params", "mediagent.artifacts", "mediagent.fileio",
-            "mediagent.chatml", "mediagent.errors"} <= closure("mediagent.pipeline.merge")
+            "mediagent.chat_format", "mediagent.errors"} <= closure("mediagent.pipeline.merge")

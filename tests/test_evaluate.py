@@ -18,12 +18,12 @@ from mediagent.pipeline import evaluate as ev
 from mediagent.artifacts import ArtifactError
 from mediagent.vllm_engine import vllm_status
 from mediagent.loading import load_model, load_tokenizer
-from mediagent.chatml import encode_prompt
+from mediagent.chat_format import ChatFormat, conversation
 from mediagent.params import with_overrides
 from tests.adapter_kit import SYSTEM, candidates, pipeline_params, sample_pairs, write_adapter, write_processed
 
 MODEL_KEYS = {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "distinct_2",
-              "mean_length", "empty_share", "think_share"}
+              "mean_length", "empty_share", "think_share", "loop_share", "echo_share"}
 SERVE_KEYS = {"rank_servable", "targets_matched", "no_modules_to_save", "vllm_parity", "lora_modules", "ready"}
 
 
@@ -76,20 +76,33 @@ def test_random_baseline_is_exact():
 
 def test_generation_metrics_count_chinese_characters():
     refs = ["多喝水，注意休息。", "建议到医院检查"]
-    m = eval_metrics.generation_metrics(["多喝水，注意休息。", "建议去医院看看"], refs, [False, True])
+    m = eval_metrics.generation_metrics(["多喝水，注意休息。", "建议去医院看看"], refs, [False, True], ["头疼", "咳嗽"])
     # rouge-score's own tokenizer keeps only [a-z0-9] and would score Chinese 0
     assert m["rouge_l"] == pytest.approx((1.0 + 2 * (4 / 7) * (4 / 7) / (4 / 7 + 4 / 7)) / 2)
     assert 0 < m["bleu4"] < 100
     assert m["think_share"] == 0.5 and m["empty_share"] == 0.0
     assert m["mean_length"] == pytest.approx((9 + 7) / 2)
-    assert eval_metrics.generation_metrics(["", "好"], refs, [False, False])["empty_share"] == 0.5
+    assert eval_metrics.generation_metrics(["", "好"], refs, [False, False], ["头疼", "咳嗽"])["empty_share"] == 0.5
+    assert m["loop_share"] == 0 and m["echo_share"] == 0
+
+
+def test_loops_and_echoes_are_detected():
+    question = "孩子发烧三天了，一直不退，需要去医院吗？"
+    assert eval_metrics.echoes("孩子发烧三天了，一直不退，怎么办", question)
+    assert not eval_metrics.echoes("多喝水，注意休息，必要时就医。", question)
+    assert eval_metrics.loops("多喝水，多喝水，多喝水，多喝水")
+    assert not eval_metrics.loops("多喝水，注意休息，必要时就医。")
+    items = eval_metrics.generation_items(["多喝水多喝水多喝水多喝水", "孩子发烧三天了，一直不退"], ["多喝水", "去医院"],
+                                          [question, question])
+    assert items["loop_share"] == [1.0, 0.0] and items["echo_share"] == [0.0, 1.0]
 
 
 def test_clean_generation_strips_and_reports_think(tok):
     ids = tok("<think>想一想</think>\n\n多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|im_end|>"]) + [100]
-    assert eval_metrics.clean_generation(tok, ids) == ("多喝水", True)
+    stop = ChatFormat.of(tok).stop_ids
+    assert eval_metrics.clean_generation(tok, ids, stop) == ("多喝水", True)
     ids = tok("多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|endoftext|>"])
-    assert eval_metrics.clean_generation(tok, ids) == ("多喝水", False)
+    assert eval_metrics.clean_generation(tok, ids, stop) == ("多喝水", False)
 
 
 # ---------------------------------------------------------------- scoring on real data
@@ -99,7 +112,7 @@ def test_shared_prefix_scorer_equals_naive_scorer(tiny_base, tok, sample_data, r
     model = load_model(tiny_base, repo_params.model, torch.float32)
     pairs = sample_pairs(sample_data, 12)
     for q in candidates(pairs[:2], pairs, negatives=5):
-        prompt, cands, _ = scoring.encode_question(tok, q, max_length=512)
+        prompt, cands, _ = scoring.encode_question(ChatFormat.of(tok), q, max_length=512)
         assert len({len(c) for c in cands}) > 3  # real answers of many lengths: padding is exercised
         fast = scoring.score_candidates(model, prompt, cands, batch_size=4)
         slow = scoring.score_candidates_naive(model, prompt, cands)
@@ -121,7 +134,7 @@ def test_vllm_scorer_equals_transformers_scorer(tiny_base, tok, sample_data, rep
     pairs = sample_pairs(sample_data, 12)
     encoded = []
     for q in candidates(pairs[:2], pairs, negatives=5):
-        prompt, cands, _ = scoring.encode_question(tok, q, max_length=512)
+        prompt, cands, _ = scoring.encode_question(ChatFormat.of(tok), q, max_length=512)
         encoded.append((prompt, cands + [cands[0]]))  # a duplicate shares whole cache blocks
     want = [scoring.score_candidates(model, p, c, batch_size=4) for p, c in encoded]
     max_len = max(len(p) + len(c) for p, cs in encoded for c in cs)
@@ -140,11 +153,11 @@ def test_vllm_scorer_equals_transformers_scorer(tiny_base, tok, sample_data, rep
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, sample_data, repo_params):
     model = load_model(tiny_base, repo_params.model, torch.float32)
-    by_length = {len(ids): ids for ids in (encode_prompt(tok, SYSTEM, p["question"]) for p in sample_pairs(sample_data, 20))}
+    by_length = {len(ids): ids for ids in (ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, p["question"])) for p in sample_pairs(sample_data, 20))}
     prompts = list(by_length.values())[:3]
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
-    batched = scoring.generate_hf(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    single = [scoring.generate_hf(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    batched = scoring.generate_hf(model, ChatFormat.of(tok), prompts, max_new_tokens=6, batch_size=3)
+    single = [scoring.generate_hf(model, ChatFormat.of(tok), [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
 
 
@@ -196,11 +209,13 @@ def test_trained_model_beats_chance_on_its_training_questions(trained, sample_da
     results = {}
     for name, path in (("base", params.model.path), ("tuned", root / "merged")):
         model = load_model(path, params.model, torch.float32)
-        scores = scoring.score_questions(model, tok, rows, 64, 8, name)
-        results[name] = eval_metrics.selection_metrics(scores, labels, np.random.default_rng(0))["p_at_1"]
+        for rule in ("mean", "pmi"):
+            scores = scoring.score_questions(model, ChatFormat.of(tok), rows, 64, 8, name, rule)
+            results[name, rule] = eval_metrics.selection_metrics(scores, labels, np.random.default_rng(0))["p_at_1"]
     chance = eval_metrics.random_baseline(labels)["p_at_1"]
     assert chance == pytest.approx(1 / 8)
-    assert results["tuned"] >= 4 * chance and results["tuned"] > results["base"], results
+    for rule in ("mean", "pmi"):
+        assert results["tuned", rule] >= 4 * chance and results["tuned", rule] > results["base", rule], results
 
 
 def test_main_writes_metrics_samples_plots_and_report(trained):
@@ -230,6 +245,15 @@ def test_main_writes_metrics_samples_plots_and_report(trained):
         assert serve["vllm_parity"] is True, report["serve_ready_reasons"]["vllm_parity"]
     else:
         assert serve["vllm_parity"] is None and report["serve_ready_reasons"]["vllm_parity"] == "vllm not installed"
+    intervals = report["intervals"]
+    assert set(intervals) == {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "mean_length",
+                              "loop_share", "echo_share"}
+    for key, iv in intervals.items():
+        for model in ("base", "tuned", "delta"):
+            lo, hi = iv[model]["ci95"]
+            assert lo <= iv[model]["value"] <= hi or key == "bleu4", (key, iv)  # corpus BLEU is not a mean
+        assert iv["tuned"]["value"] == pytest.approx(metrics["tuned"][key]), key
+    assert intervals["loss"]["delta"]["ci95"][1] < 0  # learned: lower loss on every resample
     assert report["counts"] == {"loss_examples": 6, "loss_tokens": report["counts"]["loss_tokens"],
                                 "selection_questions": 6, "candidates": 48, "generations": 3}
 

@@ -106,10 +106,10 @@ def _experiment_dir(repo: Path, name: str) -> Path:
 
 
 def _prompt(base: Path) -> list[int]:
-    from mediagent.chatml import encode_prompt
+    from mediagent.chat_format import ChatFormat, conversation
     from mediagent.loading import load_tokenizer
 
-    return encode_prompt(load_tokenizer(base), SYSTEM, QUESTION)
+    return ChatFormat.of(load_tokenizer(base)).prompt_ids(conversation(SYSTEM, QUESTION))
 
 
 # ---------------------------------------------------------------- experiments side by side (make serve EXP=)

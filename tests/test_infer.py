@@ -26,7 +26,7 @@ def test_answers_good_lines_reports_bad_ones(project, tiny_base, adapter, repo_p
     if reason:
         pytest.skip(reason)
     from mediagent.loading import load_tokenizer
-    from mediagent.chatml import encode_prompt
+    from mediagent.chat_format import ChatFormat, conversation
 
     lines = [
         json.dumps({"id": "a", "question": QUESTION}, ensure_ascii=False),     # 1 good
@@ -57,7 +57,7 @@ def test_answers_good_lines_reports_bad_ones(project, tiny_base, adapter, repo_p
 
     # the offline engine applies the adapter: its greedy answer is peft's
     tok = load_tokenizer(adapter)
-    prompt = encode_prompt(tok, repo_params.process.system_prompt, QUESTION)
+    prompt = ChatFormat.of(tok).prompt_ids(conversation(repo_params.process.system_prompt, QUESTION))
     assert rows[0]["prompt_tokens"] == len(prompt)
     ref = peft_greedy(tiny_base, adapter, prompt, MAX_TOKENS)
     assert rows[0]["answer"] == tok.decode(ref, skip_special_tokens=True).strip()

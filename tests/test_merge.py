@@ -17,7 +17,7 @@ import torch
 from mediagent.pipeline import merge
 from mediagent.artifacts import ArtifactError
 from mediagent.loading import load_model, load_tokenizer
-from mediagent.chatml import render_prompt
+from tests.formats import MESSAGES, QWEN3_PROMPT
 from mediagent.fileio import md5_dir
 from mediagent.params import with_overrides
 from tests.adapter_kit import write_adapter, write_processed
@@ -78,8 +78,7 @@ def test_merge_parity_tied_reload_and_lineage(tiny_base, workdir, merged):
             "tokenizer_config.json", "chat_template.jinja", "lineage.json"} <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
     tok = load_tokenizer(out)
-    msgs = [{"role": "system", "content": "系统"}, {"role": "user", "content": "头疼怎么办？"}]
-    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt("系统", "头疼怎么办？")
+    assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == QWEN3_PROMPT
     lineage = json.loads((out / "lineage.json").read_text())
     adapter_lineage = json.loads((workdir / "adapter" / "lineage.json").read_text())
     assert {k: v for k, v in lineage.items() if k != "merge"} == adapter_lineage
@@ -149,7 +148,7 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
     """The real train and merge stages on a Qwen3-8B-structured base (rehearsal checkpoint).
 
     Untied lm_head, bfloat16 weights in three shards and Qwen3's own chat template: the
-    adapter and the merged model must carry the project template, the merged model must be
+    adapter and the merged model must render today's prompt from it, the merged model must be
     bfloat16 in several shards (safetensors headers say BF16), and the parity check runs
     in bfloat16 against its relative bound.
     """
@@ -195,10 +194,9 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
     reloaded = load_model(out, params.model, torch.bfloat16)
     assert not reloaded.config.tie_word_embeddings
     assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
-    msgs = [{"role": "system", "content": "系统"}, {"role": "user", "content": "头疼怎么办？"}]
     for where in (Path(params.train.output_dir), out):
-        tok = load_tokenizer(where)
-        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt("系统", "头疼怎么办？")
+        tok = load_tokenizer(where)  # the hub template with enable_thinking=false frozen in: today's prompt
+        assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == QWEN3_PROMPT
 
     # A slightly wrong bf16 merge still fails the relative bound.
     def tamper(model):

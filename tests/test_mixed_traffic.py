@@ -56,7 +56,7 @@ def _ids(reply) -> list[int]:
 
 
 def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
-    from mediagent.chatml import encode_prompt
+    from mediagent.chat_format import ChatFormat, conversation
     from mediagent.loading import load_tokenizer
 
     srv, models, adapters, lineage = served
@@ -65,7 +65,7 @@ def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
     solo = {(m, q): _ids(chat(client, m, question=q, extra_body={"return_token_ids": True}))
             for m in models for q in QUESTIONS}
     tok = load_tokenizer(tiny_base)
-    prompt = encode_prompt(tok, SYSTEM, QUESTIONS[0])
+    prompt = ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, QUESTIONS[0]))
     for model, source in models.items():  # the solo answers are the right model's (peft, float32)
         want = peft_greedy(tiny_base, adapters[source] if source else None, prompt, MAX_TOKENS)
         assert solo[(model, QUESTIONS[0])] == want, model

@@ -50,7 +50,8 @@ def _model(tmp_path, revision=COMMIT):
     from mediagent.params import ModelParams
 
     return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="modelscope",
-                       dtype="bfloat16", trust_remote_code=False, quantization="none")
+                       dtype="bfloat16", trust_remote_code=False, quantization="none", gguf="",
+                       chat_template="auto", chat_template_kwargs={"enable_thinking": False})
 
 
 def _files(root: Path) -> list[Path]:

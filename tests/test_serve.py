@@ -197,11 +197,11 @@ def test_lists_base_lineage_name_and_alias(server):
 
 def test_adapter_answer_equals_peft_greedy_and_differs_from_base(server, tiny_base, adapter):
     from mediagent.loading import load_tokenizer
-    from mediagent.chatml import encode_prompt
+    from mediagent.chat_format import ChatFormat, conversation
 
     client = server.client()
     tok = load_tokenizer(adapter)
-    prompt = encode_prompt(tok, SYSTEM, QUESTION)
+    prompt = ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, QUESTION))
     replies = {m: chat(client, m, extra_body={"return_token_ids": True}).choices[0]
                for m in ("base", "medqa", server.adapter_name)}
     # the served chat template renders exactly the training prompt

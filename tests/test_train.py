@@ -22,7 +22,7 @@ import yaml
 
 from mediagent.errors import UserError
 from mediagent.loading import BaseModelError, load_tokenizer
-from mediagent.chatml import CHAT_TEMPLATE, IM_END, encode_example
+from mediagent.chat_format import TEMPLATES, ChatFormat
 from mediagent.fileio import md5_dir
 from mediagent.params import Params, ParamsError, with_overrides
 from mediagent.pipeline.train import encode_split, main
@@ -36,7 +36,7 @@ ADAPTER_FILES = [
 METRIC_KEYS = {
     "train_loss", "eval_loss", "eval_loss_step0", "steps", "trainable_params", "total_params",
     "train_examples", "train_truncated", "train_dropped", "val_examples", "val_truncated",
-    "val_dropped", "nonpad_fraction", "plan", "budget_bytes", "estimate_bytes", "peak_bytes", "devices",
+    "val_dropped", "train_dropped_turns", "val_dropped_turns", "nonpad_fraction", "plan", "budget_bytes", "estimate_bytes", "peak_bytes", "devices",
 }
 # Small but real: short sequences and few steps keep each run to seconds on two cores.
 SMALL = dict(max_seq_length=128, per_device_train_batch_size=4, per_device_eval_batch_size=16,
@@ -76,20 +76,21 @@ def test_labels_cover_exactly_the_answer(workdir, tiny_base):
     tok = load_tokenizer(tiny_base)
     rows = [json.loads(line) for line in (workdir / "data/processed/train.jsonl").read_text(encoding="utf-8").splitlines()]
     messages = rows[0]["messages"]
-    enc = encode_example(tok, messages, max_length=4096)
+    fmt = ChatFormat.of(tok)
+    enc = fmt.encode(messages, max_length=4096)
     learned = [i for i, label in zip(enc.input_ids, enc.labels) if label != -100]
     assert learned == [label for label in enc.labels if label != -100]  # labels are the ids themselves
-    assert tok.decode(learned) == messages[2]["content"] + IM_END
+    assert tok.decode(learned) == messages[2]["content"] + "<|im_end|>"
     n_prompt = enc.labels.index(next(label for label in enc.labels if label != -100))
     prompt = tok.decode(enc.input_ids[:n_prompt])
     assert prompt == tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
     assert all(label == -100 for label in enc.labels[:n_prompt]) and not enc.truncated
 
     # Cut to a short length: the answer's tail goes (counted); with no answer left, dropped.
-    full = [encode_example(tok, r["messages"], max_length=4096) for r in rows[:50]]
+    full = [fmt.encode(r["messages"], max_length=4096) for r in rows[:50]]
     prompt_lens = [e.labels.count(-100) for e in full]
     limit = sorted(prompt_lens)[len(prompt_lens) // 2] + 1  # about half the prompts fill it
-    feats, stats = encode_split(tok, rows[:50], max_length=limit, source="train.jsonl")
+    feats, stats = encode_split(fmt, rows[:50], max_length=limit, source="train.jsonl")
     assert stats.dropped == sum(p >= limit for p in prompt_lens) > 0
     assert stats.truncated == sum(p < limit < len(e.input_ids) for p, e in zip(prompt_lens, full)) > 0
     assert stats.examples == len(feats) == 50 - stats.dropped
@@ -118,7 +119,7 @@ def test_training_lowers_heldout_loss(workdir, repo_params):
     assert config["r"] == 16 and config["base_model_name_or_path"] == "models/base/tiny"
     assert sorted(config["target_modules"]) == sorted(repo_params.lora.target_modules)
     assert not config.get("modules_to_save")
-    assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
+    assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == TEMPLATES["chatml"]
     lineage = read_json(adapter / "lineage.json")
     assert set(lineage) == {"name", "base", "data", "params", "plan", "world_size", "git_commit", "versions", "metrics"}
     assert lineage["plan"] == metrics["plan"] == {

@@ -13,7 +13,7 @@ Run: ``mediagent infer --input questions.jsonl --output answers.jsonl [--merged]
 
 Bad lines (invalid JSON, no question, a prompt longer than ``serve.max_model_len``) are
 reported by line number on stderr and in a summary at the end; they never stop the
-batch. Prompts are built with ``mediagent.chatml`` (the training format) and handed to vLLM
+batch. Prompts are built with the model's saved chat template (the training format) and handed to vLLM
 as token ids, so the engine sees exactly what the model was trained on. Decoding is
 greedy by default, so the same input gives the same answers.
 """
@@ -30,7 +30,7 @@ import click
 import orjson
 
 from mediagent.errors import UserError, setup_logging
-from mediagent.chatml import encode_prompt
+from mediagent.chat_format import ChatFormat, conversation
 from mediagent.fileio import atomic_path, dump_jsonl
 from mediagent.loading import load_tokenizer
 from mediagent.params import Params, load_params
@@ -84,9 +84,9 @@ def parse_questions(lines: Iterable[bytes | str]) -> tuple[list[Question], list[
 def encode_questions(tokenizer, system: str, questions: Sequence[Question], max_model_len: int
                      ) -> tuple[list[tuple[Question, list[int]]], list[LineError]]:
     """Prompt ids per question; prompts that leave no room for an answer become errors."""
-    encoded, errors = [], []
+    encoded, errors, fmt = [], [], ChatFormat.of(tokenizer)
     for q in questions:
-        ids = encode_prompt(tokenizer, system, q.question)
+        ids = fmt.prompt_ids(conversation(system, q.question))
         if len(ids) >= max_model_len:
             errors.append(LineError(q.line, f"prompt is {len(ids)} tokens; serve.max_model_len is {max_model_len}"))
         else:

@@ -56,7 +56,7 @@ import click
 from pydantic import BaseModel, Field
 
 from mediagent.errors import UserError, setup_logging
-from mediagent.chatml import split_messages
+from mediagent.chat_format import final_answer, last_question
 from mediagent.fileio import read_jsonl
 from mediagent.judgments import CHOICES, ReviewFileError, append_jsonl, read_judgments, read_records
 from mediagent.net import LOOPBACK_NAMES, describe_openai_error, is_loopback, local_url
@@ -117,10 +117,10 @@ def load_questions(processed_dir: str | Path, limit: int) -> list[Question]:
     seen: dict[str, Question] = {}
     for i, row in enumerate(read_jsonl(path), 1):
         try:
-            _, question, answer = split_messages(row["messages"])
+            question, answer = last_question(row["messages"]), final_answer(row["messages"])
             qid = str(row["question_id"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise UIError(f"{path}:{i}: not a ChatML row of the process stage ({exc}); rerun `dvc repro process`") from exc
+            raise UIError(f"{path}:{i}: not a chat row of the process stage ({exc}); rerun `dvc repro process`") from exc
         seen.setdefault(qid, Question(qid, question, answer))
         if len(seen) >= limit:
             break

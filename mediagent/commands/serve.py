@@ -33,7 +33,7 @@ child in its own process group: this process checks everything it can before sta
 (adapter files, lineage vs ``model.base``, LoRA rank vs vLLM's ranks, free port), waits for
 ``/health``, forwards Ctrl-C/SIGTERM and kills the whole group on exit, so no engine or
 worker process outlives it. The chat template handed to vLLM is the one saved with the
-adapter (``mediagent.chatml.CHAT_TEMPLATE``), so requests are formatted exactly as in training.
+adapter (the template it was trained with), so requests are formatted exactly as in training.
 """
 
 from __future__ import annotations

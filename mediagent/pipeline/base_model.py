@@ -26,13 +26,17 @@ from pathlib import Path
 
 import torch
 
+from mediagent.chat_format import TEMPLATES
 from mediagent.errors import run_stage
-from mediagent.chatml import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 from mediagent.fileio import atomic_path, git_blob_id
+from mediagent.gguf_import import import_gguf
 from mediagent.loading import BaseModelError, check_model_dir
 from mediagent.params import ModelParams, Params, TinyParams
 
 log = logging.getLogger(__name__)
+
+# The tiny base is Qwen3-architecture with Qwen's real vocabulary: Qwen's special tokens.
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # Qwen3's special tokens in id order, starting right after the 151,643 BPE ranks; the
 # ids must match the real checkpoints (<|endoftext|> 151643, <|im_start|> 151644, ...).
@@ -71,7 +75,7 @@ def build_tokenizer():
         model_max_length=131072,
         clean_up_tokenization_spaces=False,
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = TEMPLATES["chatml"]
     return tok
 
 
@@ -263,13 +267,19 @@ FETCHERS = {"huggingface": _hub_download, "modelscope": _modelscope_download}
 
 
 def download(model: ModelParams, out_dir: Path) -> dict:
-    """Fetch and verify safetensors weights, config and tokenizer at a pinned revision.
+    """Fetch and verify safetensors weights, config and tokenizer at a pinned revision (a
+    GGUF file: verify its SHA-256 and convert it).
 
     Returns the fetch record written to ``out_dir/fetch.json``.
     """
-    files = verify_download(out_dir, FETCHERS[model.source](model, out_dir), model.source)
+    extra = {}
+    if model.source == "gguf":
+        extra = import_gguf(model.gguf, model.revision, out_dir)
+        files = {p.name: {"size": p.stat().st_size} for p in sorted(out_dir.iterdir()) if p.is_file()}
+    else:
+        files = verify_download(out_dir, FETCHERS[model.source](model, out_dir), model.source)
     check_shards(out_dir)
-    record = {"repo": model.base, "revision": model.revision, "source": model.source, "files": files}
+    record = {"repo": model.base, "revision": model.revision, "source": model.source, "files": files, **extra}
     (out_dir / FETCH_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return record
 

@@ -55,19 +55,20 @@ import torch
 
 from mediagent.errors import UserError, run_stage
 from mediagent.artifacts import (
-    adapter_rank, check_adapter_files, check_lineage_base, read_lineage, vllm_problems, vllm_rank,
+    adapter_rank, check_adapter_files, check_lineage_base, read_adapter_config, read_lineage, vllm_problems, vllm_rank,
 )
-from mediagent.chatml import encode_prompt, split_messages
+from mediagent.chat_format import ChatFormat, final_answer, last_question, prompt_messages
 from mediagent.eval_metrics import (
-    SELECTION_KEYS, clean_generation, generation_metrics, metrics_from_ranks, plot_rows, random_baseline, rank_csv,
-    selection_ranks, special_ids,
+    SELECTION_KEYS, clean_generation, generation_items, generation_metrics, metrics_from_ranks, plot_rows, random_baseline, rank_csv,
+    selection_ranks,
 )
+from mediagent.intervals import bleu_items, metric_intervals, selection_items
 from mediagent.fileio import atomic_path, dump_jsonl, md5_file, read_jsonl, write_json
 from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from mediagent.params import Params
 from mediagent.memory import log_plan
 from mediagent.scoring import answer_loss, encode_question, generate_hf, score_questions, score_questions_vllm
-from mediagent.vllm_engine import base_env, close_llm, kv_cache_bytes, open_llm, vllm_status
+from mediagent.vllm_engine import base_env, close_llm, kv_cache_bytes, lora_request, open_llm, vllm_status
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len
         options["kv_cache_memory_bytes"] = kv_cache_bytes(base_dir, max_seqs * max_model_len)
     if adapter_dir is not None:
         options.update(enable_lora=True, max_lora_rank=vllm_rank(rank), max_loras=1)
-        targets = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
+        targets = read_adapter_config(adapter_dir).get("target_modules")
         if isinstance(targets, list):
             # only the adapted modules: a LoRA-wrapped LM head is slower and its CPU kernel
             # fails on prompt log-probs (one row per prompt token, not per request)
@@ -182,11 +183,10 @@ def generate_vllm(llm, prompts: list[list[int]], max_new_tokens: int, eos: list[
     Prompts go in as token ids, so vLLM sees exactly what transformers sees.
     """
     from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
 
     sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
                               stop_token_ids=eos, skip_special_tokens=False)
-    lora = LoRARequest("tuned", 1, str(adapter_dir)) if adapter_dir is not None else None
+    lora = lora_request("tuned", adapter_dir) if adapter_dir is not None else None
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, lora_request=lora, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -205,7 +205,7 @@ def adapter_checks(adapter_dir: Path, base_dir: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_adapter_config(adapter_dir)
     problems = vllm_problems(config)
     flags = {"rank_servable": "rank" not in problems, "no_modules_to_save": "modules_to_save" not in problems}
     rank = adapter_rank(config)
@@ -247,29 +247,29 @@ def adapter_checks(adapter_dir: Path, base_dir: Path) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- main
 
 
-def selection(scores: list[list[float]], labels: list[list[int]], seed: int) -> tuple[dict, list[int]]:
-    """P@1/MRR/MAP and first-positive ranks; the same seed for both models, so equal
-    scores get the same tie-breaking draw."""
+def selection(scores: list[list[float]], labels: list[list[int]], seed: int) -> tuple[dict, list[tuple[int, float]]]:
+    """P@1/MRR/MAP and (first-positive rank, average precision) per question; the same seed
+    for both models, so equal scores get the same tie-breaking draw."""
     ranked = selection_ranks(scores, labels, np.random.default_rng(seed))
-    return metrics_from_ranks(ranked), [r for r, _ in ranked]
+    return metrics_from_ranks(ranked), ranked
 
 
-def evaluate_model(path: Path, params: Params, inputs: Inputs, tokenizer, prompts, labels, generate: bool, name: str,
+def evaluate_model(path: Path, params: Params, inputs: Inputs, fmt: ChatFormat, prompts, labels, generate: bool, name: str,
                    score: bool = True):
     """Loss, selection (``score``: hf scorer) and (hf backend) generation of one model:
     (metrics, first-positive ranks or None, ids)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path, params.model, resolve_dtype(params.model)).to(device)
     e = params.eval
-    metrics = answer_loss(model, tokenizer, inputs.examples, e.max_seq_length, e.batch_size)
+    metrics = answer_loss(model, fmt, inputs.examples, e.max_seq_length, e.batch_size)
     ranks = None
     if score:
-        sel, ranks = selection(score_questions(model, tokenizer, inputs.questions, e.max_seq_length, e.batch_size,
-                                               name), labels, e.seed)
+        sel, ranks = selection(score_questions(model, fmt, inputs.questions, e.max_seq_length, e.batch_size,
+                                               name, e.selection_score), labels, e.seed)
         metrics.update({k: sel[k] for k in SELECTION_KEYS})
         log.info("%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (transformers scorer)",
                  name, sel["p_at_1"], sel["mrr"], sel["map"], sel["questions"])
-    generated = generate_hf(model, tokenizer, prompts, e.max_new_tokens, e.batch_size) if generate else None
+    generated = generate_hf(model, fmt, prompts, e.max_new_tokens, e.batch_size) if generate else None
     log.info("%s: loss %.4f ppl %.2f", name, metrics["loss"], metrics["perplexity"])
     del model
     gc.collect()
@@ -292,18 +292,21 @@ def resolve_backend(requested: str, rank_ok: bool) -> tuple[str, str]:
     return "hf", f"auto: {why if not ok else 'adapter rank not servable by vLLM'}"
 
 
-def resolve_scorer(requested: str, backend: str) -> str:
+def resolve_scorer(requested: str, backend: str, rule: str = "mean") -> str:
     """auto: vLLM prompt log-probs whenever the vLLM backend is used (same scores, as fast
-    or faster with prefix caching: bench/evaluate.py), else the transformers scorer."""
+    or faster with prefix caching: bench/evaluate.py), else the transformers scorer. PMI
+    scores are computed by the transformers scorer only."""
     if requested == "vllm" and backend != "vllm":
         raise EvalError("eval.scorer=vllm needs the vLLM engine, but the generation backend is hf: "
                         "set eval.backend to auto or vllm, or eval.scorer to hf")
+    if requested == "vllm" and rule != "mean":
+        raise EvalError(f"eval.selection_score={rule} is computed by the transformers scorer: set eval.scorer to hf or auto")
     if requested == "auto":
-        return "vllm" if backend == "vllm" else "hf"
+        return "vllm" if backend == "vllm" and rule == "mean" else "hf"
     return requested
 
 
-def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]], vllm_tuned: list[list[int]]):
+def vllm_peft_parity(params: Params, inputs: Inputs, fmt: ChatFormat, prompts: list[list[int]], vllm_tuned: list[list[int]]):
     """Greedy ids of vLLM + LoRA equal to peft (base + adapter, float32) on a few prompts?"""
     from peft import PeftModel
 
@@ -311,10 +314,10 @@ def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[li
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_model(inputs.base_dir, params.model, torch.float32).to(device)
     model = PeftModel.from_pretrained(base, str(inputs.adapter_dir)).eval()
-    peft_ids = generate_hf(model, tokenizer, prompts[:n], params.eval.max_new_tokens, params.eval.batch_size)
+    peft_ids = generate_hf(model, fmt, prompts[:n], params.eval.max_new_tokens, params.eval.batch_size)
     del model, base
     gc.collect()
-    eos, _ = special_ids(tokenizer)
+    eos = fmt.stop_ids
 
     def cut(ids):
         return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
@@ -323,15 +326,13 @@ def vllm_peft_parity(params: Params, inputs: Inputs, tokenizer, prompts: list[li
     return same == n, f"{same}/{n} greedy outputs identical (vLLM LoRA vs peft, float32)"
 
 
-def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[list[int]], score: bool):
+def vllm_generations(params: Params, inputs: Inputs, fmt: ChatFormat, prompts: list[list[int]], score: bool):
     """(base ids, tuned ids, parity flag, parity reason, {"base", "tuned": candidate scores}
     when ``score``) from one vLLM engine on the base with the LoRA."""
-    from vllm.lora.request import LoRARequest
-
     e = params.eval
-    rank = adapter_rank(json.loads((inputs.adapter_dir / "adapter_config.json").read_text(encoding="utf-8")))
-    eos, _ = special_ids(tokenizer)
-    encoded = [encode_question(tokenizer, q, e.max_seq_length)[:2] for q in inputs.questions] if score else []
+    rank = adapter_rank(read_adapter_config(inputs.adapter_dir))
+    eos = fmt.stop_ids
+    encoded = [encode_question(fmt, q, e.max_seq_length)[:2] for q in inputs.questions] if score else []
     max_len = max([len(p) + e.max_new_tokens for p in prompts] + [len(p) + len(c) + 1 for p, cs in encoded for c in cs])
     llm = open_vllm(inputs.base_dir, inputs.adapter_dir, rank, max_len, max(len(prompts), 64), e.seed,
                     prefix_caching=score)
@@ -339,11 +340,11 @@ def vllm_generations(params: Params, inputs: Inputs, tokenizer, prompts: list[li
         base = generate_vllm(llm, prompts, e.max_new_tokens, eos)
         tuned = generate_vllm(llm, prompts, e.max_new_tokens, eos, inputs.adapter_dir)
         scores = {"base": score_questions_vllm(llm, encoded),
-                  "tuned": score_questions_vllm(llm, encoded, LoRARequest("tuned", 1, str(inputs.adapter_dir)))
+                  "tuned": score_questions_vllm(llm, encoded, lora_request("tuned", inputs.adapter_dir))
                   } if score else None
     finally:
         close_llm(llm)
-    return (base, tuned, *vllm_peft_parity(params, inputs, tokenizer, prompts, tuned), scores)
+    return (base, tuned, *vllm_peft_parity(params, inputs, fmt, prompts, tuned), scores)
 
 
 def main(params: Params) -> None:
@@ -352,23 +353,23 @@ def main(params: Params) -> None:
     log.info("eval params: %s", e)
     log_plan(params, "evaluate", log, dtype_name(resolve_dtype(params.model)))  # before anything is loaded
     inputs = load_inputs(params)
-    tokenizer = load_tokenizer(inputs.merged_dir)
+    fmt = ChatFormat.of(load_tokenizer(inputs.merged_dir))  # the format trained on, saved with the model
     labels = [[int(c["label"]) for c in q["candidates"]] for q in inputs.questions]
-    prompts = [encode_prompt(tokenizer, *split_messages(r["messages"])[:2]) for r in inputs.generations]
+    prompts = [fmt.prompt_ids(prompt_messages(r["messages"])) for r in inputs.generations]
     flags, reasons = adapter_checks(inputs.adapter_dir, inputs.base_dir)
     backend, backend_reason = resolve_backend(e.backend, flags["rank_servable"])
-    scorer = resolve_scorer(e.scorer, backend)
+    scorer = resolve_scorer(e.scorer, backend, e.selection_score)
     log.info("generation backend: %s (%s); answer-selection scorer: %s", backend, backend_reason, scorer)
 
     hf = backend == "hf"
-    args = (params, inputs, tokenizer, prompts, labels, hf)
+    args = (params, inputs, fmt, prompts, labels, hf)
     base, base_ranks, base_gen = evaluate_model(inputs.base_dir, *args, "base", score=scorer == "hf")
     tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, *args, "tuned", score=scorer == "hf")
     if hf:
         flags["vllm_parity"], reasons["vllm_parity"] = None, backend_reason.removeprefix("auto: ")
     else:
         base_gen, tuned_gen, parity, reasons["vllm_parity"], scores = vllm_generations(
-            params, inputs, tokenizer, prompts, score=scorer == "vllm")
+            params, inputs, fmt, prompts, score=scorer == "vllm")
         flags["vllm_parity"] = parity
         if scores:  # tuned = base + LoRA in vLLM (the merged model's weights, unmerged)
             ranks = {}
@@ -381,12 +382,17 @@ def main(params: Params) -> None:
 
     loss_tokens = base.pop("tokens")
     tuned.pop("tokens")
+    items = {"base": {"loss": base.pop("items")}, "tuned": {"loss": tuned.pop("items")}}
     texts = {}
-    for name, gen, metrics in (("base", base_gen, base), ("tuned", tuned_gen, tuned)):
-        cleaned = [clean_generation(tokenizer, ids) for ids in gen]
+    refs = [final_answer(r["messages"]) for r in inputs.generations]
+    asked = [last_question(r["messages"]) for r in inputs.generations]
+    for name, gen, metrics, ranked in (("base", base_gen, base, base_ranks), ("tuned", tuned_gen, tuned, tuned_ranks)):
+        cleaned = [clean_generation(fmt.tokenizer, ids, fmt.stop_ids) for ids in gen]
         texts[name] = [t for t, _ in cleaned]
-        refs = [split_messages(r["messages"])[2] for r in inputs.generations]
-        metrics.update(generation_metrics(texts[name], refs, [th for _, th in cleaned]))
+        metrics.update(generation_metrics(texts[name], refs, [th for _, th in cleaned], asked))
+        items[name].update(selection_items(ranked), **generation_items(texts[name], refs, asked),
+                           bleu4=bleu_items(texts[name], refs))
+    base_ranks, tuned_ranks = [r for r, _ in base_ranks], [r for r, _ in tuned_ranks]
 
     # not ready on a failed parity; an unchecked one (no vLLM here) does not count against it
     flags["ready"] = all(flags[k] for k in ("rank_servable", "no_modules_to_save", "targets_matched")) \
@@ -406,6 +412,9 @@ def main(params: Params) -> None:
                        f"{inputs.merged_dir} (loss{'' if scorer == 'vllm' else ', selection'}); {inputs.base_dir} + "
                        f"LoRA {inputs.adapter_dir} in vLLM (generation{', selection' if scorer == 'vllm' else ''})",
         "serve_ready_reasons": reasons,
+        "selection_score": e.selection_score,
+        # paired bootstrap over the same held-out items: {metric: {base, tuned, delta: {value, ci95}}}
+        "intervals": metric_intervals(items["base"], items["tuned"], e.bootstrap_resamples, e.seed),
         "counts": {"loss_examples": len(inputs.examples), "loss_tokens": loss_tokens,
                    "selection_questions": len(inputs.questions), "candidates": sum(map(len, labels)),
                    "generations": len(inputs.generations)},
@@ -420,8 +429,8 @@ def write_outputs(params: Params, inputs: Inputs, results: dict, texts: dict, ra
     samples = [
         {
             "question_id": r["question_id"],
-            "question": split_messages(r["messages"])[1],
-            "reference": split_messages(r["messages"])[2],
+            "question": last_question(r["messages"]),
+            "reference": final_answer(r["messages"]),
             "base": texts["base"][i],
             "tuned": texts["tuned"][i],
         }

@@ -45,7 +45,7 @@ import torch
 
 from mediagent.errors import UserError, run_stage
 from mediagent.artifacts import check_adapter_files, check_lineage_base, read_lineage
-from mediagent.chatml import encode_example, render_prompt
+from mediagent.chat_format import ChatFormat, resolve_template
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.loading import check_model_dir, load_model, load_tokenizer
 from mediagent.params import ModelParams, Params
@@ -94,7 +94,7 @@ def base_dtype(base_dir: Path) -> torch.dtype:
 
 
 def parity_sequences(processed_dir: Path, tokenizer, n: int, max_tokens: int = PARITY_MAX_TOKENS) -> list[list[int]]:
-    """Token ids of the first ``n`` held-out examples (prompt + answer + <|im_end|>).
+    """Token ids of the first ``n`` held-out examples (prompt + answer + the turn's end token).
 
     Full sequences, not prompts alone: the adapter changes what the model predicts inside
     the answer, which is where a wrong merge shows most.
@@ -103,7 +103,8 @@ def parity_sequences(processed_dir: Path, tokenizer, n: int, max_tokens: int = P
         path = processed_dir / name
         if path.is_file() and path.stat().st_size:
             rows = read_jsonl(path)[:n]
-            return [encode_example(tokenizer, r["messages"], max_tokens).input_ids for r in rows]
+            fmt = ChatFormat.of(tokenizer)
+            return [fmt.encode(r["messages"], max_tokens).input_ids for r in rows]
     raise MergeError(f"no held-out examples in {processed_dir} (test.jsonl/val.jsonl): run `dvc repro process`")
 
 
@@ -234,14 +235,17 @@ def check_quantized_parity(stats: dict, relative: float) -> float:
     return bound
 
 
-def check_chat_template(tokenizer, adapter_dir: Path) -> None:
-    """The adapter's template must render exactly the training prompt (mediagent/chatml.py)."""
-    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
-    if tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) != render_prompt("s", "q"):
+def check_chat_template(tokenizer, adapter_dir: Path, params: Params) -> None:
+    """The adapter's template must be the one ``model.chat_template`` names (the training
+    format): the merged model copies it, and vLLM serves what it says."""
+    m = params.model
+    expected = resolve_template(m.chat_template, m.chat_template_kwargs, load_tokenizer(m.path, m.trust_remote_code))
+    if tokenizer.chat_template != expected:
         raise MergeError(
-            f"the chat template in {adapter_dir} is not the training format (mediagent/chatml.py); "
+            f"the chat template in {adapter_dir} is not the format model.chat_template={m.chat_template!r} gives; "
             f"retrain with `dvc repro train`"
         )
+    ChatFormat.of(tokenizer).end_id  # noqa: B018 - fails now, not at serving, on a template without an end token
 
 
 def copy_tokenizer(adapter_dir: Path, out_dir: Path) -> None:
@@ -278,7 +282,7 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
     check_lineage_base(lineage, params.model, f"adapter {adapter_dir}")
     base_dtype(base_dir)  # refuse a quantized base before loading anything
     tokenizer = load_tokenizer(adapter_dir)
-    check_chat_template(tokenizer, adapter_dir)
+    check_chat_template(tokenizer, adapter_dir, params)
     sequences = parity_sequences(Path(params.data.processed_dir), tokenizer, params.merge.parity_prompts)
 
     # QLoRA: the adapter was trained on a 4-bit base; it is merged onto the unquantized one

@@ -384,6 +384,20 @@ def make_pairs(questions: pd.DataFrame, answers: pd.DataFrame, stats: dict) -> p
     return pairs[~duplicate].reset_index(drop=True)
 
 
+def official_heldout_ids(folder: Path) -> np.ndarray:
+    """Question ids of the official dev/test candidate lists in ``folder`` (zip, txt or csv)."""
+    files = [f for key in ("dev_candidates", "test_candidates") for f in sorted(folder.glob(f"{key}.*"))
+             if f.suffix in (".zip", ".txt", ".csv")]
+    if not files:
+        raise ProcessError(f"process.heldout_candidates_dir: no dev_candidates/test_candidates (.zip/.txt/.csv) in "
+                           f"{folder}; point it at the official files (`make data` puts them in data/raw) or set it to \"\"")
+    try:
+        return np.unique(np.concatenate([pd.read_csv(f, usecols=["question_id"])["question_id"].to_numpy() for f in files]))
+    except (ValueError, OSError) as exc:
+        raise ProcessError(f"process.heldout_candidates_dir: {files} unreadable ({exc}); expected the official "
+                           f"question_id,ans_id,cnt,label tables") from exc
+
+
 def split_ids(qids: np.ndarray, seed: int, val_ratio: float, test_ratio: float) -> np.ndarray:
     """0/1/2 (train/val/test) per question id, from a seeded hash of the id.
 
@@ -549,6 +563,10 @@ def main(params: Params) -> None:
         stats["split_method"] = "official"
     else:
         split_of_q, stats["split_method"] = split_ids(qids, cfg.seed, cfg.val_ratio, cfg.test_ratio), "hash"
+        if cfg.heldout_candidates_dir:
+            official = np.isin(qids, official_heldout_ids(Path(cfg.heldout_candidates_dir)))
+            split_of_q[official] = 2
+            stats["official_heldout_questions"] = int(official.sum())
     pair_split = split_of_q[codes]
     first = ~pairs["question_id"].duplicated().to_numpy()  # each question's first answer (official ids ascend)
     examples, ex_split = pairs, pair_split

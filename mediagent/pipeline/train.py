@@ -3,7 +3,7 @@
 Reads  <data.processed_dir>/train.jsonl and val.jsonl (ChatML examples from `process`),
        the base model at <model.dir>/<model.base> (from `base`), params `model`, `lora`,
        `train`, `launch` (and the accelerate config it names, under configs/accelerate).
-Writes <train.output_dir>/ (peft adapter, tokenizer with the project's chat template,
+Writes <train.output_dir>/ (peft adapter, tokenizer with the chat template trained on,
        lineage.json), <train.metrics_file>, and dvclive curves under <train.dvclive_dir>.
        Checkpoints go to <train.checkpoint_dir>, a scratch area outside the DVC outs:
        an interrupted run resumes from there on rerun, and it is emptied after success.
@@ -34,7 +34,7 @@ import torch
 
 from mediagent.errors import UserError, run_stage
 from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
-from mediagent.chatml import CHAT_TEMPLATE, encode_example
+from mediagent.chat_format import ChatFormat, resolve_template
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.params import LoraParams, Params, ParamsError, TrainParams
 from mediagent.loss import use_chunked_loss
@@ -106,10 +106,11 @@ class SplitStats:
     examples: int = 0  # kept (have at least one learned token)
     truncated: int = 0  # cut to max_seq_length (answer tail lost), still kept
     dropped: int = 0  # prompt alone filled max_seq_length: nothing left to learn
+    dropped_turns: int = 0  # earliest exchanges of multi-turn examples dropped to fit max_seq_length
 
 
 def encode_split(
-    tokenizer, rows: list[dict], max_length: int, source: str, progress: bool = True
+    fmt: ChatFormat, rows: list[dict], max_length: int, source: str, progress: bool = True
 ) -> tuple[list[dict], SplitStats]:
     """Token ids and assistant-only labels per example; over-long ones truncated, empty ones dropped."""
     from tqdm import tqdm
@@ -118,13 +119,14 @@ def encode_split(
     bar = tqdm(rows, desc=f"encode {Path(source).name}", unit="ex", mininterval=2, disable=not progress)
     for line, row in enumerate(bar, start=1):
         try:
-            enc = encode_example(tokenizer, row["messages"], max_length)
+            enc = fmt.encode(row["messages"], max_length)
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{source} line {line}: not a ChatML example ({exc}); rerun the process stage") from exc
+            raise UserError(f"{source} line {line}: not a chat example ({exc}); rerun the process stage") from exc
         if all(label == -100 for label in enc.labels):
             stats.dropped += 1
             continue
         stats.truncated += enc.truncated
+        stats.dropped_turns += enc.dropped_turns
         features.append({"input_ids": enc.input_ids, "labels": enc.labels})
     stats.examples = len(features)
     return features, stats
@@ -539,7 +541,10 @@ def main(params: Params) -> None:
         ensure_ascii=False, sort_keys=True))
 
     tokenizer = load_tokenizer(params.model.path, params.model.trust_remote_code)
-    tokenizer.chat_template = CHAT_TEMPLATE  # the adapter carries the format it was trained on
+    # the adapter carries the format it was trained on (saved with its tokenizer)
+    tokenizer.chat_template = resolve_template(params.model.chat_template, params.model.chat_template_kwargs, tokenizer)
+    fmt = ChatFormat.of(tokenizer)
+    log.info("chat format: %s (model.chat_template=%s)", fmt, params.model.chat_template)
     model = load_model(params.model.path, params.model, dtype, quantization=plan["quantization"])
     if plan["quantization"] != "none":
         from peft import prepare_model_for_kbit_training
@@ -548,7 +553,10 @@ def main(params: Params) -> None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan["gradient_checkpointing"],
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan["chunked_loss"]:
-        use_chunked_loss(model)
+        try:
+            use_chunked_loss(model)
+        except ValueError as exc:  # a model this loss cannot serve: the fix is a param
+            raise ParamsError(str(exc)) from exc
     problems = target_module_problems(model, params.lora)
     if problems:
         raise ParamsError("invalid params for this base model:\n  - " + "\n  - ".join(problems))
@@ -557,9 +565,9 @@ def main(params: Params) -> None:
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable params: %s / %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    train_set, train_stats = encode_split(tokenizer, read_jsonl(train_path), train.max_seq_length, str(train_path), is_main)
+    train_set, train_stats = encode_split(fmt, read_jsonl(train_path), train.max_seq_length, str(train_path), is_main)
     val_rows = read_jsonl(val_path)[: train.max_eval_examples]
-    val_set, val_stats = encode_split(tokenizer, val_rows, train.max_seq_length, str(val_path), is_main)
+    val_set, val_stats = encode_split(fmt, val_rows, train.max_seq_length, str(val_path), is_main)
     log.info("train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
              train_stats.examples, train_stats.truncated, train.max_seq_length, train_stats.dropped)
     if not train_set or not val_set:
