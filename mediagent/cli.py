@@ -29,6 +29,7 @@ COMMANDS = {
     "infer": ("mediagent.commands.infer", "Answer a JSONL file of questions offline."),
     "review-app": ("mediagent.commands.review_app", "Arena and blind review in the browser."),
     "data": ("mediagent.commands.download", "Download and verify the official cMedQA2 files."),
+    "profile": ("mediagent.commands.profile", "Switch params.yaml to a params profile (configs/profiles/)."),
     "preflight": ("mediagent.commands.preflight", "Memory plan for a base and a budget, before anything loads."),
     "summary": ("mediagent.commands.summary", "Base vs tuned headline metrics."),
     "sweep": ("mediagent.commands.sweep", "Run the queued DVC experiments in parallel, one GPU (group) each."),
