@@ -86,7 +86,6 @@ FIXTURE_TIERS = {
     "tests.test_hot_load.exp_repo": ("dvc", "vllm"),  # `dvc exp run` twice; skips without vLLM
     "tests.test_ui.chromium": ("browser",),
     "tests.test_evaluate.trained": ("slow",),  # trains and merges a tiny model
-    "tests.test_distributed.dist_dir": ("slow",),
 }
 # Modules whose every test is in a tier.
 MODULE_TIERS = {
@@ -100,6 +99,7 @@ TEST_TIERS = {
     "test_process.py::test_dvc_repro_runs_once_then_skips": ("dvc",),
     "test_distributed.py::test_sweep_runs_queued_experiments_at_once_one_device_each": ("dvc",),
     "test_evaluate.py::test_vllm_scorer_equals_transformers_scorer": ("vllm",),
+    "test_evaluate.py::test_main_writes_metrics_samples_plots_and_report": ("vllm",),  # vLLM backend when it imports
     "test_infer.py::test_answers_good_lines_reports_bad_ones": ("vllm",),
     # the real train stage to its last step (8-51 s each on 2 CPU cores)
     "test_train.py::test_training_lowers_heldout_loss": ("slow",),
@@ -126,7 +126,7 @@ def _fixture_keys(item: pytest.Item) -> set[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.stem
-        test = f"{item.path.name}::{item.originalname}" if hasattr(item, "originalname") else item.nodeid
+        test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"  # one name for every parametrization
         tiers = set(MODULE_TIERS.get(module, ())) | set(TEST_TIERS.get(test, ()))
         for key in _fixture_keys(item):
             tiers |= set(FIXTURE_TIERS.get(key, ()))
