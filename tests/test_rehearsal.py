@@ -63,7 +63,7 @@ def test_missing_data_folder_is_one_error_line_before_any_work(tmp_path):
     report = tmp_path / "report.json"
     report.write_text('{"previous": true}\n', encoding="utf-8")
     env = {**os.environ, "MEDQA_SHARED_DATA": str(data), "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "rehearsal.run", "--report", str(report)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "rehearsal.run", "--report", str(report)], cwd=ROOT, env=env, check=False,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
