@@ -29,7 +29,7 @@ CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
 
-.PHONY: install demo test data base repro plots rehearse quality serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
+.PHONY: install demo test test-fast data base repro plots rehearse quality serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,10 @@ plots: install
 
 test: install
 	$(PY) -m pytest -q -ra tests
+
+# The fast tier (docs/testing.md): no vLLM, browser, DVC run or end-to-end training.
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow and not vllm and not browser and not dvc" tests
 
 data: install
 	$(MEDIAGENT) data

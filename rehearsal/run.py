@@ -44,6 +44,7 @@ import yaml
 
 from rehearsal.checkpoint import build_checkpoint
 from rehearsal.data import official_layout
+from mediagent import errors
 from mediagent.fileio import git_blob_id
 from rehearsal.hosts import FileHost, LoopbackHub, LoopbackModelScope
 
@@ -56,6 +57,8 @@ STAGES = ("process", "base", "train", "merge", "evaluate")
 # model.source -> the loopback stand-in that serves the checkpoint as that source's API does
 REMOTES = {"huggingface": LoopbackHub, "modelscope": LoopbackModelScope}
 SHARED = Path(os.environ.get("MEDQA_SHARED_DATA", ROOT.parent / "shared" / "data" / "cmedqa2"))
+# What official_layout reads there: the real sample and the two official candidate archives.
+DATA_FILES = ("sample/question.csv", "sample/answer.csv", "dev_candidates.zip", "test_candidates.zip")
 
 # Sizes that keep the whole rehearsal within ~20 minutes on two CPU cores. Each is a -S
 # override of the real command; nothing else about the commands changes.
@@ -88,6 +91,21 @@ OVERRIDES = {
 
 class RehearsalError(RuntimeError):
     pass
+
+
+class RehearsalDataError(errors.UserError):
+    """The real cMedQA2 files the rehearsal builds its data from are not there."""
+
+
+def check_data(folder: Path) -> None:
+    """Fail before anything is cloned or built when a file official_layout reads is missing."""
+    missing = [name for name in DATA_FILES if not (folder / name).is_file()]
+    if missing:
+        raise RehearsalDataError(
+            f"cMedQA2 files missing in {folder}: {', '.join(missing)} — put cMedQA2's dev_candidates.zip and "
+            "test_candidates.zip (https://github.com/zhangsheng93/cMedQA2) in that folder and real question.csv "
+            "and answer.csv in its sample/, or set MEDQA_SHARED_DATA to a folder that has them; "
+            "`make demo` needs none of this")
 
 
 def free_port() -> int:
@@ -471,6 +489,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone (its path is logged)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Up front, as one `error:` line: a missing file would otherwise surface minutes in, after the
+    # clone and the checkpoint, as a bare FileNotFoundError (and the previous report is kept).
+    errors.run(lambda: check_data(SHARED))
     work = Path(tempfile.mkdtemp(prefix="medqa-rehearsal-"))
     log.info("working in %s", work)
     report: dict = {"ok": False, "source": args.source}

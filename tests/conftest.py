@@ -1,5 +1,12 @@
 """Shared fixtures: the repo's params and sample data, the real cMedQA2 files beside the repo
-(only tests whose subject is those files use them), a tiny base."""
+(only tests whose subject is those files use them), a tiny base; and the test tiers.
+
+Tiers (markers registered in pyproject.toml, see docs/testing.md) are given here, by the
+fixtures and modules a test uses, so that test files carry no tier decorations:
+``vllm`` starts vLLM, ``browser`` drives headless Chromium, ``dvc`` runs ``dvc repro`` or
+``dvc exp``, ``slow`` trains a model end to end (or otherwise takes tens of seconds).
+``-m "not slow and not vllm and not browser and not dvc"`` is the fast tier.
+"""
 
 from __future__ import annotations
 
@@ -66,3 +73,62 @@ def copy_repo(dst: Path) -> Path:
     )
     shutil.copytree(ROOT, dst, ignore=ignore, dirs_exist_ok=True)
     return dst
+
+
+# ---------------------------------------------------------------- test tiers
+
+# Fixtures by "<defining module>.<name>": two modules define a `server` (a vLLM server in
+# test_serve/test_hot_load, a file server in test_download), so the name alone is ambiguous.
+FIXTURE_TIERS = {
+    "tests.test_serve.server": ("vllm",),
+    "tests.test_hot_load.server": ("vllm",),
+    "tests.test_mixed_traffic.served": ("vllm",),
+    "tests.test_hot_load.exp_repo": ("dvc", "vllm"),  # `dvc exp run` twice; skips without vLLM
+    "tests.test_ui.chromium": ("browser",),
+    "tests.test_evaluate.trained": ("slow",),  # trains and merges a tiny model
+}
+# Modules whose every test is in a tier.
+MODULE_TIERS = {
+    "test_pipeline": ("dvc", "slow"),  # the whole pipeline through `dvc repro` and `dvc exp run`
+    "test_distributed": ("slow",),  # DDP / FSDP / DeepSpeed trainings in several processes
+    "test_qlora": ("slow", "vllm"),  # trains, merges, evaluates with vLLM when it imports
+}
+# Single tests (every parametrization) whose tier their fixtures do not show. A renamed
+# test must be renamed here, or it falls into the fast tier.
+TEST_TIERS = {
+    "test_process.py::test_dvc_repro_runs_once_then_skips": ("dvc",),
+    "test_distributed.py::test_sweep_runs_queued_experiments_at_once_one_device_each": ("dvc",),
+    "test_evaluate.py::test_vllm_scorer_equals_transformers_scorer": ("vllm",),
+    "test_evaluate.py::test_main_writes_metrics_samples_plots_and_report": ("vllm",),  # vLLM backend when it imports
+    "test_infer.py::test_answers_good_lines_reports_bad_ones": ("vllm",),
+    # the real train stage to its last step (8-51 s each on 2 CPU cores)
+    "test_train.py::test_training_lowers_heldout_loss": ("slow",),
+    "test_train.py::test_same_seed_same_bytes_other_rank_other_adapter": ("slow",),
+    "test_train.py::test_killed_run_resumes_from_its_checkpoint": ("slow",),
+    "test_train.py::test_checkpoints_of_other_params_are_discarded": ("slow",),
+    "test_train.py::test_micro_batches_train_the_same_adapter": ("slow",),
+    "test_train.py::test_plan_picks_smaller_micro_batches_for_a_small_budget": ("slow",),
+    "test_merge.py::test_untied_bf16_sharded_base_through_train_and_merge": ("slow",),
+    # measures 8 CPU trainings in subprocesses (10-31 s each)
+    "test_preflight.py::test_estimate_within_20_percent_of_measured_cpu_training": ("slow",),
+}
+
+
+def _fixture_keys(item: pytest.Item) -> set[str]:
+    # pytest keeps the resolved definitions in the private _fixtureinfo (checked with
+    # pytest 9.2.0); a test outside any module (a doctest) has none.
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return set()
+    return {f"{d.func.__module__}.{name}" for name, defs in info.name2fixturedefs.items() for d in defs[-1:]}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"  # one name for every parametrization
+        tiers = set(MODULE_TIERS.get(module, ())) | set(TEST_TIERS.get(test, ()))
+        for key in _fixture_keys(item):
+            tiers |= set(FIXTURE_TIERS.get(key, ()))
+        for tier in sorted(tiers):
+            item.add_marker(tier)

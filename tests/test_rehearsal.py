@@ -8,6 +8,9 @@ per test question: what `make rehearse` relies on.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from rehearsal.data import official_layout
 from mediagent.fileio import git_blob_id
@@ -16,6 +19,7 @@ from mediagent.commands import download
 from mediagent.pipeline import process
 from mediagent.fileio import read_jsonl
 from mediagent.params import with_overrides
+from tests.conftest import ROOT
 
 
 def test_official_layout_downloads_and_gives_lists_of_100(tmp_path, shared_sample, shared_candidates, repo_params):
@@ -48,3 +52,24 @@ def test_official_layout_downloads_and_gives_lists_of_100(tmp_path, shared_sampl
     train_answers = {r["ans_id"] for r in read_jsonl(tmp_path / "processed" / "train.jsonl")}
     negatives = {c["ans_id"] for r in lists for c in r["candidates"] if c["label"] == 0}
     assert not train_answers & negatives
+
+
+def test_missing_data_folder_is_one_error_line_before_any_work(tmp_path):
+    """`make rehearse` without the real files: one `error:` line naming them, nothing cloned or written."""
+    data = tmp_path / "cmedqa2"
+    (data / "sample").mkdir(parents=True)
+    for name in ("question.csv", "answer.csv"):
+        (data / "sample" / name).write_text("question_id,content\n", encoding="utf-8")
+    report = tmp_path / "report.json"
+    report.write_text('{"previous": true}\n', encoding="utf-8")
+    env = {**os.environ, "MEDQA_SHARED_DATA": str(data), "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "rehearsal.run", "--report", str(report)], cwd=ROOT, env=env, check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cMedQA2 files missing in {data}: dev_candidates.zip, test_candidates.zip — "), last
+    assert "https://github.com/zhangsheng93/cMedQA2" in last and "`make demo` needs none of this" in last
+    assert "Traceback" not in out.stderr
+    # checked before the temporary clone is made, and the previous report is kept
+    assert report.read_text(encoding="utf-8") == '{"previous": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmedqa2", "report.json"]

@@ -4,8 +4,9 @@ One vLLM server for the module (the `server` fixture of the serve tests: models 
 adapter's lineage name and `medqa`), headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, installed by the `chromium` fixture when missing; one browser whose
 Accept-Language is English, one whose is Chinese), and the app started as ``mediagent
-review-app`` in a project folder with a small test split. The tests run in order: the blind
-review restarts the app and checks that the reviewer resumes.
+review-app`` in a project folder with a small test split. Every test builds what it reads, so
+they pass alone and in any order: a test that reads judgments gets an app of its own on a
+fresh folder (``review_app``), and a test that reads the page's language sets it first.
 
 Set ``MEDQA_UI_SCREENSHOTS=<folder>`` to save screenshots of both tabs and of the Chinese
 review page there (docs/ holds the README's; Chinese needs a CJK font, e.g. fonts-noto-cjk).
@@ -44,6 +45,9 @@ QUESTIONS = [  # (id, question, reference)
 SCRIPT = '<script>window.__xss = 1; alert(1)</script><img src=x onerror="window.__xss = 2">'
 MARKUP = "**bold** <b>not bold</b> &amp; [link](javascript:alert(1))"
 MAX_TOKENS = 16
+# every judgment line holds these (mediagent.judgments), in either page language
+JUDGMENT_FIELDS = {"reviewer", "question_id", "model_a", "model_b", "choice", "winner", "unsafe", "comment", "seed",
+                   "answer_md5", "time"}
 WAIT_S = 180
 
 
@@ -183,6 +187,16 @@ def app(ui_project, server):
     ui.stop()
 
 
+@pytest.fixture
+def review_app(ui_project, server, tmp_path):
+    """The app in a folder of its own: the module's params (and so its test split), no cached
+    answers and no judgments yet, whatever other tests judged."""
+    shutil.copy(ui_project / "params.yaml", tmp_path / "params.yaml")
+    ui = App(tmp_path, server.url).start()
+    yield ui
+    ui.stop()
+
+
 def get(url: str, headers: dict | None = None) -> tuple[int, dict, str]:
     req = urllib.request.Request(url, headers=headers or {})
     try:
@@ -303,15 +317,16 @@ def _judgments(ui_project: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
-def test_review_records_resumes_after_restart_and_renders_text(app, browser, ui_project):
+def test_review_records_resumes_after_restart_and_renders_text(review_app, browser):
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
 
+    app, folder = review_app, review_app.cwd
     pair = ("base", "medqa")
     # Answers for the second question are already in the cache (as a served model could
     # write them): markup must come out as the very same characters.
     a2, b2 = ab_order(0, QUESTIONS[1][0], pair)
-    cache = ui_project / "review" / "answers.jsonl"
+    cache = folder / "review" / "answers.jsonl"
     cache.parent.mkdir(exist_ok=True)
     cache.write_text("".join(json.dumps({"model": m, "question_id": QUESTIONS[1][0], "answer": t},
                                         ensure_ascii=False) + "\n" for m, t in ((a2, SCRIPT), (b2, MARKUP))),
@@ -319,7 +334,7 @@ def test_review_records_resumes_after_restart_and_renders_text(app, browser, ui_
     app.stop()
     app.start()  # the cache is read at start
 
-    assert review_stage(ui_project)["judgments"] == 0
+    assert review_stage(folder)["judgments"] == 0
     qid = _start_review(browser, app, "dr-test")
     assert qid == QUESTIONS[0][0]
     assert by_id(browser, "review-question").get_attribute("textContent") == QUESTIONS[0][1]
@@ -335,11 +350,11 @@ def test_review_records_resumes_after_restart_and_renders_text(app, browser, ui_
     by_id(browser, "choose-a").click()
     assert _shown_item(browser, not_id=qid) == QUESTIONS[1][0]
 
-    [first] = _judgments(ui_project)
+    [first] = _judgments(folder)
     assert (first["reviewer"], first["question_id"], first["choice"]) == ("dr-test", qid, "A")
     assert (first["model_a"], first["model_b"], first["winner"]) == (model_a, model_b, model_a)
     assert first["unsafe"] == [model_b] and first["comment"] == "B 的建议不够谨慎"
-    metrics = review_stage(ui_project)
+    metrics = review_stage(folder)
     base_wins = int(model_a == "base")
     assert metrics["judgments"] == 1 and metrics["reviewers"] == 1
     assert {k: metrics["pairs"]["base vs medqa"][k] for k in ("wins", "losses", "ties")} == {
@@ -364,19 +379,19 @@ def test_review_records_resumes_after_restart_and_renders_text(app, browser, ui_
     by_id(browser, "choose-tie").click()
     assert _shown_item(browser, not_id=qid2) == QUESTIONS[2][0]
 
-    judgments = _judgments(ui_project)
+    judgments = _judgments(folder)
     assert [j["question_id"] for j in judgments] == [QUESTIONS[0][0], QUESTIONS[1][0]]
     assert judgments[1]["choice"] == "tie" and judgments[1]["winner"] is None
-    metrics = review_stage(ui_project)
+    metrics = review_stage(folder)
     assert metrics["judgments"] == 2 and metrics["pairs"]["base vs medqa"]["ties"] == 1
     assert metrics["pairs"]["base vs medqa"]["judgments"] == 2
     for name in ("judgments.jsonl", "answers.jsonl"):
-        assert API_KEY not in (ui_project / "review" / name).read_text(encoding="utf-8")
+        assert API_KEY not in (folder / "review" / name).read_text(encoding="utf-8")
 
 
-def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(app, ui_project):
+def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(review_app):
     def post(path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(app.url + path, data=json.dumps(body).encode(), method="POST",
+        req = urllib.request.Request(review_app.url + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
@@ -384,20 +399,28 @@ def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(app,
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    # dr-test judges the first question (its answers are generated then and cached)
+    status, first = post("/api/review/next", {"reviewer": "dr-test", "models": ["base", "medqa"]})
+    assert status == 200 and first["question_id"] == QUESTIONS[0][0], first
+    status, body = post("/api/review/judge", {"reviewer": "dr-test", "models": ["base", "medqa"],
+                                              "question_id": QUESTIONS[0][0], "choice": "A"})
+    assert status == 200 and body["recorded"] == QUESTIONS[0][0] and body["next"]["question_id"] == QUESTIONS[1][0]
+
     status, item = post("/api/review/next", {"reviewer": "dr-other", "models": ["medqa", "base"]})
     assert status == 200 and item["question_id"] == QUESTIONS[0][0] and item["position"] == 1
     # the same texts as dr-test saw: they come from the cache
     cache = {(r["model"], r["question_id"]): r["answer"] for r in
-             map(json.loads, (ui_project / "review" / "answers.jsonl").read_text(encoding="utf-8").splitlines())}
+             map(json.loads, (review_app.cwd / "review" / "answers.jsonl").read_text(encoding="utf-8").splitlines())}
     model_a, model_b = ab_order(0, QUESTIONS[0][0], ("base", "medqa"))
+    assert (item["answer_a"], item["answer_b"]) == (first["answer_a"], first["answer_b"])
     assert (item["answer_a"], item["answer_b"]) == (cache[(model_a, QUESTIONS[0][0])], cache[(model_b, QUESTIONS[0][0])])
     status, body = post("/api/review/judge", {"reviewer": "dr-test", "models": ["base", "medqa"],
                                               "question_id": QUESTIONS[0][0], "choice": "B"})
     assert status == 400 and "already judged" in body["error"]
-    assert len(_judgments(ui_project)) == 2
+    assert [(j["reviewer"], j["choice"]) for j in _judgments(review_app.cwd)] == [("dr-test", "A")]
 
 
-# ---------------------------------------------------------------- languages (in order)
+# ---------------------------------------------------------------- languages
 
 MESSAGES = json.loads((ASSETS / "messages.json").read_text(encoding="utf-8"))
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -435,6 +458,9 @@ def _assert_page_in(driver, lang: str) -> None:
 
 
 def test_page_language_follows_accept_language(app, browser, browser_zh):
+    for driver in (browser, browser_zh):  # no choice saved by another test: the header decides
+        driver.get(app.url + "/")
+        driver.delete_all_cookies()
     # the server picks it from the header: the HTML it sends already says so
     assert '<html lang="zh-CN">' in get(app.url + "/", headers={"Accept-Language": "zh-TW,zh;q=0.9,en;q=0.8"})[2]
     assert '<html lang="en">' in get(app.url + "/", headers={"Accept-Language": "en-GB,zh;q=0.5"})[2]
@@ -471,10 +497,11 @@ def test_language_switch_overrides_the_header_and_persists(app, browser_zh):
     _assert_page_in(browser_zh, "zh-CN")
 
 
-def test_judgments_do_not_depend_on_the_page_language(app, browser_zh, ui_project):
-    pair = ("base", "medqa")
-    before = _judgments(ui_project)
-    # Chinese page (the choice the previous test left): judge the first question
+def test_judgments_do_not_depend_on_the_page_language(review_app, browser_zh):
+    app, pair = review_app, ("base", "medqa")
+    _open(browser_zh, app)
+    by_id(browser_zh, "lang-zh-CN").click()  # whatever another test chose: the page in Chinese
+    # Chinese page: judge the first question
     qid = _start_review(browser_zh, app, "张医生")
     _assert_page_in(browser_zh, "zh-CN")
     assert qid == QUESTIONS[0][0] and by_id(browser_zh, "review-progress").text == "第 1 题，共 3 题"
@@ -491,8 +518,8 @@ def test_judgments_do_not_depend_on_the_page_language(app, browser_zh, ui_projec
     by_id(browser_zh, "choose-b").click()
     _shown_item(browser_zh, not_id=qid2)
 
-    zh, en = _judgments(ui_project)[len(before):]
-    assert set(zh) == set(en) == set(before[0])  # the fields a judgment always had
+    zh, en = _judgments(app.cwd)
+    assert set(zh) == set(en) == JUDGMENT_FIELDS  # the fields a judgment always has
     assert (zh["reviewer"], zh["question_id"], zh["choice"], zh["comment"]) == ("张医生", qid, "A", "B 的建议不够谨慎")
     assert (en["reviewer"], en["question_id"], en["choice"], en["comment"]) == ("张医生", qid2, "B", "")
     for record, flagged in ((zh, "B"), (en, "A")):
@@ -504,8 +531,8 @@ def test_judgments_do_not_depend_on_the_page_language(app, browser_zh, ui_projec
         values = json.dumps({k: v for k, v in record.items() if k != "comment"}, ensure_ascii=False)
         assert not CJK.search(values.replace("张医生", ""))
         assert not any(MESSAGES["en"][k] in values for k in ("review.choose_a", "review.choose_b", "review.unsafe_a"))
-    metrics = review_stage(ui_project)
-    assert metrics["judgments"] == len(before) + 2 and metrics["reviewers"] == 2
+    metrics = review_stage(app.cwd)
+    assert metrics["judgments"] == 2 and metrics["reviewers"] == 1
 
 
 # ---------------------------------------------------------------- pure functions (no server, no browser)
