@@ -27,7 +27,7 @@ a = bytes of the compute dtype):
       plus 4·(q + kv) for Qwen3's q/k norms when a < 4, a·(q + kv) in float32;
     * every LoRA-adapted linear keeps its input for the adapter's gradient (the frozen
       base weight needs none). In float32 q/k/v share one input and gate/up another:
-      a·(2h + q); under bf16 autocast each adapter keeps its own copy: a·(5h + q);
+      a·(2h + q); under bf16 autocast each adapter keeps its own copy: a·(5h + q + I);
     * attention (SDPA, memory-efficient/flash: no s x s matrix is kept) keeps q, k, v and
       its output; with a padding mask transformers repeats k/v to every head: a·4q;
     * the SwiGLU MLP keeps gate, silu(gate), up and their product: a·4I.
@@ -192,9 +192,8 @@ def layer_activation_bytes(arch: Arch, a: int, targets) -> int:
     h, q, kv, i = arch.hidden, arch.q, arch.kv, arch.intermediate
     names = {t.rsplit(".", 1)[-1] for t in targets}
     norms = arch.norms * 4 * h + ((4 if a < 4 else a) * (q + kv) if arch.qk_norm else 0)
-    if a < 4:  # autocast: each adapter casts (and keeps) its own copy of its input
-        lora_inputs = a * sum(fan_in for name, (fan_in, _) in arch.linears().items()
-                              if name in names and name != "down_proj")
+    if a < 4:  # autocast: each adapter (down_proj's too) casts and keeps its own copy of its input
+        lora_inputs = a * sum(fan_in for name, (fan_in, _) in arch.linears().items() if name in names)
     else:      # one saved tensor per distinct input: attention in, o_proj in, MLP in
         groups = [({"q_proj", "k_proj", "v_proj"}, h), ({"o_proj"}, q), ({"gate_proj", "up_proj"}, h)]
         lora_inputs = a * sum(size for members, size in groups if members & names)

@@ -92,6 +92,7 @@ MODULE_TIERS = {
     "test_pipeline": ("dvc", "slow"),  # the whole pipeline through `dvc repro` and `dvc exp run`
     "test_distributed": ("slow",),  # DDP / FSDP / DeepSpeed trainings in several processes
     "test_qlora": ("slow", "vllm"),  # trains, merges, evaluates with vLLM when it imports
+    "test_other_arch": ("slow", "vllm"),  # a tiny Gemma 3 through train, merge, evaluate and a vLLM server
 }
 # Single tests (every parametrization) whose tier their fixtures do not show. A renamed
 # test must be renamed here, or it falls into the fast tier.
