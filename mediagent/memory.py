@@ -419,7 +419,7 @@ def candidate_counts(params: Params) -> dict[str, int] | None:
                 break
             questions += 1
             candidates += len(row["candidates"])
-            # +1: the <|im_end|> each candidate ends with; longer answers are cut as in evaluate
+            # +1: the end token each candidate ends with; longer answers are cut as in evaluate
             chars += sum(min(len(c["content"]) * TOKENS_PER_CHAR + 1, params.eval.max_seq_length)
                          for c in row["candidates"])
     return {"questions": questions, "candidates": candidates, "answer_tokens": int(chars)}

@@ -561,7 +561,7 @@ def test_bind_host_and_test_split_checks(tmp_path):
         load_questions(tmp_path, 10)
     (tmp_path / "test.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}], "question_id": 1}\n',
                                          encoding="utf-8")
-    with pytest.raises(UIError, match=r"test.jsonl:1: not a ChatML row"):
+    with pytest.raises(UIError, match=r"test.jsonl:1: not a chat row"):
         load_questions(tmp_path, 10)
 
 

@@ -14,12 +14,17 @@ Writes ``eval.metrics_file``  {"base", "tuned", "delta", "random", "serve_ready"
 Run: ``python -m mediagent.pipeline.evaluate`` (or ``dvc repro evaluate``).
 
 Metrics, per model:
-- ``loss``/``perplexity``: mean NLL of the answer tokens (+ <|im_end|>) given the ChatML
-  prompt, token-weighted over ``eval.max_questions`` test examples.
+- ``loss``/``perplexity``: mean NLL of the answer tokens (+ the turn's end token) given the
+  prompt, both as the saved chat template renders them, token-weighted over
+  ``eval.max_questions`` test examples.
 - ``p_at_1``/``mrr``/``map``: answer selection (the standard cMedQA2 task). Every candidate
-  is scored by its mean log-probability per answer token given the question; ties are
-  broken by a seeded random draw, never by list order (official files list positives
-  first). ``random`` holds the exact expectation of each metric under a random ranking.
+  is scored by ``eval.selection_score``: its mean log-probability per answer token given the
+  question, or PMI (conditional minus unconditional log-probability); ties are broken by a
+  seeded random draw, never by list order (official files list positives first). ``random``
+  holds the exact expectation of each metric under a random ranking.
+- ``loop_share``/``echo_share``: greedy answers that repeat themselves / the question.
+Intervals: ``eval.report_path`` holds a paired bootstrap 95% interval of every metric per
+model and of tuned - base (``mediagent/intervals.py``).
 - ``bleu4`` (sacrebleu, ``tokenize="zh"``: characters), ``rouge_l`` (F1 on characters),
   ``distinct_2`` (unique/total character bigrams), ``mean_length`` (chars),
   ``empty_share`` and ``think_share`` (outputs containing ``<think>``; must be 0 in the

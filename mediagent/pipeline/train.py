@@ -12,7 +12,7 @@ Run:   python -m mediagent.pipeline.train            (DVC: dvc repro train)
 Scale: accelerate launch --config_file configs/accelerate/ddp.yaml -m mediagent.pipeline.train,
        or params `launch.config` (+ `launch.processes`) to do that from `dvc repro` / `dvc exp run`.
 
-Only the assistant's answer (and its <|im_end|>) is learned; batches are grouped by length
+Only the assistant's answers (and the turn's end token) are learned; batches are grouped by length
 and padded to their own longest example, so little compute goes into padding.
 """
 
