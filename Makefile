@@ -82,8 +82,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow and not vllm and not browser and not dvc" tests
 
+# `make data [MIRROR=url[,url...]] [FROM=folder-or.zip]`: other base URLs tried in turn instead
+# of download.mirrors, or the files copied by hand; every file verified by its pinned blob id.
 data: install
-	$(MEDIAGENT) data
+	$(MEDIAGENT) data $(foreach m,$(subst $(comma), ,$(MIRROR)),--mirror $(m)) $(if $(FROM),--from "$(FROM)")
 
 # Through DVC, so the fetched base is recorded in dvc.lock and cached: experiments then
 # check it out instead of fetching it again. A second `make base` runs nothing. DVC copies
