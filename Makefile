@@ -25,9 +25,12 @@ SERVE_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(fi
 # `make load EXP=name | ADAPTER=dir [NAME=n]` and `make unload NAME=n` talk to that server.
 CLIENT_ARGS = $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 # `make ui` options: PORT (and API_KEY) of the running `make serve`; UI_PORT for the app;
-# HOST the app's address (loopback unless ALLOW_REMOTE=1); SERVER_URL for a server elsewhere.
+# HOST the app's address (loopback unless ALLOW_REMOTE=1); SERVER_URL for a server elsewhere
+# (an OpenAI base URL, path included: http://host:8000/v1 or https://gw/inst/proxy/8000/v1);
+# ALLOWED_HOSTS: Host names accepted besides loopback (a reverse proxy's own, e.g. PAI-DSW's gateway).
 UI_PORT ?= 7860
-UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote)
+UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote) $(foreach h,$(subst $(comma), ,$(ALLOWED_HOSTS)),--allow-host $(h))
+comma := ,
 
 .PHONY: install demo test test-fast data base repro plots rehearse quality serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
 
@@ -79,8 +82,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow and not vllm and not browser and not dvc" tests
 
+# `make data [MIRROR=url[,url...]] [FROM=folder-or.zip]`: other base URLs tried in turn instead
+# of download.mirrors, or the files copied by hand; every file verified by its pinned blob id.
 data: install
-	$(MEDIAGENT) data
+	$(MEDIAGENT) data $(foreach m,$(subst $(comma), ,$(MIRROR)),--mirror $(m)) $(if $(FROM),--from "$(FROM)")
 
 # Through DVC, so the fetched base is recorded in dvc.lock and cached: experiments then
 # check it out instead of fetching it again. A second `make base` runs nothing. DVC copies
@@ -127,7 +132,7 @@ unload: install
 	$(MEDIAGENT) serve unload --name "$(NAME)" $(CLIENT_ARGS)
 
 chat: install
-	$(MEDIAGENT) chat
+	$(MEDIAGENT) chat $(if $(SERVER_URL),--base-url $(SERVER_URL))
 
 ui: install
 	$(MEDIAGENT) review-app $(UI_ARGS)

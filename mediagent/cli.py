@@ -28,7 +28,7 @@ COMMANDS = {
     "chat": ("mediagent.commands.chat", "Chat with the served (or offline) tuned model."),
     "infer": ("mediagent.commands.infer", "Answer a JSONL file of questions offline."),
     "review-app": ("mediagent.commands.review_app", "Arena and blind review in the browser."),
-    "data": ("mediagent.commands.download", "Download and verify the official cMedQA2 files."),
+    "data": ("mediagent.commands.data", "Download and verify the official cMedQA2 files."),
     "profile": ("mediagent.commands.profile", "Switch params.yaml to a params profile (configs/profiles/)."),
     "preflight": ("mediagent.commands.preflight", "Memory plan for a base and a budget, before anything loads."),
     "summary": ("mediagent.commands.summary", "Base vs tuned headline metrics."),

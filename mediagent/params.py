@@ -44,7 +44,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class DownloadParams:
-    base_url: str
+    mirrors: list[str]  # base URLs tried in turn; each file is verified by its blob id whatever the source
     out_dir: str
     files: dict[str, str]
     timeout_s: float
@@ -57,8 +57,10 @@ class DownloadParams:
         ]
         if not self.files:
             out.append("download.files: list at least one file (name: git blob id)")
-        if not self.base_url.startswith(("https://", "http://")):
-            out.append(f"download.base_url: {self.base_url!r} must be an http(s) URL")
+        if isinstance(self.mirrors, str) or not self.mirrors:
+            return [*out, "download.mirrors: list at least one base URL (a YAML list, one `- url` per line)"]
+        out += [f"download.mirrors: {url!r} must be an http(s) URL" for url in self.mirrors
+                if not str(url).startswith(("https://", "http://"))]
         if self.timeout_s <= 0:
             out.append("download.timeout_s: must be > 0")
         return out

@@ -7,7 +7,7 @@ structured rehearsal checkpoint on a loopback hub (Hugging Face, or ModelScope w
 1. ``make base`` (``dvc repro base``) with ``model.base``/``model.revision``/``model.source``
    pinned (the real ``huggingface_hub`` or ``modelscope`` client), then ``make base`` again,
    which must make no request;
-2. ``make data`` with ``download.base_url`` and the blob ids of the rebuilt archives;
+2. ``make data`` with ``download.mirrors`` and the blob ids of the rebuilt archives;
 3. ``dvc exp run -S model.dtype=bfloat16 ...`` through process, train, merge, evaluate (base
    is up to date and makes no request; bf16 merge parity, sharded BF16 merged model, 100 candidates per question), while the
    train stage's peak RSS is measured;
@@ -392,7 +392,7 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
 
         # ---- 3. make data of the official layout from the loopback host
         blobs = {name: git_blob_id(data) for name, data in files.items()}
-        set_params(repo / "params.yaml", {"download.base_url": host.base_url, "download.files": blobs})
+        set_params(repo / "params.yaml", {"download.mirrors": [host.base_url], "download.files": blobs})
         t = time.monotonic()
         run(make + ["data"])
         report["data"] = {

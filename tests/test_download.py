@@ -1,7 +1,8 @@
 """`make data` against a loopback HTTP server.
 
 The real download code runs end to end (HTTP, progress, blob-id check, unzip); only the
-base URL points at 127.0.0.1. The mechanics are tested on candidate zips in the official
+mirror URLs point at 127.0.0.1 (one of them a closed port: a mirror that cannot be reached).
+Files copied by hand come from a folder or a zip built here (``--from``). The mechanics are tested on candidate zips in the official
 layout built here (their blob ids computed here too); one test downloads the real official
 dev_candidates.zip and checks it against the pinned blob id in params.yaml.
 """
@@ -18,8 +19,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mediagent.commands.download import DownloadError, main
+from mediagent.commands.data import DownloadError, main
 from mediagent.fileio import git_blob_id
 from mediagent.params import with_overrides
 
@@ -78,7 +80,7 @@ def _serve(state: dict, name: str, data: bytes) -> None:
 
 def _params(repo_params, state: dict, out_dir: Path, names: list[str], blobs: dict[str, str] | None = None):
     blobs = {n: (blobs or repo_params.download.files)[n] for n in names}
-    return with_overrides(repo_params, download={"base_url": state["url"], "out_dir": str(out_dir), "files": blobs})
+    return with_overrides(repo_params, download={"mirrors": [state["url"]], "out_dir": str(out_dir), "files": blobs})
 
 
 def _candidates_zip(name: str, seed: int) -> bytes:
@@ -191,7 +193,7 @@ def test_dropped_connection_resumes_with_range(tmp_path, zips, repo_params, serv
 def test_offline_says_what_to_copy(tmp_path, repo_params):
     out = tmp_path / "raw"
     # A port nothing listens on: the connection is refused, as when offline.
-    params = with_overrides(repo_params, download={"base_url": "http://127.0.0.1:9/x", "out_dir": str(out)})
+    params = with_overrides(repo_params, download={"mirrors": ["http://127.0.0.1:9/x"], "out_dir": str(out)})
     with pytest.raises(DownloadError) as err:
         main(params)
     msg = str(err.value)
@@ -212,3 +214,110 @@ def test_tracks_out_dir_with_dvc_inside_a_repo(tmp_path, zips, repo_params, serv
     pointer = (repo / "data" / "raw.dvc").read_text()
     assert "path: raw" in pointer and "nfiles: 2" in pointer
     assert "git add data/raw.dvc data/.gitignore" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- mirrors and files copied by hand
+
+
+def _closed_port_url() -> str:
+    """A loopback URL nothing listens on (bound, then closed): a mirror that cannot be reached."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/unreachable"
+
+
+def test_unreachable_first_mirror_then_the_second(tmp_path, zips, repo_params, server):
+    data, blobs = zips
+    for name in (DEV, TEST):
+        _serve(server, name, data[name])
+    out = tmp_path / "raw"
+    params = with_overrides(repo_params, download={"mirrors": [_closed_port_url(), server["url"]], "out_dir": str(out),
+                                                   "files": blobs})
+    main(params)
+    assert {git_blob_id(out / n) for n in (DEV, TEST)} == set(blobs.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted([DEV, TEST, "dev_candidates.txt", "test_candidates.txt"])
+    assert sorted(r[0] for r in server["requests"]) == [f"cMedQA2/pinned/{DEV}", f"cMedQA2/pinned/{TEST}"]
+
+
+def test_mirror_option_replaces_params_and_a_corrupted_copy_names_both_ids(tmp_path, zips, repo_params, server):
+    data, blobs = zips
+    bad = bytearray(data[DEV])
+    bad[10] ^= 0xFF
+    _serve(server, DEV, bytes(bad))
+    (tmp_path / "bad.zip").write_bytes(bytes(bad))
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "keep.txt").write_text("already here\n", encoding="utf-8")
+    params = with_overrides(repo_params, download={"mirrors": [_closed_port_url()], "out_dir": str(out),
+                                                   "files": {DEV: blobs[DEV]}})
+    with pytest.raises(DownloadError) as err:
+        main(params, mirrors=(server["url"],))  # --mirror: only this one is asked
+    msg = str(err.value)
+    url = f"{server['url']}/{DEV}"
+    assert f"{DEV} from {url}: checksum mismatch" in msg
+    assert git_blob_id(tmp_path / "bad.zip") in msg and blobs[DEV] in msg
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # nothing written, nothing lost
+    with pytest.raises(DownloadError, match=r"--mirror \(MIRROR=\): download.mirrors: 'ftp://x' must be an http"):
+        main(params, mirrors=("ftp://x",))
+
+
+def test_files_from_a_local_folder(tmp_path, zips, repo_params):
+    data, blobs = zips
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for name in (DEV, TEST):
+        (upload / name).write_bytes(data[name])
+    out = tmp_path / "raw"
+    # no mirror could be reached: the folder alone is used
+    params = with_overrides(repo_params, download={"mirrors": [_closed_port_url()], "out_dir": str(out), "files": blobs})
+    main(params, source=upload)
+    assert {n: git_blob_id(out / n) for n in (DEV, TEST)} == blobs
+    with zipfile.ZipFile(io.BytesIO(data[TEST])) as zf:
+        assert (out / "test_candidates.txt").read_bytes() == zf.read("test_candidates.txt")
+
+    # a damaged copy in the folder: refused, naming the file, where it came from and both ids;
+    # the verified file already in place is kept
+    good = (out / DEV).read_bytes()
+    bad = bytearray(data[DEV])
+    bad[-50] ^= 0xFF
+    (upload / DEV).write_bytes(bytes(bad))
+    (out / DEV).write_bytes(b"stale")  # a wrong file in place makes it fetch again
+    with pytest.raises(DownloadError) as err:
+        main(params, source=upload)
+    msg = str(err.value)
+    assert f"{DEV} from {upload / DEV}: checksum mismatch" in msg
+    assert git_blob_id(upload / DEV) in msg and blobs[DEV] in msg
+    assert (out / DEV).read_bytes() == b"stale" and good != b"stale"
+    assert not list(out.glob(".*.part"))
+
+
+def test_files_from_a_local_zip_through_the_command(tmp_path, zips, repo_params):
+    data, blobs = zips
+    upload = tmp_path / "cmedqa2-upload.zip"  # as a browser download or an OSS object: the zips in a folder
+    with zipfile.ZipFile(upload, "w") as zf:
+        for name in (DEV, TEST):
+            zf.writestr(f"cMedQA2-master/{name}", data[name])
+    project = tmp_path / "project"
+    project.mkdir()
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text(encoding="utf-8"))
+    params["download"].update(mirrors=[_closed_port_url()], out_dir="data/raw", files=blobs)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "mediagent", "data", "--from", str(upload)], cwd=project,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    raw = project / "data" / "raw"
+    assert {n: git_blob_id(raw / n) for n in (DEV, TEST)} == blobs
+    assert (raw / "dev_candidates.txt").is_file() and (raw / "test_candidates.txt").is_file()
+
+    missing = tmp_path / "only-dev.zip"
+    with zipfile.ZipFile(missing, "w") as zf:
+        zf.writestr(DEV, data[DEV])
+    (raw / TEST).unlink()
+    out = subprocess.run([sys.executable, "-m", "mediagent", "data", "--from", str(missing)], cwd=project,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1
+    assert f"{missing}: holds no {TEST}" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -15,7 +15,7 @@ import sys
 from rehearsal.data import official_layout
 from mediagent.fileio import git_blob_id
 from rehearsal.hosts import FileHost
-from mediagent.commands import download
+from mediagent.commands import data as data_command
 from mediagent.pipeline import process
 from mediagent.fileio import read_jsonl
 from mediagent.params import with_overrides
@@ -33,11 +33,11 @@ def test_official_layout_downloads_and_gives_lists_of_100(tmp_path, shared_sampl
     with FileHost(files) as host:
         params = with_overrides(
             repo_params,
-            download={"base_url": host.base_url, "out_dir": str(raw), "files": blobs},
+            download={"mirrors": [host.base_url], "out_dir": str(raw), "files": blobs},
             data={"raw_dir": str(raw), "processed_dir": str(tmp_path / "processed")},
             process={"metrics_file": str(tmp_path / "process.json")},
         )
-        download.main(params)
+        data_command.main(params)
         assert host.count() == 4
     assert {"question.csv", "answer.csv", "dev_candidates.txt", "test_candidates.txt"} <= {p.name for p in raw.iterdir()}
 

@@ -71,15 +71,16 @@ def chromium() -> None:
     assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "apt installed chromium but not at /usr/bin"
 
 
-def chrome(accept_language: str):
-    """Headless Chromium that sends ``accept_language``. Headless Chromium ignores --lang:
-    the intl.accept_languages pref sets the header (and navigator.languages)."""
+def chrome(accept_language: str, *flags: str):
+    """Headless Chromium that sends ``accept_language`` (and takes extra command-line ``flags``).
+    Headless Chromium ignores --lang: the intl.accept_languages pref sets the header (and
+    navigator.languages)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
+    for flag in (*CHROME_FLAGS, *flags):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"intl.accept_languages": accept_language})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -233,7 +234,7 @@ def test_refuses_non_loopback_host_without_flag(ui_project):
 def test_page_headers_no_key_and_host_check(app):
     status, headers, html = get(app.url + "/")
     assert status == 200 and "script-src 'self'" in headers["content-security-policy"]
-    assert "<script src=\"/static/app.js\"" in html
+    assert "<script src=\"static/app.js\"" in html  # relative: works under a proxy's prefix (test_ui_proxy)
     status, _, body = get(app.url + "/api/config")
     assert status == 200 and set(json.loads(body)["models"]) >= {"base", "medqa"}
     for path in ("/", "/static/app.js", "/api/config"):

@@ -10,8 +10,9 @@ Writes ``review.answers_file`` (each model's answer to each review question, gen
        line per judgment, on disk before the next question is shown).
 
 Run:  ``mediagent review-app [--port SERVER_PORT] [--server-url URL] [--ui-port 7860]``
-      ``[--host 127.0.0.1] [--allow-remote]``, or ``make ui [PORT=] [UI_PORT=] [HOST=]``;
-      ``API_KEY`` in the environment is sent to the model server.
+      ``[--host 127.0.0.1] [--allow-remote] [--allow-host HOST ...]``, or ``make ui [PORT=]``
+      ``[UI_PORT=] [HOST=] [SERVER_URL=] [ALLOWED_HOSTS=]``; ``API_KEY`` in the environment is
+      sent to the model server. ``--server-url`` may carry a path (a server behind a prefix).
 
 - **Arena**: one question, answers streamed side by side from 2-4 served models, with the
   training system prompt and chat format (as ``mediagent/commands/chat.py``).
@@ -25,7 +26,13 @@ the page through ``textContent`` (never parsed as HTML or Markdown), and a Conte
 Security Policy forbids inline and foreign scripts as a second line of defence. The API
 key stays in this process (never sent to the browser, never written to review files). The
 app binds to 127.0.0.1 and refuses any other address without ``--allow-remote``; on
-loopback it also rejects requests whose Host header is not loopback (DNS rebinding).
+loopback it also rejects requests whose Host header is not loopback (DNS rebinding), or
+one of the ``--allow-host`` names: a reverse proxy that forwards its own Host (PAI-DSW's
+gateway) is allowed by name, any other host stays refused.
+
+Under a prefix: the page and its script use relative URLs only, so the app works unchanged
+behind a reverse proxy that strips a path prefix (PAI-DSW shows it at
+``https://<gateway>/<instance>/proxy/7860/``; open it with the trailing slash).
 
 Languages: the page speaks Chinese (zh-CN) and English, from one message table
 (``review_app_assets/messages.json``). The server picks the language of each page load (the
@@ -100,6 +107,15 @@ def check_bind_host(host: str, allow_remote: bool) -> None:
         raise UIError(f"refusing to listen on {host}: the review app has no login, so anyone who can reach it "
                       f"can read answers and record judgments. Use 127.0.0.1 (the default), or pass "
                       f"--allow-remote (make ui ALLOW_REMOTE=1) on a trusted network")
+
+
+def check_allow_hosts(names: tuple[str, ...]) -> None:
+    """Each ``--allow-host`` is one host name (``*.example.com`` allowed): no port, no URL, and
+    not ``*``, which would switch the Host check off."""
+    bad = [n for n in names if n == "*" or not n or any(c in n for c in ":/ ")]
+    if bad:
+        raise UIError(f"--allow-host {', '.join(map(repr, bad))}: give a host name without scheme, port or path "
+                      f"(e.g. dsw-gateway.example.com; ALLOWED_HOSTS= for make ui), never '*'")
 
 
 @dataclass(frozen=True)
@@ -451,14 +467,17 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
 
 
 def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: str | None = None,
-         port: int | None = None, api_key: str | None = None, allow_remote: bool = False) -> None:
-    """Check the bind address, build the app, serve until Ctrl-C."""
+         port: int | None = None, api_key: str | None = None, allow_remote: bool = False,
+         allow_hosts: tuple[str, ...] = ()) -> None:
+    """Check the bind address, build the app, serve until Ctrl-C. ``allow_hosts``: Host
+    names accepted besides loopback (a reverse proxy's own)."""
     import uvicorn
 
     check_bind_host(host, allow_remote)
+    check_allow_hosts(allow_hosts)
     url = server or f"{local_url(params.serve.host, port or params.serve.port)}/v1"
     models = Models(url, api_key, params.process.system_prompt)
-    trusted = [*LOOPBACK_NAMES, "[::1]"] if is_loopback(host) else None
+    trusted = [*LOOPBACK_NAMES, "[::1]", *allow_hosts] if is_loopback(host) else None
     app = create_app(params, models, trusted)
     shown = f"[{host}]" if ":" in host else host
     log.info("review app on http://%s:%d (model server %s)", shown, ui_port, url)
@@ -472,7 +491,9 @@ def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: s
 @click.option("--server-url", help="Model server URL, e.g. http://10.0.0.5:8000/v1 (overrides --port).")
 @click.option("--api-key", envvar="API_KEY", help="Bearer token of the model server (env API_KEY).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no login: trusted networks only).")
-def command(host, ui_port, port, server_url, api_key, allow_remote) -> None:
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
+              help="Also accept this Host header, e.g. a reverse proxy's own (PAI-DSW's gateway); repeatable.")
+def command(host, ui_port, port, server_url, api_key, allow_remote, allow_hosts) -> None:
     """Arena and blind review of the served models in the browser (make ui)."""
     setup_logging()
-    main(load_params(), host, ui_port, server_url, port, api_key, allow_remote)
+    main(load_params(), host, ui_port, server_url, port, api_key, allow_remote, allow_hosts)

@@ -9,6 +9,9 @@ const state = { models: [], item: null, reviewer: "", pair: null };
 // messages.json holds one table per language. The server picks the page's language (the
 // reviewer's saved choice, else Accept-Language) and writes it into <html lang>; the switch
 // saves a new choice in a cookie so that the server picks it on the next load.
+// Every URL here is relative (no leading /) and the cookie has the page's own path: behind a
+// reverse proxy that serves the app under a prefix (PAI-DSW's /<instance>/proxy/7860/) the
+// requests stay under that prefix and the choice stays with this app, not the whole gateway.
 
 const LANG_COOKIE = "mediagent_lang";
 let tables = {};
@@ -55,7 +58,7 @@ function applyLanguage(lang) {
 }
 
 function chooseLanguage(lang) {
-  document.cookie = `${LANG_COOKIE}=${lang}; path=/; max-age=31536000; samesite=strict`;
+  document.cookie = `${LANG_COOKIE}=${lang}; max-age=31536000; samesite=strict`;
   applyLanguage(lang);
 }
 
@@ -119,7 +122,7 @@ function showTab(name) {
 }
 
 async function loadConfig() {
-  const resp = await fetch("/api/config");
+  const resp = await fetch("api/config");
   const cfg = await resp.json().catch(() => ({}));
   if (!resp.ok) throw responseError(cfg, resp.status);
   state.models = cfg.models;
@@ -139,7 +142,7 @@ async function loadConfig() {
 // Every chosen model is asked at once: the panes stream side by side, each token by token.
 
 async function streamInto(model, question, maxTokens, temperature, pane, out) {
-  const resp = await fetch("/api/arena", {
+  const resp = await fetch("api/arena", {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ model, question, max_tokens: maxTokens, temperature }),
   });
@@ -247,7 +250,7 @@ async function startReview() {
   for (const id of ["reviewer", "review-model-1", "review-model-2", "review-start"]) $(id).disabled = true;
   setStatus($("review-status"), "review.loading");
   try {
-    showItem(await postJSON("/api/review/next", { reviewer, models: pair }));
+    showItem(await postJSON("api/review/next", { reviewer, models: pair }));
   } catch (err) {
     showError($("review-status"), err);
     for (const id of ["reviewer", "review-model-1", "review-model-2", "review-start"]) $(id).disabled = false;
@@ -263,7 +266,7 @@ async function judge(choice) {
   buttons.forEach((b) => { b.disabled = true; });
   setStatus($("review-status"), "review.saving");
   try {
-    const result = await postJSON("/api/review/judge", {
+    const result = await postJSON("api/review/judge", {
       reviewer: state.reviewer, models: state.pair, question_id: state.item.question_id, choice, unsafe,
       comment: $("review-comment").value,
     });
@@ -288,7 +291,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("choose-b").addEventListener("click", () => judge("B"));
   $("choose-tie").addEventListener("click", () => judge("tie"));
   try {
-    tables = await (await fetch("/static/messages.json")).json();
+    tables = await (await fetch("static/messages.json")).json();
     applyLanguage(document.documentElement.lang);
     await loadConfig();
   } catch (err) {

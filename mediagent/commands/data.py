@@ -1,14 +1,16 @@
 """`make data`: fetch the official cMedQA2 files, verify them and unzip them into data/raw/.
 
-Reads  params ``download``: ``base_url`` (GitHub raw, pinned to one commit), ``files``
-       (archive name -> git blob id), ``out_dir``, ``timeout_s``.
+Reads  params ``download``: ``mirrors`` (base URLs tried in turn; GitHub raw pinned to one
+       commit first), ``files`` (archive name -> git blob id), ``out_dir``, ``timeout_s``;
+       or, with ``--from PATH``, a folder or zip holding the files copied there by hand.
 Writes ``<download.out_dir>/<name>.zip`` for each file, verified by git blob id (what
        ``git hash-object`` prints), and the tables inside them (question.csv, answer.csv,
        dev_candidates.txt, test_candidates.txt) next to them. Inside a DVC repository it
        then runs ``dvc add <out_dir>`` and prints the pointer file to commit.
-Run    ``mediagent data`` (or ``make data``). Rerunning skips files that are
-       already there with the right id. Offline: copy the zips into out_dir by hand and
-       rerun; they are verified and unzipped the same way.
+Run    ``mediagent data [--mirror URL ...] [--from PATH]`` (or ``make data [MIRROR=url]
+       [FROM=path]``). Rerunning skips files that are already there with the right id.
+       Offline: copy the zips into out_dir by hand (or give their folder or zip with
+       ``--from``) and rerun; they are verified and unzipped the same way.
 
 Every file is written to a temporary name, checked, then renamed, so a network failure or
 a checksum mismatch never leaves a half-written or unverified file under a real name,
@@ -29,6 +31,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -51,13 +54,15 @@ class DownloadError(UserError):
 
 def offline_help(params: DownloadParams) -> str:
     """What to do by hand when the files cannot be downloaded here."""
-    base = params.base_url.rstrip("/")
+    base = params.mirrors[0].rstrip("/")
     lines = [f"  {name}  git blob {blob}  ({base}/{name})" for name, blob in params.files.items()]
     return (
         f"Without network access here, copy these files by hand into {params.out_dir}/ "
-        f"(from github.com/zhangsheng93/cMedQA2 at the commit in download.base_url):\n" + "\n".join(lines) +
+        f"(from github.com/zhangsheng93/cMedQA2 at the commit in download.mirrors), or give a "
+        f"folder or zip holding them with `make data FROM=PATH`:\n" + "\n".join(lines) +
         "\nthen run `make data` again: files already there are verified (`git hash-object FILE` "
-        "must print the id above), unzipped and tracked, without any download."
+        "must print the id above), unzipped and tracked, without any download. "
+        "`make data MIRROR=url` tries another base URL instead (docs/data.md)."
     )
 
 
@@ -92,7 +97,7 @@ def fetch(url: str, dest: Path, blob: str, timeout: float, attempts: int = ATTEM
                     last_error = e
                     continue
                 raise DownloadError(
-                    f"{url}: HTTP {e.code} {e.reason}; check download.base_url and download.files in params.yaml"
+                    f"{url}: HTTP {e.code} {e.reason}; check download.mirrors and download.files in params.yaml"
                 ) from e
             except NETWORK_ERRORS as e:
                 # Not reachable at all (offline, DNS, refused): retrying would not help.
@@ -121,20 +126,53 @@ def fetch(url: str, dest: Path, blob: str, timeout: float, attempts: int = ATTEM
                     time.sleep(attempt)
         else:
             raise DownloadError(f"download of {url} failed {attempts} times: {last_error!r}") from last_error
-        got = git_blob_id(part)
-        if got != blob:
-            raise DownloadError(
-                f"{dest.name}: checksum mismatch, git blob id {got} but params.yaml pins {blob} "
-                f"(download.files.{dest.name}); the download was damaged or the file changed upstream. "
-                f"Nothing was written; run `make data` again, or check download.base_url"
-            )
-        os.replace(part, dest)
+        verify_and_place(part, dest, blob, url)
     finally:
         part.unlink(missing_ok=True)
 
 
-def ensure_file(name: str, blob: str, params: DownloadParams) -> bool:
-    """Make ``out_dir/name`` present and verified; return True if it was downloaded."""
+def verify_and_place(part: Path, dest: Path, blob: str, source: str) -> None:
+    """Rename ``part`` to ``dest`` if its git blob id is ``blob``; else raise, dest untouched."""
+    got = git_blob_id(part)
+    if got != blob:
+        raise DownloadError(
+            f"{dest.name} from {source}: checksum mismatch, git blob id {got} but params.yaml pins {blob} "
+            f"(download.files.{dest.name}); the copy was damaged or is another version of the file. "
+            f"Nothing was written; run `make data` again, or use another source"
+        )
+    os.replace(part, dest)
+
+
+def copy_local(source: Path, name: str, dest: Path, blob: str) -> None:
+    """Copy ``name`` from a folder, or from a zip holding it (any folder inside), to ``dest``,
+    verified by git blob id like a download: through a hidden part file, dest untouched on failure."""
+    part = dest.parent / f".{dest.name}.part"
+    try:
+        if source.is_dir():
+            src = source / name
+            if not src.is_file():
+                raise DownloadError(f"{src}: not found; copy {name} there, or give the folder that holds it")
+            shutil.copyfile(src, part)
+            where = str(src)
+        elif zipfile.is_zipfile(source):
+            with zipfile.ZipFile(source) as zf:
+                members = [m for m in zf.infolist() if not m.is_dir() and Path(m.filename).name == name]
+                if not members:
+                    raise DownloadError(f"{source}: holds no {name}; add it to the zip, or give its folder")
+                with zf.open(members[0]) as src, part.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            where = f"{source}:{members[0].filename}"
+        else:
+            raise DownloadError(f"{source}: neither a folder nor a zip; --from (FROM=) takes the folder "
+                                f"or zip holding the files of download.files")
+        verify_and_place(part, dest, blob, where)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def ensure_file(name: str, blob: str, params: DownloadParams, source: Path | None = None) -> bool:
+    """Make ``out_dir/name`` present and verified, from ``source`` (a folder or zip) when given,
+    else from each of ``params.mirrors`` in turn; return True if it was fetched or copied."""
     dest = Path(params.out_dir) / name
     if dest.is_file():
         got = git_blob_id(dest)
@@ -142,12 +180,24 @@ def ensure_file(name: str, blob: str, params: DownloadParams) -> bool:
             log.info("%s: present, git blob id verified", dest)
             return False
         # Kept in place until a verified copy replaces it: fetch() never touches dest on failure.
-        log.warning("%s: git blob id %s, expected %s; downloading it again", dest, got, blob)
-    url = f"{params.base_url.rstrip('/')}/{name}"
-    log.info("downloading %s", url)
-    fetch(url, dest, blob, params.timeout_s)
-    log.info("%s: downloaded, git blob id verified", dest)
-    return True
+        log.warning("%s: git blob id %s, expected %s; fetching it again", dest, got, blob)
+    if source is not None:
+        copy_local(source, name, dest, blob)
+        log.info("%s: copied from %s, git blob id verified", dest, source)
+        return True
+    failures = []
+    for base in params.mirrors:
+        url = f"{base.rstrip('/')}/{name}"
+        log.info("downloading %s", url)
+        try:
+            fetch(url, dest, blob, params.timeout_s)
+        except DownloadError as e:  # the next mirror may have it; every failure is reported if none does
+            log.warning("%s", e)
+            failures.append(str(e))
+            continue
+        log.info("%s: downloaded, git blob id verified", dest)
+        return True
+    raise DownloadError("\n".join(failures))
 
 
 def _crc32(path: Path) -> int:
@@ -216,14 +266,21 @@ def track_with_dvc(out_dir: Path) -> None:
     )
 
 
-def main(params: Params) -> None:
+def main(params: Params, mirrors: tuple[str, ...] = (), source: Path | None = None) -> None:
+    """Fetch (or copy from ``source``), verify, unzip and track every file of ``download.files``;
+    ``mirrors`` replace ``download.mirrors`` when given."""
     cfg = params.download
+    if mirrors:
+        cfg = replace(cfg, mirrors=list(mirrors))
+        problems = cfg.problems()
+        if problems:
+            raise DownloadError(f"--mirror (MIRROR=): {'; '.join(problems)}")
     log.info("download params: %s", cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, blob in cfg.files.items():
         try:
-            ensure_file(name, blob, cfg)
+            ensure_file(name, blob, cfg, source)
         except DownloadError as e:
             raise DownloadError(f"{e}\n\n{offline_help(cfg)}") from e
     for name in cfg.files:
@@ -234,7 +291,11 @@ def main(params: Params) -> None:
 
 
 @click.command()
-def command() -> None:
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL",
+              help="Base URL to fetch from instead of download.mirrors; repeatable, tried in turn (make data MIRROR=).")
+@click.option("--from", "source", type=click.Path(exists=True, path_type=Path),
+              help="Folder or zip holding the files copied by hand (make data FROM=); no download.")
+def command(mirrors, source) -> None:
     """Download the official cMedQA2 files (download.files), verify and unzip them, track with DVC."""
     setup_logging()
-    main(load_params())
+    main(load_params(), mirrors, source)
