@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 
 from mediagent.commands.profile import apply
 from mediagent.params import ParamsError, load_params, with_overrides
-from mediagent.pipeline.train import training_arguments
+from mediagent.pipeline.train import main, training_arguments
 from tests.conftest import ROOT
+from tests.test_train import small, workdir  # noqa: F401 (workdir: the train tests' fixture)
 
 PROFILE = ROOT / "configs" / "profiles" / "qwen3-8b-a10.yaml"
 
@@ -42,3 +44,11 @@ def test_step_keys_accept_counts_and_fractions_only(repo_params):
     msg = str(err.value)
     for bad in ("train.warmup_steps: -1", "train.eval_steps: 1.5", "train.save_steps: 0"):
         assert f"{bad} must be a step count" in msg
+
+
+@pytest.mark.slow
+def test_fractions_resolve_against_the_run_in_the_train_stage(workdir, repo_params):
+    # 8 optimizer steps, eval every quarter of the run: steps 2, 4, 6, 8 (and 0, before training)
+    main(small(repo_params, max_steps=8, eval_steps=0.25, save_steps=0.5, warmup_steps=0.25))
+    eval_curve = pd.read_csv("dvclive/train/plots/metrics/eval/loss.tsv", sep="\t")
+    assert eval_curve["step"].tolist() == [0, 2, 4, 6, 8]
