@@ -45,7 +45,6 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.dvc
 def test_push_pull_adapter_through_s3_endpoint(tmp_path, s3_endpoint):
     # Credentials and AWS config only from this test: never the machine's ~/.aws.
     env = {
