@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def makefile_floor() -> str:
-    return re.search(r"^PYTHON_MIN := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    return re.search(r"^PYTHON_MIN := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
 
 
 def fake_python(tmp_path: Path, version: str) -> Path:
@@ -44,9 +44,10 @@ def test_install_below_floor_stops_with_one_error_line(tmp_path, version):
     proc = make_install(tmp_path, fake_python(tmp_path, version))
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    floor = makefile_floor()
     assert ours == [
-        f"error: Python {version} at PYTHON={tmp_path / f'python{version}'}; the pinned packages "
-        f"need {makefile_floor()}+ — run make install PYTHON=python{makefile_floor()} (or newer)"
+        (f"error: Python {version} at PYTHON={tmp_path / f'python{version}'}; the pinned packages "
+         f"need {floor}+ — run make install PYTHON=python{floor} (or newer)")
     ]
     assert "fake python called" not in proc.stdout + proc.stderr  # stopped before `-m venv`
     assert not (tmp_path / "venv").exists()

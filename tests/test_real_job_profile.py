@@ -46,7 +46,8 @@ def test_step_keys_accept_counts_and_fractions_only(repo_params):
         assert f"{bad} must be a step count" in msg
 
 
-def test_fractions_resolve_against_the_run_in_the_train_stage(workdir, repo_params):
+@pytest.mark.usefixtures("workdir")
+def test_fractions_resolve_against_the_run_in_the_train_stage(repo_params):
     # 8 optimizer steps, eval every quarter of the run: steps 2, 4, 6, 8 (and 0, before training)
     main(small(repo_params, max_steps=8, eval_steps=0.25, save_steps=0.5, warmup_steps=0.25))
     eval_curve = pd.read_csv("dvclive/train/plots/metrics/eval/loss.tsv", sep="\t")
