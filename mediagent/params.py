@@ -198,7 +198,7 @@ class TrainParams:
     per_device_eval_batch_size: int
     gradient_accumulation_steps: int
     micro_batch_size: int | str  # auto | a divisor of per_device_train_batch_size
-    warmup_steps: int
+    warmup_steps: int | float  # steps, or a fraction of the run's optimizer steps when < 1
     lr_scheduler_type: str
     weight_decay: float
     seed: int
@@ -207,8 +207,8 @@ class TrainParams:
     memory_budget: float | str  # auto | GiB
     allow_quantization: bool  # may the plan switch to a 4-bit base when nothing else fits
     logging_steps: int
-    eval_steps: int
-    save_steps: int
+    eval_steps: int | float  # steps, or a fraction of the run when < 1 (transformers' rule)
+    save_steps: int | float
     save_total_limit: int
     group_by_length: bool
     max_eval_examples: int
@@ -224,9 +224,15 @@ class TrainParams:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             out.append("train.max_steps / train.num_train_epochs: one must be > 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_examples"):
+                     "logging_steps", "save_total_limit", "max_eval_examples"):
             if getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 1")
+        for name, least in (("warmup_steps", 0), ("eval_steps", 1), ("save_steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= least
+                                               or isinstance(value, float) and 0 < value < 1):
+                out.append(f"train.{name}: {value!r} must be a step count >= {least} "
+                           "or a fraction of the run's steps in (0, 1), e.g. 0.05")
         if self.micro_batch_size != "auto" and not (
                 isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool)
                 and self.micro_batch_size >= 1 and self.per_device_train_batch_size % self.micro_batch_size == 0):

@@ -93,6 +93,7 @@ MODULE_TIERS = {
     "test_distributed": ("slow",),  # DDP / FSDP / DeepSpeed trainings in several processes
     "test_qlora": ("slow", "vllm"),  # trains, merges, evaluates with vLLM when it imports
     "test_other_arch": ("slow", "vllm"),  # a tiny Gemma 3 through train, merge, evaluate and a vLLM server
+    "test_remote": ("dvc",),  # dvc push / pull in a temporary repository against a loopback S3 server
 }
 # Single tests (every parametrization) whose tier their fixtures do not show. A renamed
 # test must be renamed here, or it falls into the fast tier.
@@ -110,6 +111,7 @@ TEST_TIERS = {
     "test_train.py::test_micro_batches_train_the_same_adapter": ("slow",),
     "test_train.py::test_plan_picks_smaller_micro_batches_for_a_small_budget": ("slow",),
     "test_merge.py::test_untied_bf16_sharded_base_through_train_and_merge": ("slow",),
+    "test_real_job_profile.py::test_fractions_resolve_against_the_run_in_the_train_stage": ("slow",),
     # measures 8 CPU trainings in subprocesses (10-31 s each)
     "test_preflight.py::test_estimate_within_20_percent_of_measured_cpu_training": ("slow",),
 }

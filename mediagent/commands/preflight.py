@@ -6,7 +6,7 @@
 
 ``--base`` takes a published Qwen3 (0.6B..14B, configs built in) or a folder/``config.json``
 of any local checkpoint. With ``--json`` the last line is one JSON object: ``model``,
-``budget_bytes``, ``fits``, ``estimate_bytes`` and ``plan``.
+``budget_bytes``, ``fits``, ``estimate_bytes``, ``plan`` and ``disk_bytes`` (mediagent/job_estimate.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from mediagent.errors import UserError
+from mediagent.job_estimate import disk_bytes, format_disk
 from mediagent.memory import GIB, QWEN3, budget_bytes, choose_plan, format_choice, format_plan, plan, qwen3_config, table
 from mediagent.params import Params, load_params, with_overrides
 
@@ -57,10 +58,12 @@ def main(params: Params, base: str | None = None, memory_gb: float | None = None
             click.echo(format_plan(p, stage))
     click.echo(f"budget: {budget / GIB:.1f} GiB ({source})")
     click.echo(format_choice(choice))
+    disk = disk_bytes(config, params)
+    click.echo(format_disk(disk))
     if as_json:
         keys = ("model", "dtype", "budget_bytes", "usable_bytes", "fits", "estimate_bytes", "plan",
                 "fits_with_quantization", "needs")
-        click.echo(json.dumps({k: choice[k] for k in keys if k in choice}, ensure_ascii=False))
+        click.echo(json.dumps({**{k: choice[k] for k in keys if k in choice}, "disk_bytes": disk}, ensure_ascii=False))
     return choice
 
 

@@ -1,0 +1,68 @@
+"""`make install`'s Python floor: one `error:` line below it, and the same floor everywhere.
+
+A fake interpreter stands in for an older Python: it answers the version query with the
+version it pretends to be and records any other call (the `-m venv` that follows a passed
+check), so the test runs the real Makefile recipe without building an environment.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def makefile_floor() -> str:
+    return re.search(r"^PYTHON_MIN := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
+
+
+def fake_python(tmp_path: Path, version: str) -> Path:
+    path = tmp_path / f"python{version}"
+    path.write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *version_info*) echo {version}; exit 0 ;; esac\n'
+        'echo "fake python called: $*"; exit 3\n'
+    )
+    path.chmod(0o755)
+    return path
+
+
+def make_install(tmp_path: Path, python: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "--no-print-directory", "install", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.9"])
+def test_install_below_floor_stops_with_one_error_line(tmp_path, version):
+    proc = make_install(tmp_path, fake_python(tmp_path, version))
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    floor = makefile_floor()
+    assert ours == [
+        (f"error: Python {version} at PYTHON={tmp_path / f'python{version}'}; the pinned packages "
+         f"need {floor}+ — run make install PYTHON=python{floor} (or newer)")
+    ]
+    assert "fake python called" not in proc.stdout + proc.stderr  # stopped before `-m venv`
+    assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.parametrize("version", ["3.11", "3.12", "3.14"])
+def test_install_at_or_above_floor_goes_on_to_build_the_venv(tmp_path, version):
+    proc = make_install(tmp_path, fake_python(tmp_path, version))
+    assert "error:" not in proc.stderr
+    assert f"fake python called: -m venv {tmp_path / 'venv'}" in proc.stdout
+
+
+def test_floor_is_the_same_in_pyproject_and_readmes():
+    floor = makefile_floor()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["requires-python"] == f">={floor}"
+    for readme in ("README.md", "README_zh.md"):
+        assert f"Python {floor}+" in (ROOT / readme).read_text(encoding="utf-8"), readme
