@@ -246,8 +246,9 @@ def measure(work: Path, report: dict, screenshot: Path) -> None:
     report["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                       check=True).stdout.strip()
     (repo / ".venv").symlink_to(venv, target_is_directory=True)
-    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: the clone's code, also where the venv's `mediagent` script would import this checkout's
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo),
+           "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     run_cmd = Runner(repo, env)
     make = ["make", "--no-print-directory", "-o", ".venv/.installed"]  # installed already: never reinstall
     peaks = pipeline(repo, run_cmd, report)
