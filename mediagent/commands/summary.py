@@ -1,9 +1,10 @@
 """The pipeline's headline numbers as a small table: `make demo` ends with it.
 
-Reads  ``eval.metrics_file`` (and ``merge.metrics_file`` when present); params ``eval``,
-       ``merge``.
+Reads  ``eval.metrics_file`` (and ``merge.metrics_file``, ``eval.report_path`` when present);
+       params ``eval``, ``merge``, ``model``.
 Writes the table to stdout: one row per model (random ranking, base, tuned), one column
-       per headline metric, then the merge parity and serve-readiness in one line each.
+       per headline metric, then the merge parity and serve-readiness in one line each, and for
+       the tiny random-weights default a note on reading it.
 
 Run: ``mediagent summary``. ``dvc metrics show`` / ``dvc exp show`` give every metric.
 """
@@ -20,6 +21,15 @@ from mediagent.params import Params, load_params
 
 COLUMNS = (("loss", "loss"), ("p_at_1", "P@1"), ("mrr", "MRR"), ("map", "MAP"), ("bleu4", "BLEU-4"),
            ("rouge_l", "ROUGE-L"))
+
+
+# The tiny default's base is randomly initialised: a newcomer reading "tuned P@1 < base"
+# should not take it for a broken pipeline.
+RANDOM_WEIGHTS_NOTE = (
+    "note: model.base tiny is random weights (20M parameters): a falling loss shows the plumbing "
+    "learns; P@1/MRR/MAP on {n} questions are noise, and tuned can rank below base. "
+    "A real model's figures: make quality (docs/real-weights.md)."
+)
 
 
 def table(metrics: dict) -> str:
@@ -47,6 +57,10 @@ def main(params: Params) -> str:
     if ready:
         checks = ", ".join(f"{k} {v}" for k, v in sorted(ready.items()) if k != "ready")
         lines.append(f"serve-ready: {'yes' if ready.get('ready') else 'NO'} ({checks})")
+    if params.model.base == "tiny":
+        report = Path(params.eval.report_path)
+        counts = json.loads(report.read_text(encoding="utf-8")).get("counts", {}) if report.is_file() else {}
+        lines.append(RANDOM_WEIGHTS_NOTE.format(n=counts.get("selection_questions", "a few")))
     text = "\n".join(lines)
     click.echo(text)
     return text
