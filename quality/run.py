@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes.util
 import importlib.util
 import json
 import logging
@@ -239,6 +240,21 @@ def preflight(run_cmd: Runner, report: dict, peaks: dict[str, PeakRSS]) -> None:
                            "estimate_over_measured": round(plan["estimate_bytes"] / measured, 3) if measured else None}
 
 
+def allocator() -> dict[str, str]:
+    """jemalloc preloaded for every command, when the system has it.
+
+    glibc's malloc keeps the heap it grew for each new batch shape (length-grouped batches vary),
+    so a CPU training process's RSS climbs step after step well above what one step holds;
+    jemalloc returns it (docs/real-weights.md has the measurements). Debian: libjemalloc2.
+    """
+    lib = ctypes.util.find_library("jemalloc")
+    if lib is None:
+        log.warning("libjemalloc not found (Debian: apt-get install libjemalloc2): glibc malloc, "
+                    "training's peak RSS will be higher than the pre-flight estimate")
+        return {}
+    return {"LD_PRELOAD": lib}
+
+
 def measure(work: Path, report: dict, screenshot: Path) -> None:
     venv = (ROOT / ".venv").resolve()
     repo = work / "repo"
@@ -248,7 +264,8 @@ def measure(work: Path, report: dict, screenshot: Path) -> None:
     (repo / ".venv").symlink_to(venv, target_is_directory=True)
     # PYTHONPATH: the clone's code, also where the venv's `mediagent` script would import this checkout's
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo),
-           "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+           "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **allocator()}
+    report["allocator"] = env.get("LD_PRELOAD", "glibc malloc")
     run_cmd = Runner(repo, env)
     make = ["make", "--no-print-directory", "-o", ".venv/.installed"]  # installed already: never reinstall
     peaks = pipeline(repo, run_cmd, report)
