@@ -31,11 +31,10 @@ from mediagent.pipeline.process import (
     ProcessError,
     candidate_lines,
     chatml_line,
-    clean_texts,
     main,
-    mask_pii,
     split_ids,
 )
+from mediagent.text_clean import clean_texts, mask_pii
 from tests.conftest import ROOT, copy_repo
 
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
