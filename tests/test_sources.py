@@ -251,7 +251,7 @@ def test_bad_source_ends_the_command_with_one_error_line(tmp_path, repo_params):
     raw["process"]["metrics_file"] = str(tmp_path / "process.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "mediagent.pipeline.process"], cwd=tmp_path, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                          text=True, check=False, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "broken.jsonl line 3: malformed JSON" in last and "fix that line" in last
