@@ -5,6 +5,7 @@ across sources, and each bad input's one-line error with data/processed left as 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ from mediagent.params import with_overrides
 from mediagent.pipeline.process import main
 from mediagent.scoring import answer_loss
 from mediagent.text_clean import question_key
+from tests.adapter_kit import pipeline_params
 from tests.conftest import ROOT
 
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
+SAMPLE = ROOT / "data" / "sample"
 SYSTEM = "你是一个专业的医疗助手，能够提供准确的医疗咨询。"  # params.yaml's process.system_prompt
 THREE_TURNS = [("我咳嗽三天了。", "有发热吗？"), ("有点低烧，三十七度八。", "可能是上呼吸道感染。"),
                ("需要吃抗生素吗？", "病毒感染不需要抗生素，多休息多喝水。")]
@@ -131,7 +134,7 @@ def test_cleaning_and_drops_are_counted_per_source(tmp_path, repo_params, caplog
     caplog.set_level("WARNING")
     rows, metrics = _run(repo_params, tmp_path, [{"path": str(own), "format": "alpaca", "name": "own"},
                                                  {"path": str(short), "format": "alpaca", "name": "short"},
-                                                 {"path": "data/sample", "format": "cmedqa2", "name": "cmedqa2"}])
+                                                 {"path": str(SAMPLE), "format": "cmedqa2", "name": "cmedqa2"}])
     mine = [r for r in rows if r["question_id"] >= 1 << 56]
     assert [_dialogue(r)[1:] for r in mine] == [[("user", "我的电话[PHONE]， 胃疼"), ("assistant", "请来门诊。")]]
     own_drops = {k: v for k, v in metrics["sources"]["own"]["dropped"].items() if v}
@@ -169,7 +172,7 @@ def test_train_on_chooses_which_turns_carry_loss(tmp_path, repo_params, fmt, tin
 
 
 def test_twins_in_and_across_sources_share_a_split(tmp_path, repo_params):
-    sample_q = pd.read_csv(ROOT / "data" / "sample" / "question.csv")
+    sample_q = pd.read_csv(SAMPLE / "question.csv")
     heldout_id, heldout_text = int(sample_q["question_id"][0]), sample_q["content"][0]
     official = tmp_path / "official"
     official.mkdir()
@@ -182,7 +185,7 @@ def test_twins_in_and_across_sources_share_a_split(tmp_path, repo_params):
     copy = _jsonl(tmp_path / "copy.jsonl", [{"question": "口腔溃疡反复发作怎么办", "answer": "补充维生素。"}] * 1
                   + [{"question": twins[1]["instruction"], "answer": "另一个回答1。"}])
     rows, metrics = _run(repo_params, tmp_path, [
-        {"path": "data/sample", "format": "cmedqa2"}, {"path": str(own), "format": "alpaca", "name": "own"},
+        {"path": str(SAMPLE), "format": "cmedqa2"}, {"path": str(own), "format": "alpaca", "name": "own"},
         {"path": str(copy), "format": "alpaca", "name": "copy", "columns": {"question": "question", "answer": "answer"}},
     ], heldout_candidates_dir=str(official))
     splits: dict[str, set] = {}
@@ -256,3 +259,44 @@ def test_bad_source_ends_the_command_with_one_error_line(tmp_path, repo_params):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "broken.jsonl line 3: malformed JSON" in last and "fix that line" in last
     assert not (tmp_path / "processed").exists()
+
+
+def test_default_params_keep_the_process_stage_params_hash(repo_params):
+    """DVC hashes the data and process sections as written: the optional keys stay out of
+    params.yaml, so an existing cMedQA2 setup's `dvc repro` sees the same params."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert "sources" not in raw["data"] and "train_on" not in raw["process"]
+    assert repo_params.data.sources == () and repo_params.process.train_on == "all_turns"
+
+
+def test_mixed_sources_train_merge_and_evaluate(tmp_path, repo_params, tiny_base):
+    """cMedQA2's sample + a multi-turn sharegpt file through the real process, train, merge and evaluate."""
+    from mediagent.pipeline import evaluate, merge, train
+
+    chat = _jsonl(tmp_path / "chat.jsonl", [_sharegpt([(f"{q}（第{i}位患者）", a) for q, a in THREE_TURNS])
+                                            for i in range(20)])
+    params = pipeline_params(
+        repo_params, tmp_path, tiny_base,
+        train={"max_steps": 4, "max_seq_length": 128, "per_device_train_batch_size": 4, "warmup_steps": 1,
+               "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "max_eval_examples": 4},
+        merge={"parity_prompts": 1},
+        eval={"backend": "hf", "scorer": "hf", "max_questions": 0, "max_generations": 2, "max_new_tokens": 4,
+              "max_seq_length": 128, "batch_size": 8},
+    )
+    params = with_overrides(params, data={"raw_dir": str(tmp_path), "sources": [
+        {"path": str(SAMPLE), "format": "cmedqa2", "name": "cmedqa2"},
+        {"path": str(chat), "format": "sharegpt", "name": "dialogues"}]},
+        process={"metrics_file": str(tmp_path / "metrics" / "process.json"), "train_on": "last_turn"})
+    main(params)
+    metrics = json.loads((tmp_path / "metrics" / "process.json").read_text(encoding="utf-8"))
+    assert {k: v["examples"] for k, v in metrics["sources"].items()} == {"cmedqa2": 129, "dialogues": 20}
+    test = read_jsonl(tmp_path / "processed" / "test.jsonl")
+    multi = [r for r in test if len(r["messages"]) > 3]
+    assert multi and all(m.get("weight") == 0 for r in multi for m in r["messages"][2:-1:2])
+    train.main(params)
+    merge.main(params)
+    evaluate.main(params)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text(encoding="utf-8"))
+    assert report["counts"]["loss_examples"] == len(test)  # the multi-turn test examples included
+    scores = json.loads((tmp_path / "metrics" / "eval.json").read_text(encoding="utf-8"))
+    assert all(math.isfinite(scores[m]["loss"]) for m in ("base", "tuned"))
