@@ -300,3 +300,32 @@ def test_mixed_sources_train_merge_and_evaluate(tmp_path, repo_params, tiny_base
     assert report["counts"]["loss_examples"] == len(test)  # the multi-turn test examples included
     scores = json.loads((tmp_path / "metrics" / "eval.json").read_text(encoding="utf-8"))
     assert all(math.isfinite(scores[m]["loss"]) for m in ("base", "tuned"))
+
+
+def test_official_lists_with_own_sources(tmp_path, repo_params):
+    """cMedQA2 with its official candidate files beside own data: official questions are
+    val/test, own questions are hashed into all three splits, official lists keep their
+    question texts, and a list whose only true answer was dropped in cleaning goes."""
+    cm = tmp_path / "cmedqa2"
+    cm.mkdir()
+    qs = pd.DataFrame({"question_id": range(1, 41), "content": [f"第{i}个问题：头疼怎么办？" for i in range(1, 41)]})
+    ans = pd.DataFrame({"ans_id": range(101, 141), "question_id": range(1, 41),
+                        "content": ["短" if i == 40 else f"第{i}个回答：多休息。" for i in range(1, 41)]})
+    qs.to_csv(cm / "question.csv", index=False)
+    ans.to_csv(cm / "answer.csv", index=False)
+    rows = lambda qid, pos: "".join(f"{qid},{a},0,{int(a == pos)}\n" for a in (pos, 101, 102))  # noqa: E731
+    (cm / "dev_candidates.csv").write_text("question_id,ans_id,cnt,label\n" + rows(38, 138), encoding="utf-8")
+    (cm / "test_candidates.csv").write_text("question_id,ans_id,cnt,label\n" + rows(39, 139) + rows(40, 140) + rows(3, 103),
+                                            encoding="utf-8")
+    own = _jsonl(tmp_path / "own.jsonl", [{"instruction": f"自己的问题{i}：胃疼怎么办？", "output": f"自己的回答{i}。"}
+                                          for i in range(60)])
+    out, metrics = _run(repo_params, tmp_path, [{"path": str(cm), "format": "cmedqa2"},
+                                                {"path": str(own), "format": "alpaca", "name": "own"}])
+    assert metrics["split_method"] == "official"
+    split_of = {r["question_id"]: r["split"] for r in out}
+    assert split_of[38] == "val.jsonl" and split_of[39] == split_of[3] == "test.jsonl" and 40 not in split_of
+    assert all(split_of[q] == "train.jsonl" for q in range(4, 38))
+    assert {split_of[q] for q in split_of if q >= 1 << 56} == set(SPLIT_FILES)
+    lists = {r["question_id"]: r for r in read_jsonl(tmp_path / "processed" / "test_candidates.jsonl")}
+    assert set(lists) == {3, 39} and lists[39]["question"] == "第39个问题：头疼怎么办？"
+    assert metrics["dropped"]["answer_too_short"] == 1 and metrics["dropped"]["candidates_answer_missing"] == 1

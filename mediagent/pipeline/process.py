@@ -346,11 +346,12 @@ def question_splits(qids: np.ndarray, tables: dict, cfg: ProcessParams, stats: d
     (other sources' questions hashed), else the seeded hash, official held-out ids to test."""
     if "dev_candidates" in tables:
         # Official dev ids -> val, test ids -> test, the rest of cMedQA2 -> train.
-        split_of_q = np.where(qids >= OWN_ID_BASE, split_ids(qids, cfg.seed, cfg.val_ratio, cfg.test_ratio), 0)
+        split_of_q, own = np.zeros(len(qids), dtype=np.int8), qids >= OWN_ID_BASE
+        split_of_q[own] = split_ids(qids[own], cfg.seed, cfg.val_ratio, cfg.test_ratio)
         split_of_q[np.isin(qids, tables["dev_candidates"][1]["question_id"])] = 1
         split_of_q[np.isin(qids, tables["test_candidates"][1]["question_id"])] = 2
         stats["split_method"] = "official"
-        return split_of_q.astype(np.int8)
+        return split_of_q
     split_of_q, stats["split_method"] = split_ids(qids, cfg.seed, cfg.val_ratio, cfg.test_ratio), "hash"
     if cfg.heldout_candidates_dir:
         official = np.isin(qids, official_heldout_ids(Path(cfg.heldout_candidates_dir)))
