@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mediagent.data_params import DataParams, SourceParams  # noqa: F401 (re-exported)
 from mediagent.errors import UserError
 
 # Ranks vLLM can serve (vllm/config/lora.py); any other rank trains fine and then fails
@@ -34,61 +35,6 @@ QUANTIZATIONS = ("none", "nf4")
 
 class ParamsError(UserError, ValueError):
     """One or more params are invalid; the message lists each with its fix."""
-
-
-# data.sources formats (mediagent/sources.py reads them) and the keys each may map in `columns`.
-SOURCE_COLUMNS = {
-    "cmedqa2": (),
-    "alpaca": ("question", "input", "answer", "system", "history", "id"),
-    "table": ("question", "answer", "system", "id"),
-    "sharegpt": ("messages", "role", "content", "user", "assistant", "system_role", "system", "id"),
-    "messages": ("messages", "role", "content", "user", "assistant", "system_role", "system", "id"),
-}
-TRAIN_ON = ("all_turns", "last_turn")
-
-
-@dataclass(frozen=True)
-class SourceParams:
-    """One entry of data.sources: files of one format (docs/data.md)."""
-
-    path: str  # a file, a folder (every file of the format's suffixes in it) or a glob
-    format: str  # a key of SOURCE_COLUMNS
-    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # format key -> the file's field name
-    limit: int = 0  # first N questions (cmedqa2) or records; 0 = process.limit
-    system_prompt: str = ""  # for this source's examples without their own system turn ("" = process.system_prompt)
-    sheet: str = ""  # .xlsx: the sheet to read (needed when a workbook has several)
-    name: str = ""  # its key in metrics/process.json (default: the path)
-
-    def problems(self, where: str = "data.sources[]") -> list[str]:
-        if self.format not in SOURCE_COLUMNS:
-            return [f"{where}.format: {self.format!r} must be one of {', '.join(SOURCE_COLUMNS)}"]
-        out = [f"{where}.columns.{key}: unknown for format {self.format} (known: {', '.join(SOURCE_COLUMNS[self.format]) or 'none'})"
-               for key in self.columns if key not in SOURCE_COLUMNS[self.format]]
-        out += [f"{where}.columns.{key}: {value!r} must be a non-empty field name"
-                for key, value in self.columns.items() if not isinstance(value, str) or not value]
-        if not self.path:
-            out.append(f"{where}.path: name a file, folder or glob")
-        if self.limit < 0:
-            out.append(f"{where}.limit: must be >= 0 (0 = process.limit)")
-        return out
-
-
-@dataclass(frozen=True)
-class DataParams:
-    raw_dir: str
-    processed_dir: str
-    # Optional, absent from params.yaml by default (so existing setups keep their DVC params
-    # hash): the sources to read. Empty = one cmedqa2 source at raw_dir.
-    sources: tuple[SourceParams, ...] = ()
-
-    def problems(self) -> list[str]:
-        out = [p for i, s in enumerate(self.sources) for p in s.problems(f"data.sources[{i}]")]
-        if sum(s.format == "cmedqa2" for s in self.sources) > 1:
-            out.append("data.sources: at most one cmedqa2 source (its folder holds question.csv and answer.csv)")
-        names = [s.name or s.path for s in self.sources]
-        if len(set(names)) < len(names):
-            out.append("data.sources: two sources share a path; give each a distinct name")
-        return out
 
 
 @dataclass(frozen=True)
@@ -132,14 +78,10 @@ class ProcessParams:
     num_negatives: int
     max_candidate_questions: int
     heldout_candidates_dir: str  # hash split: questions of the official dev/test lists here always go to test
-    # Multi-turn sources: all_turns learns every assistant turn, last_turn only the final one
-    # (earlier answers are context). Optional (absent = all_turns) to keep the params hash.
-    train_on: str = "all_turns"
+    train_on: str = "all_turns"  # all_turns | last_turn (multi-turn); optional: keeps the DVC params hash
 
     def problems(self) -> list[str]:
-        out = []
-        if self.train_on not in TRAIN_ON:
-            out.append(f"process.train_on: {self.train_on!r} must be one of {', '.join(TRAIN_ON)}")
+        out = [] if self.train_on in ("all_turns", "last_turn") else [f"process.train_on: {self.train_on!r} must be all_turns or last_turn"]
         if self.answers_per_question not in ("all", "first"):
             out.append(f"process.answers_per_question: {self.answers_per_question!r} must be 'all' or 'first'")
         if self.limit < 0:
@@ -518,8 +460,7 @@ def _build(cls: type, section: str, raw: Any, problems: list[str]) -> Any:
     if type_problems:  # cross-field checks would only repeat them
         return None
     obj = cls(**kwargs)
-    if not section.endswith("]"):  # list entries are checked by their section, which names their index
-        problems.extend(getattr(obj, "problems", lambda: [])())
+    problems.extend(getattr(obj, "problems", list)())
     return obj
 
 

@@ -33,9 +33,10 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 
+from mediagent.data_params import SourceParams
 from mediagent.encodings import detect_encoding
 from mediagent.errors import ProcessError
-from mediagent.params import ProcessParams, SourceParams
+from mediagent.params import ProcessParams
 from mediagent.text_clean import clean_table, question_key
 
 # Each format's field names when params.yaml maps none; only question/answer/messages (and a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from mediagent.chat_format import IGNORE_INDEX, ChatFormat
 from mediagent.errors import ProcessError
 from mediagent.fileio import read_jsonl
 from mediagent.loading import load_model, load_tokenizer
-from mediagent.params import with_overrides
+from mediagent.params import ParamsError, with_overrides
 from mediagent.pipeline.process import main
 from mediagent.scoring import answer_loss
 from mediagent.text_clean import question_key
@@ -313,7 +314,10 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
                         "content": ["短" if i == 40 else f"第{i}个回答：多休息。" for i in range(1, 41)]})
     qs.to_csv(cm / "question.csv", index=False)
     ans.to_csv(cm / "answer.csv", index=False)
-    rows = lambda qid, pos: "".join(f"{qid},{a},0,{int(a == pos)}\n" for a in (pos, 101, 102))  # noqa: E731
+
+    def rows(qid: int, pos: int) -> str:  # an official list: its true answer, then two others
+        return "".join(f"{qid},{a},0,{int(a == pos)}\n" for a in (pos, 101, 102))
+
     (cm / "dev_candidates.csv").write_text("question_id,ans_id,cnt,label\n" + rows(38, 138), encoding="utf-8")
     (cm / "test_candidates.csv").write_text("question_id,ans_id,cnt,label\n" + rows(39, 139) + rows(40, 140) + rows(3, 103),
                                             encoding="utf-8")
@@ -329,3 +333,17 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
     lists = {r["question_id"]: r for r in read_jsonl(tmp_path / "processed" / "test_candidates.jsonl")}
     assert set(lists) == {3, 39} and lists[39]["question"] == "第39个问题：头疼怎么办？"
     assert metrics["dropped"]["answer_too_short"] == 1 and metrics["dropped"]["candidates_answer_missing"] == 1
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"path": "a.xml", "format": "xml"}, "data.sources[0].format: 'xml' must be one of cmedqa2, alpaca, table, sharegpt, messages"),
+    ({"path": "a.csv", "format": "table", "columns": {"messages": "m"}},
+     "data.sources[0].columns.messages: unknown for format table (known: question, answer, system, id)"),
+    ({"path": "a.csv", "format": "table", "encoding": "gbk"}, "data.sources[0].encoding: unknown param"),
+    ({"format": "table"}, "data.sources[0].path: missing required param"),
+])
+def test_sources_params_are_checked_when_params_load(repo_params, entry, problem):
+    with pytest.raises(ParamsError, match=re.escape(problem)):
+        with_overrides(repo_params, data={"sources": [entry]})
+    with pytest.raises(ParamsError, match="process.train_on: 'first_turn' must be all_turns or last_turn"):
+        with_overrides(repo_params, process={"train_on": "first_turn"})
