@@ -6,6 +6,8 @@ Formats (keys of ``params.SOURCE_COLUMNS``; docs/data.md has a params.yaml snipp
   ``history`` a list of earlier ``[question, answer]`` pairs;
 - ``sharegpt``: ``{conversations: [{from: human|gpt|system, value}], system}``;
 - ``messages``: ``{messages: [{role: user|assistant|system, content}]}`` (OpenAI's layout);
+  in either, the turns may also be plain strings, user first and alternating, with an
+  optional "问：" / "答：" mark;
 - ``table``: CSV/TSV (UTF-8 with or without BOM, GBK, GB18030) or ``.xlsx``, one question
   and one answer column.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +54,8 @@ DEFAULT_COLUMNS = {
                  "assistant": "assistant", "system_role": "system", "system": "system", "id": "id"},
 }
 OPTIONAL = ("input", "system", "history", "id")
+# A dialogue given as a list of strings marks its turns "问：" (question) and "答：" (answer).
+PREFIX = re.compile(r"^\s*[问答][：:]\s*")
 SUFFIXES = {"table": (".csv", ".tsv", ".xlsx"), **dict.fromkeys(("alpaca", "sharegpt", "messages"), (".json", ".jsonl"))}
 
 
@@ -173,6 +178,8 @@ def dialogue_turns(rec: dict, cols: dict, ref: str, where: str, explicit: set) -
     if not isinstance(turns, list):
         raise ProcessError(f"{ref}: {cols['messages']!r} is not a list of turns; map {where}.columns.messages "
                            f"to the field holding them")
+    if turns and all(isinstance(turn, str) for turn in turns):  # ["问：…", "答：…", …]: user first, alternating
+        return None, [("user" if k % 2 == 0 else "assistant", PREFIX.sub("", turn)) for k, turn in enumerate(turns)]
     roles = {cols["user"]: "user", cols["assistant"]: "assistant", cols["system_role"]: "system"}
     system, out = None, []
     for k, turn in enumerate(turns, 1):

@@ -124,6 +124,16 @@ def test_every_format_becomes_dialogues_with_counts_per_source(tmp_path, repo_pa
     assert all(isinstance(r["question_id"], int) and isinstance(r["ans_id"], int) for r in rows)
 
 
+def test_dialogue_as_alternating_strings(tmp_path, repo_params):
+    chat = _jsonl(tmp_path / "qa.jsonl", [{"dialogue": ["问：头疼三天了怎么办", "答：有发热吗？", "问:没有发热", "答：先休息观察。"]}])
+    rows, _ = _run(repo_params, tmp_path, [{"path": str(chat), "format": "messages", "columns": {"messages": "dialogue"}}])
+    assert [_dialogue(r)[1:] for r in rows] == [[("user", "头疼三天了怎么办"), ("assistant", "有发热吗？"),
+                                                 ("user", "没有发热"), ("assistant", "先休息观察。")]]
+    odd = _jsonl(tmp_path / "odd.jsonl", [{"dialogue": ["问：头疼三天了怎么办", "答：有发热吗？", "问：没有发热"]}])
+    with pytest.raises(ProcessError, match="odd.jsonl line 1: the dialogue ends with a user turn"):
+        _run(repo_params, tmp_path, [{"path": str(odd), "format": "messages", "columns": {"messages": "dialogue"}}])
+
+
 def test_cleaning_and_drops_are_counted_per_source(tmp_path, repo_params, caplog):
     own = _jsonl(tmp_path / "own.jsonl", [
         {"instruction": "我的电话13812345678，<b>胃疼</b>", "output": "请来门诊。"},  # masked, tags stripped

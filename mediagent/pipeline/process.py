@@ -1,4 +1,4 @@
-"""The `process` stage: cMedQA2 CSV tables -> ChatML JSONL splits and test candidate lists.
+"""The `process` stage: cMedQA2 CSV tables (and a user's own sources) -> ChatML JSONL splits and test candidate lists.
 
 Reads  ``<data.raw_dir>/question.csv`` (``question_id,content``) and ``answer.csv``
        (``ans_id,question_id,content``); ``questions.csv``/``answers.csv`` or a ``.zip``
@@ -6,18 +6,21 @@ Reads  ``<data.raw_dir>/question.csv`` (``question_id,content``) and ``answer.cs
        GB18030 are detected per file. When the official ``dev_candidates`` and
        ``test_candidates`` files are there (``.txt``/``.csv`` as `make data` unzips them,
        or the ``.zip`` itself), their question ids are the val and test splits.
+       With ``data.sources``: each source instead (cMedQA2 as above, or alpaca / sharegpt /
+       messages / table files read by ``mediagent/sources.py``), single- or multi-turn, all
+       cleaned alike; questions equal after normalisation share a split (docs/data.md).
 Writes ``<data.processed_dir>/`` = ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one
        ChatML example per line) and ``test_candidates.jsonl`` (one answer-selection list per
        test question), all built in a temporary directory and renamed into place; then
        ``<process.metrics_file>`` (row counts, encodings, drops by reason, split sizes,
-       text lengths, PII masks).
+       text lengths, PII masks; per source with ``data.sources``).
 Run    ``python -m mediagent.pipeline.process`` (or ``dvc repro process``); for a quick run on part of
        the data: ``dvc exp run -S process.limit=1000``.
 
-pyarrow reads the CSVs and cleans the texts (its RE2 regexes know Unicode classes such as
-format characters, which Python's ``re`` does not); pandas does the table work (duplicates,
-joins, splits); orjson writes every line. Any bad input raises ``ProcessError`` naming the
-file, column or row and the fix, before anything is written.
+pyarrow reads the CSVs and cleans the texts (``mediagent/cmedqa2.py``, ``text_clean.py``);
+pandas does the table work (duplicates, joins, splits); orjson writes every line. Any bad
+input raises ``ProcessError`` naming the file, column or row and the fix, before anything
+is written.
 """
 
 from __future__ import annotations
