@@ -230,6 +230,8 @@ def read_source(src: SourceParams, where: str, limit: int) -> tuple[list[Dialogu
         for ref, rec in records:
             if not isinstance(rec, dict):
                 raise ProcessError(f"{ref}: expected a JSON object {{...}}, got {type(rec).__name__}")
+            if (rid := _field(rec, cols, "id", ref, where, explicit)) not in (None, ""):
+                ref = f"{ref} (id {rid})"  # errors name the record by the user's own id too
             if src.format in ("alpaca", "table"):
                 system, turns = _field(rec, cols, "system", ref, where, explicit), single_turns(rec, cols, ref, where, explicit)
             else:
