@@ -16,7 +16,7 @@ from mediagent.errors import UserError, run, run_stage
 
 # name -> (module, one-line help). The DVC stages run `main(params)` of their module.
 STAGES = {
-    "process": ("mediagent.pipeline.process", "Clean cMedQA2 and write the train/val/test splits."),
+    "process": ("mediagent.pipeline.process", "Clean cMedQA2 (and data.sources) and write the train/val/test splits."),
     "base": ("mediagent.pipeline.base_model", "Build the tiny model or fetch the base at model.revision."),
     "train": ("mediagent.pipeline.train", "LoRA (or QLoRA) fine-tuning of the base."),
     "merge": ("mediagent.pipeline.merge", "Merge the adapter into the base, with a logits parity check."),

@@ -28,6 +28,10 @@ class UserError(Exception):
     """An expected failure that the user fixes: the message names the thing and what to do."""
 
 
+class ProcessError(UserError, ValueError):
+    """The input data cannot be processed; the message names the file/column/row and the fix."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get("MEDIAGENT_DEBUG", "") not in ("", "0")
 

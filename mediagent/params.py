@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mediagent.data_params import DataParams, SourceParams  # noqa: F401 (re-exported)
 from mediagent.errors import UserError
 
 # Ranks vLLM can serve (vllm/config/lora.py); any other rank trains fine and then fails
@@ -34,12 +35,6 @@ QUANTIZATIONS = ("none", "nf4")
 
 class ParamsError(UserError, ValueError):
     """One or more params are invalid; the message lists each with its fix."""
-
-
-@dataclass(frozen=True)
-class DataParams:
-    raw_dir: str
-    processed_dir: str
 
 
 @dataclass(frozen=True)
@@ -83,9 +78,10 @@ class ProcessParams:
     num_negatives: int
     max_candidate_questions: int
     heldout_candidates_dir: str  # hash split: questions of the official dev/test lists here always go to test
+    train_on: str = "all_turns"  # all_turns | last_turn (multi-turn); optional: keeps the DVC params hash
 
     def problems(self) -> list[str]:
-        out = []
+        out = [] if self.train_on in ("all_turns", "last_turn") else [f"process.train_on: {self.train_on!r} must be all_turns or last_turn"]
         if self.answers_per_question not in ("all", "first"):
             out.append(f"process.answers_per_question: {self.answers_per_question!r} must be 'all' or 'first'")
         if self.limit < 0:
@@ -417,6 +413,11 @@ class Params:
 def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
     """Check one YAML value against a dataclass field type (ints are accepted as floats)."""
     origin = typing.get_origin(hint)
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):  # a list of sections
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list (one `- key: value` block per entry), got {value!r}")
+            return ()
+        return tuple(_build(typing.get_args(hint)[0], f"{where}[{i}]", v, problems) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             problems.append(f"{where}: expected a list of strings, got {value!r}")
@@ -459,7 +460,7 @@ def _build(cls: type, section: str, raw: Any, problems: list[str]) -> Any:
     if type_problems:  # cross-field checks would only repeat them
         return None
     obj = cls(**kwargs)
-    problems.extend(getattr(obj, "problems", lambda: [])())
+    problems.extend(getattr(obj, "problems", list)())
     return obj
 
 

@@ -159,9 +159,14 @@ def score_questions(model, fmt: ChatFormat, questions: list[dict], max_length: i
 
 @torch.no_grad()
 def answer_loss(model, fmt: ChatFormat, examples: list[dict], max_length: int, batch_size: int) -> dict:
-    """Token-weighted NLL of assistant tokens (the training labels) and its perplexity."""
+    """Token-weighted NLL of every assistant turn's tokens and its perplexity.
+
+    ``weight: 0`` (process.train_on: last_turn) keeps an earlier answer out of training only:
+    held-out loss scores every turn, so runs trained either way compare on the same tokens.
+    """
     device, body, head = _device(model), model.get_decoder(), model.get_output_embeddings()
-    encoded = [fmt.encode(e["messages"], max_length) for e in examples]
+    encoded = [fmt.encode([{k: v for k, v in m.items() if k != "weight"} for m in e["messages"]], max_length)
+               for e in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # similar lengths: little padding
     nll, tokens, workspace = 0.0, 0, logits_workspace(model)
     items = [(0.0, 0)] * len(encoded)  # (NLL, tokens) per example, in the given order

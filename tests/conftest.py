@@ -99,6 +99,7 @@ MODULE_TIERS = {
 # test must be renamed here, or it falls into the fast tier.
 TEST_TIERS = {
     "test_process.py::test_dvc_repro_runs_once_then_skips": ("dvc",),
+    "test_sources.py::test_mixed_sources_train_merge_and_evaluate": ("slow",),  # trains, merges, evaluates
     "test_distributed.py::test_sweep_runs_queued_experiments_at_once_one_device_each": ("dvc",),
     "test_evaluate.py::test_vllm_scorer_equals_transformers_scorer": ("vllm",),
     "test_evaluate.py::test_main_writes_metrics_samples_plots_and_report": ("vllm",),  # vLLM backend when it imports

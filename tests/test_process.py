@@ -31,11 +31,10 @@ from mediagent.pipeline.process import (
     ProcessError,
     candidate_lines,
     chatml_line,
-    clean_texts,
     main,
-    mask_pii,
     split_ids,
 )
+from mediagent.text_clean import clean_texts, mask_pii
 from tests.conftest import ROOT, copy_repo
 
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
@@ -264,7 +263,7 @@ def test_embedded_sample_keeps_answers_of_a_question_together(tmp_path, repo_par
     assert set(metrics) == {
         "rows_read", "encoding", "answers_without_questions", "questions_without_answers", "split_method",
         "candidate_lists_short", "official_test_questions_not_in_input", "dropped", "pii_masked", "examples",
-        "questions", "candidate_questions", "candidates", "length",
+        "questions", "candidate_questions", "candidates", "length", "twin_answers_moved",
     }
     assert set(metrics["dropped"]) == set(DROP_REASONS) and not any(metrics["dropped"].values())
     assert set(metrics["length"]) == {f"{w}_{s}" for w in ("question", "answer") for s in ("p50", "p95", "max")}
