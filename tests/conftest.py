@@ -86,6 +86,7 @@ FIXTURE_TIERS = {
     "tests.test_hot_load.exp_repo": ("dvc", "vllm"),  # `dvc exp run` twice; skips without vLLM
     "tests.test_ui.chromium": ("browser",),
     "tests.test_evaluate.trained": ("slow",),  # trains and merges a tiny model
+    "tests.test_sources.mixed_run": ("slow",),  # process, train, merge, evaluate on two sources
 }
 # Modules whose every test is in a tier.
 MODULE_TIERS = {
@@ -99,7 +100,7 @@ MODULE_TIERS = {
 # test must be renamed here, or it falls into the fast tier.
 TEST_TIERS = {
     "test_process.py::test_dvc_repro_runs_once_then_skips": ("dvc",),
-    "test_sources.py::test_mixed_sources_train_merge_and_evaluate": ("slow",),  # trains, merges, evaluates
+    "test_sources.py::test_mixed_run_serves_a_multi_turn_dialogue_as_trained": ("vllm",),
     "test_distributed.py::test_sweep_runs_queued_experiments_at_once_one_device_each": ("dvc",),
     "test_evaluate.py::test_vllm_scorer_equals_transformers_scorer": ("vllm",),
     "test_evaluate.py::test_main_writes_metrics_samples_plots_and_report": ("vllm",),  # vLLM backend when it imports

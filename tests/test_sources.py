@@ -280,10 +280,12 @@ def test_default_params_keep_the_process_stage_params_hash(repo_params):
     assert repo_params.data.sources == () and repo_params.process.train_on == "all_turns"
 
 
-def test_mixed_sources_train_merge_and_evaluate(tmp_path, repo_params, tiny_base):
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, repo_params, tiny_base):
     """cMedQA2's sample + a multi-turn sharegpt file through the real process, train, merge and evaluate."""
     from mediagent.pipeline import evaluate, merge, train
 
+    tmp_path = tmp_path_factory.mktemp("mixed")
     chat = _jsonl(tmp_path / "chat.jsonl", [_sharegpt([(f"{q}（第{i}位患者）", a) for q, a in THREE_TURNS])
                                             for i in range(20)])
     params = pipeline_params(
@@ -299,18 +301,55 @@ def test_mixed_sources_train_merge_and_evaluate(tmp_path, repo_params, tiny_base
         {"path": str(chat), "format": "sharegpt", "name": "dialogues"}]},
         process={"metrics_file": str(tmp_path / "metrics" / "process.json"), "train_on": "last_turn"})
     main(params)
+    train.main(params)
+    merge.main(params)
+    evaluate.main(params)
+    return params, tmp_path
+
+
+def test_mixed_sources_train_merge_and_evaluate(mixed_run):
+    params, tmp_path = mixed_run
     metrics = json.loads((tmp_path / "metrics" / "process.json").read_text(encoding="utf-8"))
     assert {k: v["examples"] for k, v in metrics["sources"].items()} == {"cmedqa2": 129, "dialogues": 20}
     test = read_jsonl(tmp_path / "processed" / "test.jsonl")
     multi = [r for r in test if len(r["messages"]) > 3]
     assert multi and all(m.get("weight") == 0 for r in multi for m in r["messages"][2:-1:2])
-    train.main(params)
-    merge.main(params)
-    evaluate.main(params)
     report = json.loads((tmp_path / "eval" / "report.json").read_text(encoding="utf-8"))
     assert report["counts"]["loss_examples"] == len(test)  # the multi-turn test examples included
     scores = json.loads((tmp_path / "metrics" / "eval.json").read_text(encoding="utf-8"))
     assert all(math.isfinite(scores[m]["loss"]) for m in ("base", "tuned"))
+
+
+def test_mixed_run_serves_a_multi_turn_dialogue_as_trained(mixed_run, tmp_path):
+    """The mixed run's adapter behind `mediagent serve`: a held-out dialogue's earlier turns
+    reach the model as the training template rendered them, token for token."""
+    import urllib.request
+
+    from mediagent.chat_format import prompt_messages
+    from tests.test_serve import API_KEY, running_server, vllm_skip_reason
+
+    reason = vllm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    params, root = mixed_run
+    dialogue = next(r for r in read_jsonl(root / "processed" / "test.jsonl") if len(r["messages"]) > 3)
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt_messages(dialogue["messages"])]
+    project = tmp_path / "project"
+    project.mkdir()
+    # json round trip: tuples -> lists, which safe_dump writes
+    (project / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True),
+                                         encoding="utf-8")
+    name = json.loads((root / "adapter" / "lineage.json").read_text())["name"]
+    with running_server(project, [], tmp_path / "serve.log", name, API_KEY=API_KEY) as srv:
+        body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
+        req = urllib.request.Request(f"{srv.url}/tokenize", data=body, headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            served = json.loads(r.read())["tokens"]
+        assert served == ChatFormat.of(load_tokenizer(root / "adapter")).prompt_ids(messages)
+        assert sum(m["role"] == "assistant" for m in messages) == 2  # two earlier answers as context
+        reply = srv.client().chat.completions.create(model="medqa", messages=messages, max_tokens=8, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_official_lists_with_own_sources(tmp_path, repo_params):
