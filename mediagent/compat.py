@@ -121,6 +121,24 @@ def _probe_cpu_lora_ops() -> bool:
     return modules is not None and all(hasattr(m, name) for m in modules[::2] for name in CPU_LORA_OPS)
 
 
+# ---------------------------------------------------------------- modelscope_hub
+
+
+def modelscope_download_module() -> ModuleType:
+    """``modelscope_hub._download``, whose ``DOWNLOAD_RETRY_TIMES`` (read from
+    ``MODELSCOPE_DOWNLOAD_MAX_RETRIES`` once, at its import) sets how often the client
+    retries a file. Tests lower it on this module so that its backoff does not cost
+    half a minute; the environment variable cannot, once the client is imported.
+    """
+    from modelscope_hub import _download
+
+    return _download
+
+
+def _probe_modelscope_retries() -> bool:
+    return isinstance(modelscope_download_module().DOWNLOAD_RETRY_TIMES, int)
+
+
 # ---------------------------------------------------------------- DVC
 
 
@@ -211,6 +229,7 @@ CHECKED: dict[str, Checked] = {
     "engine_max_model_len": Checked("vllm", ">=0.32,<0.33", _probe_model_config),
     "shutdown_engine": Checked("vllm", ">=0.32,<0.33", _probe_engine_core),
     "cpu_lora_op_modules": Checked("vllm", ">=0.32,<0.33", _probe_cpu_lora_ops),
+    "modelscope_download_module": Checked("modelscope_hub", ">=0.5,<0.6", _probe_modelscope_retries),
     "dvc_queue_state": Checked("dvc", ">=3.67,<3.68", _probe_celery_queue),
     "dvc_worker_name": Checked("dvc", ">=3.67,<3.68", _probe_worker_name),
     "experiment_refs": Checked("dvc", ">=3.67,<3.68", _probe_exp_refs),
