@@ -139,7 +139,7 @@ def measure(name: str, call: Callable[[str], int], prompts_per_level: dict[int, 
 def served(project: Path, args: list[str], model: str, system: str, max_tokens: int,
            prompts_per_level: dict[int, list[str]], name: str) -> dict[int, dict]:
     """Start ``mediagent.commands.serve`` in ``project``, measure one model, stop it."""
-    from openai import OpenAI
+    from mediagent.client import ModelClient
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,13 +162,11 @@ def served(project: Path, args: list[str], model: str, system: str, max_tokens: 
             except (urllib.error.URLError, OSError):
                 time.sleep(1)
         print(f"  {name}: server ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        client = ModelClient(f"{url}/v1", timeout=600)
 
         def call(q: str) -> int:
-            r = client.chat.completions.create(
-                model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
-                max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
-            return r.usage.completion_tokens
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            return client.complete(model, messages, max_tokens, 0, extra_body={"ignore_eos": True}).completion_tokens
 
         return measure(name, call, prompts_per_level)
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from mediagent import compat
 from mediagent.errors import UserError
 from mediagent.fileio import atomic_path
 
@@ -49,11 +50,9 @@ def list_experiments(repo_root: str | Path = ".") -> list[Experiment]:
     repository lock: a ``dvc exp run`` holds it for its whole run, and serving or loading
     a finished experiment meanwhile is the point.
     """
-    from dvc.repo.experiments.utils import exp_refs
-
     scm = _git(repo_root)
     try:
-        found = [Experiment(ref.name, scm.get_ref(str(ref)), ref.baseline_sha) for ref in exp_refs(scm)]
+        found = [Experiment(name, scm.get_ref(ref), baseline) for name, ref, baseline in compat.experiment_refs(scm)]
     finally:
         scm.close()
     return sorted((e for e in found if e.rev), key=lambda e: e.name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mediagent import compat
 from mediagent.artifacts import Adapter, check_adapter, check_merged, vllm_rank
 from mediagent.chat_format import ChatFormat
 from mediagent.loading import dtype_name, gpu_available, resolve_dtype
@@ -129,7 +130,7 @@ def open_engine(params: Params, adapter: str | Path | None = None, merged: bool 
 
 def close_llm(llm) -> None:
     """Stop the engine's worker process now (not at interpreter exit) and free its memory."""
-    llm.llm_engine.engine_core.shutdown()
+    compat.shutdown_engine(llm)
     gc.collect()
 
 

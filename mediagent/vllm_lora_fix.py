@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import logging
 
+from mediagent import compat
+
 log = logging.getLogger(__name__)
-OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 
 
 def has_negative_index_bug(shrink) -> bool:
@@ -45,7 +46,7 @@ def _base_rows(indices, rows: int):
 
 
 def masked(original):
-    """``original`` (any of OPS) with base tokens' output rows left exactly as they were.
+    """``original`` (any of ``compat.CPU_LORA_OPS``) with base tokens' output rows left exactly as they were.
 
     Their rows are computed with slot 0 (a valid index) and then restored: shrink writes
     its buffer, expand adds to or writes the layer output, and for base tokens neither may
@@ -68,21 +69,17 @@ def masked(original):
 
 def register() -> None:
     """Entry point (``vllm.general_plugins``): patch the CPU LoRA ops if they have the bug."""
-    try:
-        from vllm.lora.ops import torch_ops
-        from vllm.lora.ops.torch_ops import lora_ops
-        from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:  # a vLLM without these modules: nothing to patch
+    modules = compat.cpu_lora_op_modules()
+    if modules is None:  # a vLLM without these modules: nothing to patch
         return
+    lora_ops = modules[0]
     if getattr(lora_ops, "_mediagent_masked", False):
         return
     if not has_negative_index_bug(lora_ops.bgmv_shrink):
         log.debug("vLLM's CPU LoRA ops skip base tokens already; not patched")
         return
-    patched = {name: masked(getattr(lora_ops, name)) for name in OPS}
-    # lora_ops' sgmv_* call these through the module's globals; punica_cpu and the package
-    # imported them by name, so each namespace gets the patched function.
-    for module in (lora_ops, torch_ops, punica_cpu):
+    patched = {name: masked(getattr(lora_ops, name)) for name in compat.CPU_LORA_OPS}
+    for module in modules:  # every namespace that holds them (see compat.cpu_lora_op_modules)
         for name, fn in patched.items():
             if hasattr(module, name):
                 setattr(module, name, fn)

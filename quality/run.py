@@ -77,15 +77,12 @@ def held_out_questions(repo: Path, n: int) -> list[dict]:
 
 
 def ask_server(url: str, system: str, questions: list[str], max_tokens: int) -> dict[str, list[str]]:
-    from openai import OpenAI
+    from mediagent.client import ModelClient
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    out = {}
-    for model in ("base", "medqa"):
-        out[model] = [client.chat.completions.create(
-            model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
-            temperature=0, max_tokens=max_tokens).choices[0].message.content for q in questions]
-    return out
+    client = ModelClient(f"{url}/v1")
+    return {model: [client.complete(model, [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                    max_tokens, 0).text for q in questions]
+            for model in ("base", "medqa")}
 
 
 def arena_screenshot(ui_url: str, question: str, max_tokens: int, path: Path) -> bool:

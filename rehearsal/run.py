@@ -11,7 +11,7 @@ structured rehearsal checkpoint on a loopback hub (Hugging Face, or ModelScope w
 3. ``dvc exp run -S model.dtype=bfloat16 ...`` through process, train, merge, evaluate (base
    is up to date and makes no request; bf16 merge parity, sharded BF16 merged model, 100 candidates per question), while the
    train stage's peak RSS is measured;
-4. ``make serve`` (adapter) and ``make serve MERGED=1`` answer the openai client, with the
+4. ``make serve`` (adapter) and ``make serve MERGED=1`` answer the model client (mediagent/client.py), with the
    project's chat template;
 5. ``dvc exp run --queue -S lora.r=8``, ``... -S lora.r=32``, ``dvc queue start``: both
    experiments complete, ``dvc exp show`` lists their metrics, the hub sees no request.
@@ -211,10 +211,9 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Path) -> dict:
-    """Start `make serve [MERGED=1]`, ask one question with the openai client, check the prompt format."""
-    from openai import OpenAI
-
+    """Start `make serve [MERGED=1]`, ask one question through the model client, check the prompt format."""
     from mediagent.chat_format import ChatFormat
+    from mediagent.client import ModelClient
 
     port = free_port()
     args = make + ["serve", f"PORT={port}"] + (["MERGED=1"] if merged else [])
@@ -226,11 +225,10 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
     try:
         wait_for_server(url, proc, timeout=420)
         startup = time.monotonic() - t0
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        client = ModelClient(f"{url}/v1")
         messages = [{"role": "system", "content": "你是一个专业的医疗助手，能够提供准确的医疗咨询。"},
                     {"role": "user", "content": "孩子发烧38.5度需要去医院吗？"}]
-        reply = client.chat.completions.create(model="medqa", messages=messages, temperature=0, max_tokens=16)
-        text = reply.choices[0].message.content
+        reply = client.complete("medqa", messages, 16, 0)
         # The prompt the server builds must be the training one (project template, empty think block).
         body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
         req = urllib.request.Request(f"{url}/tokenize", data=body, headers={"Content-Type": "application/json"})
@@ -240,8 +238,8 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
 
         tok = AutoTokenizer.from_pretrained(str(repo / "models" / ("merged" if merged else "adapter")))
         want = ChatFormat.of(tok).prompt_ids(messages)
-        return {"ok": isinstance(text, str) and reply.choices[0].finish_reason in ("stop", "length"),
-                "template_ok": served_ids == want, "answer": text, "startup_s": round(startup, 1)}
+        return {"ok": reply.finish_reason in ("stop", "length"),
+                "template_ok": served_ids == want, "answer": reply.text, "startup_s": round(startup, 1)}
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

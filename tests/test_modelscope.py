@@ -100,13 +100,12 @@ def test_unknown_revision_fails_clearly_and_writes_nothing(tmp_path, ms):
 
 
 def test_dropped_connection_names_the_file_and_leaves_nothing(tmp_path, ms, monkeypatch):
-    import modelscope_hub._download as ms_download
-
+    from mediagent import compat
     from mediagent.pipeline.base_model import provision
 
     # The client's own retry count (MODELSCOPE_DOWNLOAD_MAX_RETRIES, read at its import):
     # one retry instead of five keeps its backoff from costing half a minute here.
-    monkeypatch.setattr(ms_download, "DOWNLOAD_RETRY_TIMES", 1)
+    monkeypatch.setattr(compat.modelscope_download_module(), "DOWNLOAD_RETRY_TIMES", 1)
     shard = "model-00002-of-00003.safetensors"
     ms.drop.add(shard)
     with pytest.raises(BaseModelError, match=rf"{shard}: .*could not download {REPO}@{COMMIT} from ModelScope"):

@@ -11,9 +11,8 @@ Run: ``mediagent chat [--question Q] [--base-url URL] [--api-key KEY] [--model N
 
 Every conversation starts with the training system prompt (``process.system_prompt``), so
 the model is asked the way it was trained. In the REPL earlier turns are kept (``/reset``
-clears them, ``/exit`` or Ctrl-D quits). ``chat_template_kwargs={"enable_thinking": False}``
-is sent so that a server running Qwen3's stock template answers without a think block too
-(our own template has none and ignores it).
+clears them, ``/exit`` or Ctrl-D quits). The server is asked through mediagent/client.py
+(no think block, Qwen3's sampling advice; a server that is down is one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -25,15 +24,14 @@ from typing import IO
 
 import click
 
-from mediagent.errors import UserError, setup_logging
+from mediagent.client import ModelClient
+from mediagent.errors import setup_logging
 from mediagent.loading import load_tokenizer
 from mediagent.params import Params, load_params
-from mediagent.net import describe_openai_error, local_url
+from mediagent.net import local_url
 from mediagent.vllm_engine import open_engine, sampling_params
 
 log = logging.getLogger(__name__)
-
-NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 def build_messages(system: str, history: Sequence[dict], question: str) -> list[dict]:
@@ -41,20 +39,14 @@ def build_messages(system: str, history: Sequence[dict], question: str) -> list[
     return [{"role": "system", "content": system}, *history, {"role": "user", "content": question}]
 
 
-def stream_answer(client, model: str, messages: list[dict], max_tokens: int, temperature: float,
+def stream_answer(client: ModelClient, model: str, messages: list[dict], max_tokens: int, temperature: float,
                   out: IO[str]) -> str:
     """Ask the server, print tokens as they arrive, return the whole answer."""
-    stream = client.chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-        top_p=0.8 if temperature > 0 else 1.0,  # Qwen3's advice for non-thinking sampling
-        stream=True, extra_body=NO_THINKING,
-    )
     parts = []
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            parts.append(chunk.choices[0].delta.content)
-            out.write(parts[-1])
-            out.flush()
+    for piece in client.stream(model, messages, max_tokens, temperature):
+        parts.append(piece)
+        out.write(piece)
+        out.flush()
     out.write("\n")
     return "".join(parts)
 
@@ -127,11 +119,8 @@ def main(
     if offline:
         ask = offline_answerer(params, adapter, merged, max_tokens, temperature)
     else:
-        from openai import OpenAI
-
         url = base_url or f"{local_url(params.serve.host, params.serve.port)}/v1"
-        # vLLM without --api-key accepts any token; the client insists on one.
-        client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=0)
+        client = ModelClient(url, api_key, start_hint="start one with `make serve`, or use --offline")
         name = model or params.serve.alias
 
         def ask(messages: list[dict], o: IO[str]) -> str:
@@ -159,13 +148,4 @@ def command(question, base_url, api_key, model, offline, adapter, merged, max_to
     setup_logging(logging.WARNING)
     if (adapter or merged) and not offline:
         raise click.UsageError("--adapter/--merged choose the offline model; pick the served one with --model")
-    params = load_params()
-    try:
-        main(params, question, base_url, api_key, model, offline, adapter, merged, max_tokens, temperature)
-    except Exception as exc:
-        url = base_url or f"{local_url(params.serve.host, params.serve.port)}/v1"
-        text = describe_openai_error(exc, url, "start one with `make serve`, or use --offline",
-                                     "pass --api-key or set API_KEY")
-        if text is None:
-            raise
-        raise UserError(text) from exc
+    main(load_params(), question, base_url, api_key, model, offline, adapter, merged, max_tokens, temperature)

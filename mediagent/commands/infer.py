@@ -29,6 +29,7 @@ from typing import Any
 import click
 import orjson
 
+from mediagent import compat
 from mediagent.errors import UserError, setup_logging
 from mediagent.chat_format import ChatFormat, conversation
 from mediagent.fileio import atomic_path, dump_jsonl
@@ -99,7 +100,7 @@ def answer(engine: Engine, tokenizer, encoded: Sequence[tuple[Question, list[int
     """One output row per question, in order (vLLM batches them itself)."""
     if not encoded:
         return []
-    max_len = engine.llm.llm_engine.model_config.max_model_len
+    max_len = compat.engine_max_model_len(engine.llm)
     # Each prompt may only use what the context leaves after it.
     sampling = [sampling_params(tokenizer, min(max_tokens, max_len - len(ids)), temperature, seed) for _, ids in encoded]
     outs = engine.llm.generate([{"prompt_token_ids": ids} for _, ids in encoded], sampling,

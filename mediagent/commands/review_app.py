@@ -15,7 +15,7 @@ Run:  ``mediagent review-app [--port SERVER_PORT] [--server-url URL] [--ui-port 
       sent to the model server. ``--server-url`` may carry a path (a server behind a prefix).
 
 - **Arena**: one question, answers streamed side by side from 2-4 served models, with the
-  training system prompt and chat format (as ``mediagent/commands/chat.py``).
+  training system prompt and chat format (through mediagent/client.py, as ``mediagent chat``).
 - **Blind review**: a reviewer names themself once, picks two models, and judges test
   questions one by one: the reference answer and the two answers labelled A/B in an order
   drawn per question from ``review.seed`` (the same for every reviewer). Restarting resumes
@@ -62,17 +62,17 @@ import click
 
 from pydantic import BaseModel, Field
 
+from mediagent.client import ModelClient, ServerError
 from mediagent.errors import UserError, setup_logging
 from mediagent.chat_format import final_answer, last_question
 from mediagent.fileio import read_jsonl
 from mediagent.judgments import CHOICES, ReviewFileError, append_jsonl, read_judgments, read_records
-from mediagent.net import LOOPBACK_NAMES, describe_openai_error, is_loopback, local_url
+from mediagent.net import LOOPBACK_NAMES, is_loopback, local_url
 from mediagent.params import Params, load_params
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).with_name("review_app_assets")
-NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}  # as mediagent/commands/chat.py
 MAX_ARENA_MODELS = 4
 # Only our own script and stylesheet run; inline script/handlers (what an injected
 # <script> or onerror= would need) are refused by the browser even if text became HTML.
@@ -269,48 +269,32 @@ class Review:
 
 
 class Models:
-    """The model server, through the openai client; the key never leaves this object.
+    """The model server (mediagent/client.py) asked with the training system prompt; the key
+    never leaves the client.
 
     Requests run concurrently: the arena asks every chosen model at once. Mixed batches of
     base and adapter requests are right on the CPU build too (mediagent/vllm_lora_fix.py).
     """
 
     def __init__(self, url: str, api_key: str | None, system_prompt: str):
-        from openai import OpenAI
-
         self.url = url
         self.system = system_prompt
-        # vLLM without --api-key accepts any token; the client insists on one.
-        self.client = OpenAI(base_url=url, api_key=api_key or "none", max_retries=0, timeout=600)
+        self.client = ModelClient(url, api_key, timeout=600,
+                                  start_hint="start one with `make serve` (and pass its PORT to make ui)",
+                                  key_hint="set API_KEY for make ui")
 
     def names(self) -> list[str]:
-        return sorted(m.id for m in self.client.models.list().data)
+        return self.client.names()
 
     def messages(self, question: str) -> list[dict]:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": question}]
 
     def stream(self, model: str, question: str, max_tokens: int, temperature: float) -> Iterator[str]:
         """Answer pieces as the server streams them."""
-        stream = self.client.chat.completions.create(
-            model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
-            top_p=0.8 if temperature > 0 else 1.0, stream=True, extra_body=NO_THINKING)
-        try:
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        finally:
-            stream.close()
+        return self.client.stream(model, self.messages(question), max_tokens, temperature)
 
     def answer(self, model: str, question: str, max_tokens: int, temperature: float) -> str:
-        reply = self.client.chat.completions.create(
-            model=model, messages=self.messages(question), max_tokens=max_tokens, temperature=temperature,
-            top_p=0.8 if temperature > 0 else 1.0, seed=0, extra_body=NO_THINKING)
-        return (reply.choices[0].message.content or "").strip()
-
-
-def describe_error(exc: Exception, url: str) -> str:
-    return describe_openai_error(exc, url, "start one with `make serve` (and pass its PORT to make ui)",
-                                 "set API_KEY for make ui") or str(exc)
+        return self.client.complete(model, self.messages(question), max_tokens, temperature, seed=0).text.strip()
 
 
 def error_body(message: str, code: str, **values) -> dict:
@@ -320,17 +304,14 @@ def error_body(message: str, code: str, **values) -> dict:
 
 
 def upstream_error(exc: Exception, url: str) -> dict:
-    """The error body for a failed request to the model server (the cases of describe_error)."""
-    import openai
-
-    message = describe_error(exc, url)
-    if isinstance(exc, openai.APIConnectionError):
-        return error_body(message, code="no_server", url=url)
-    if isinstance(exc, openai.AuthenticationError):
-        return error_body(message, code="needs_key", url=url)
-    if isinstance(exc, openai.APIStatusError):
-        return error_body(message, code="server_said", url=url, status=exc.status_code, detail=exc.message)
-    return error_body(message, code="model_server", detail=message)
+    """The error body for a failed request to the model server (the kinds of ServerError)."""
+    if not isinstance(exc, ServerError):
+        return error_body(str(exc), code="model_server", detail=str(exc))
+    if exc.kind == "no_server":
+        return error_body(str(exc), code="no_server", url=url)
+    if exc.kind == "needs_key":
+        return error_body(str(exc), code="needs_key", url=url)
+    return error_body(str(exc), code="server_said", url=url, status=exc.status, detail=exc.detail)
 
 
 # ---------------------------------------------------------------- web app

@@ -20,7 +20,6 @@ Writes nothing itself; each experiment is a `dvc exp run` of the pipeline.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -28,6 +27,7 @@ import sys
 
 import click
 
+from mediagent import compat
 from mediagent.errors import UserError, setup_logging
 
 log = logging.getLogger(__name__)
@@ -45,35 +45,20 @@ def device_groups(spec: str) -> list[str]:
     return [",".join(group) for group in groups]
 
 
-def worker_name(wdir: str, num: int) -> str:
-    """The node name `dvc queue start` gives its worker `num` (so `dvc queue stop` sees ours)."""
-    return f"dvc-exp-{hashlib.sha256(wdir.encode('utf-8')).hexdigest()[:6]}-{num}@localhost"
-
-
-def _failed(queue) -> set[str]:
-    return {result.entry.stash_rev for result in queue.iter_failed()}
-
-
 def run_sweep(groups: list[str]) -> None:
-    from dvc.repo import Repo
-
-    with Repo() as repo:
-        queue = repo.experiments.celery_queue
-        wdir = queue.wdir
-        queued = list(queue.iter_queued())
-        failed_before = _failed(queue)
-    if not queued:
+    before = compat.dvc_queue_state()
+    if not before.queued:
         raise UserError("no queued experiments: queue them first with `dvc exp run --queue -S <param>=<value>`")
-    log.info("%d queued experiments, %d workers: %s", len(queued), len(groups),
+    log.info("%d queued experiments, %d workers: %s", before.queued, len(groups),
              ", ".join(f"CUDA_VISIBLE_DEVICES={g}" for g in groups))
     workers = []
     for num, devices in enumerate(groups, start=1):
         # worker 1 cleans the queue's broker up when it stops, as with `dvc queue start`
-        cmd = [sys.executable, "-m", "dvc", "exp", "queue-worker", worker_name(wdir, num), *(["--clean"] if num == 1 else [])]
+        cmd = [sys.executable, "-m", "dvc", "exp", "queue-worker", compat.dvc_worker_name(before.wdir, num),
+               *(["--clean"] if num == 1 else [])]
         workers.append(subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices}))
     codes = [w.wait() for w in workers]
-    with Repo() as repo:
-        failed = _failed(repo.experiments.celery_queue) - failed_before
+    failed = compat.dvc_queue_state().failed - before.failed
     if any(codes) or failed:
         raise UserError(f"sweep: {len(failed)} experiment(s) failed, worker exit codes {codes}; "
                         "see `dvc queue status` and `dvc queue logs <name>`")

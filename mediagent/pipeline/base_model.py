@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mediagent import compat
 from mediagent.chat_format import TEMPLATES
 from mediagent.errors import run_stage
 from mediagent.fileio import atomic_path, git_blob_id
@@ -182,16 +183,15 @@ def _hub_download(model: ModelParams, out_dir: Path) -> dict[str, str]:
     import shutil
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub._local_folder import read_download_metadata  # the client's own record of etags
 
     snapshot_download(model.base, revision=model.revision, local_dir=str(out_dir), allow_patterns=HUB_FILES)
     etags = {}
     for p in sorted(out_dir.iterdir()):
         if p.is_file():
-            meta = read_download_metadata(out_dir, p.name)
-            if meta is None:
+            etag = compat.hub_download_etag(out_dir, p.name)  # the client's own record of etags
+            if etag is None:
                 raise BaseModelError(f"{p.name}: the hub client kept no download record; rerun `make base`")
-            etags[p.name] = meta.etag
+            etags[p.name] = etag
     # The client's bookkeeping (timestamps, absolute paths) must not become part of the DVC out.
     shutil.rmtree(out_dir / ".cache", ignore_errors=True)
     return etags

@@ -332,8 +332,9 @@ def fsdp_on_cpu(accelerator) -> bool:
     on here; wrapping, gathering and checkpoints are then accelerate's and transformers'
     own FSDP code, as on GPUs, which is what rehearsing a multi-GPU run on CPUs is for.
     """
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from mediagent import compat
 
     state = accelerator.state
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
@@ -343,7 +344,7 @@ def fsdp_on_cpu(accelerator) -> bool:
         raise UserError("fsdp_version 1 cannot run on CPU processes (torch's FSDP1 needs a GPU): "
                         "use configs/accelerate/fsdp.yaml as shipped (fsdp_version: 2)")
     state.fsdp_plugin = plugin
-    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    compat.set_distributed_type(state, DistributedType.FSDP)
     return True
 
 
