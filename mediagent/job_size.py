@@ -133,21 +133,24 @@ def job_size(examples: int, tokens: int, source: str, train: TrainParams, plan: 
     }
 
 
-def wall_time(size: dict, config: dict, gradient_checkpointing: bool, gpu: str = "a10", devices: int = 1) -> dict:
-    """Hours for the run's tokens on ``devices`` GPUs of kind ``gpu`` (a key of GPUS)."""
+def wall_time(size: dict | None, config: dict, gradient_checkpointing: bool, gpu: str = "a10",
+              devices: int = 1) -> dict:
+    """Hours for the run's tokens on ``devices`` GPUs of kind ``gpu`` (a key of GPUS); with the
+    size unknown (None), the throughput and its assumption alone (hours and tokens None)."""
     tflops, source = GPUS[gpu]
     passes = 6 if gradient_checkpointing else 4
     flops_per_token = passes * matmul_params(config)
-
-    def hours(utilization: float) -> float:
-        return size["run_tokens"] * flops_per_token / (tflops * 1e12 * utilization * devices) / 3600
-
     tokens_per_s = tflops * 1e12 * UTILIZATION * devices / flops_per_token
+    tokens = size["run_tokens"] if size else None
+
+    def hours(utilization: float) -> float | None:
+        return round(tokens / (tokens_per_s / UTILIZATION * utilization) / 3600, 2) if tokens else None
+
     low, high = UTILIZATION_RANGE
     return {
-        "hours": round(hours(UTILIZATION), 2),
-        "hours_range": [round(hours(high), 2), round(hours(low), 2)],
-        "tokens": size["run_tokens"],
+        "hours": hours(UTILIZATION),
+        "hours_range": [hours(high), hours(low)],
+        "tokens": tokens,
         "tokens_per_s": round(tokens_per_s, 1),
         "flops_per_token": flops_per_token,
         "gpu": gpu,
@@ -166,6 +169,8 @@ def format_size(size: dict) -> str:
 
 
 def format_time(time: dict) -> str:
+    if time["hours"] is None:
+        return f"time: unknown until the job's size is; {time['tokens_per_s']:,.0f} tokens/s assumed: {time['assumption']}"
     low, high = time["hours_range"]
     return (f"time: ~{time['hours']:.1f} h ({low:.1f}..{high:.1f}) for {time['tokens']:,} tokens at "
             f"{time['tokens_per_s']:,.0f} tokens/s: {time['assumption']}")

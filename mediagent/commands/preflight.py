@@ -75,17 +75,14 @@ def devices(params: Params) -> int:
     return max(gpu_count(), 1) if params.launch.processes == "auto" else int(params.launch.processes)
 
 
-def size_and_time(config: dict, params: Params, choice: dict, base: str | None, gpu: str) -> tuple[dict | None, ...]:
-    """The job's size and its wall-time estimate (None, None where the training data is unknown)."""
+def size_and_time(config: dict, params: Params, choice: dict, base: str | None, gpu: str) -> tuple[dict | None, dict]:
+    """The job's size (None where the training data is unknown) and its wall-time estimate."""
     counted = examples_and_tokens(params, base_tokenizer(base, params))
-    if counted is None:
-        click.echo(f"job: unknown until {Path(params.data.processed_dir) / 'train.jsonl'} exists "
-                   f"(`dvc repro process`); no time estimate")
-        return None, None
-    size = job_size(*counted, params.train, choice.get("plan"), devices(params))
+    size = job_size(*counted, params.train, choice.get("plan"), devices(params)) if counted else None
     plan = choice.get("plan") or {}
     time = wall_time(size, config, plan.get("gradient_checkpointing", True), gpu, devices(params))
-    click.echo(format_size(size))
+    click.echo(format_size(size) if size else f"job: unknown until {Path(params.data.processed_dir) / 'train.jsonl'} "
+               f"exists (`dvc repro process`; for the official data, data.raw_dir: {params.download.out_dir})")
     click.echo(format_time(time))
     return size, time
 
