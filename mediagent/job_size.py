@@ -170,7 +170,8 @@ def format_size(size: dict) -> str:
 
 def format_time(time: dict) -> str:
     if time["hours"] is None:
-        return f"time: unknown until the job's size is; {time['tokens_per_s']:,.0f} tokens/s assumed: {time['assumption']}"
+        return (f"time: unknown until the job's size is; {time['tokens_per_s']:,.0f} tokens/s assumed: "
+                f"{time['assumption']}")
     low, high = time["hours_range"]
     return (f"time: ~{time['hours']:.1f} h ({low:.1f}..{high:.1f}) for {time['tokens']:,} tokens at "
             f"{time['tokens_per_s']:,.0f} tokens/s: {time['assumption']}")

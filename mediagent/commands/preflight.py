@@ -98,8 +98,9 @@ def measure(params: Params, steps: int) -> dict:
            "steps_per_epoch": size["steps_per_epoch"], "epoch_seconds": round(size["steps_per_epoch"] * seconds, 1),
            "run_steps": size["steps"], "run_seconds": round(size["steps"] * seconds, 1)}
     click.echo(f"measured: {seconds:.3f} s per optimizer step over steps 2..{steps} (step 1 is warm-up); "
-               f"epoch {out['steps_per_epoch']:,} steps ~{out['epoch_seconds'] / 3600:.2f} h, "
-               f"run {out['run_steps']:,} steps ~{out['run_seconds'] / 3600:.2f} h on this machine")
+               f"epoch {out['steps_per_epoch']:,} steps ~{out['epoch_seconds']:,.0f} s "
+               f"({out['epoch_seconds'] / 3600:.2f} h), run {out['run_steps']:,} steps ~{out['run_seconds']:,.0f} s "
+               f"({out['run_seconds'] / 3600:.2f} h) on this machine")
     return out
 
 
@@ -110,7 +111,8 @@ def main(params: Params, base: str | None = None, memory_gb: float | None = None
         click.echo(table(params))
         return None
     if measure_steps and base is not None:
-        raise UserError("--measure trains the current setup (model.base in params.yaml): drop --base, or set model.base")
+        raise UserError("--measure trains the current setup (model.base in params.yaml): "
+                        "drop --base, or set model.base")
     config = base_config(base, params)
     if memory_gb is not None:
         params = with_overrides(params, train={"memory_budget": memory_gb})
