@@ -19,26 +19,9 @@ import click
 
 from mediagent.errors import UserError
 from mediagent.job_estimate import disk_bytes, format_disk
-from mediagent.job_size import (
-    GPUS,
-    examples_and_tokens,
-    format_size,
-    format_time,
-    job_size,
-    wall_time,
-)
+from mediagent.job_size import GPUS, examples_and_tokens, format_size, format_time, job_size, wall_time
 from mediagent.loading import gpu_count, load_tokenizer
-from mediagent.memory import (
-    GIB,
-    QWEN3,
-    budget_bytes,
-    choose_plan,
-    format_choice,
-    format_plan,
-    plan,
-    qwen3_config,
-    table,
-)
+from mediagent.memory import GIB, QWEN3, budget_bytes, choose_plan, format_choice, format_plan, plan, qwen3_config, table
 from mediagent.params import Params, load_params, with_overrides
 from mediagent.step_timing import run_steps
 
