@@ -52,8 +52,8 @@ OFFICIAL_TRAIN = (226_266 - 7_527 - 7_552,
                    "before process's length filters (no processed split yet)"))
 # Mean tokens per training example (system prompt, question and answer in Qwen3's chat
 # format, cut at 512) over 500 real cMedQA2 question/answer pairs, counted with Qwen's
-# tokenizer (the tiny base's). Their answers were cut at <= 249 characters where they were
-# published, so full answers make the real mean somewhat higher.
+# tokenizer (the tiny base's). Their answers are at most 249 characters, about 40% of them
+# cut mid-sentence where they were published, so full answers make the real mean higher.
 SAMPLE_TOKENS_PER_EXAMPLE = 126.5
 
 # The train stage's line per logged step, and how `preflight --measure` reads it back.
