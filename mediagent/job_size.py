@@ -78,6 +78,11 @@ UTILIZATION = 0.35
 UTILIZATION_RANGE = (0.3, 0.4)
 
 
+def gpu_kind(device_name: str) -> str | None:
+    """The GPUS key of a CUDA device name ("NVIDIA A10" -> a10, "NVIDIA A100-SXM4-80GB" -> a100), else None."""
+    return next((kind for kind in GPUS if re.search(rf"\b{kind}\b", device_name.lower())), None)
+
+
 def matmul_params(config: dict) -> int:
     """N: weights every token multiplies through (decoder linears and the LM head, tied or not)."""
     arch = Arch.from_config(config)

@@ -20,6 +20,7 @@ from mediagent.job_size import (
     SAMPLE_TOKENS_PER_EXAMPLE,
     STEP_LINE,
     count_split,
+    gpu_kind,
     job_size,
     matmul_params,
     wall_time,
@@ -149,6 +150,12 @@ def test_preflight_json_for_the_real_job_before_any_download(tmp_path, monkeypat
     assert "disk_bytes" in got and f"time: ~{time['hours']:.1f} h" in result.output
     h100 = CliRunner().invoke(preflight, ["--base", "Qwen/Qwen3-8B", "--gpu", "h100", "--json"])
     assert json.loads(h100.output.strip().splitlines()[-1])["time"]["hours"] < time["hours"] / 5
+
+
+def test_gpu_kind_from_device_names():
+    names = {"NVIDIA A10": "a10", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA H100 80GB HBM3": "h100",
+             "NVIDIA L4": "l4", "NVIDIA L40S": "l40s", "NVIDIA A10G": None, "Tesla V100-SXM2-16GB": None}
+    assert {name: gpu_kind(name) for name in names} == names
 
 
 def test_unknown_data_keeps_the_throughput_assumption(tmp_path, monkeypatch, repo_params):

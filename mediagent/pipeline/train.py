@@ -37,7 +37,7 @@ from mediagent.errors import UserError, run_stage
 from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from mediagent.chat_format import ChatFormat, resolve_template
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
-from mediagent.job_size import STEP_LINE, format_size, job_size
+from mediagent.job_size import STEP_LINE, format_size, format_time, gpu_kind, job_size, wall_time
 from mediagent.params import LoraParams, Params, ParamsError, TrainParams
 from mediagent.loss import use_chunked_loss
 from mediagent.memory import format_choice, log_plan, measured_peak_bytes, plan_training
@@ -584,8 +584,13 @@ def main(params: Params) -> None:
     val_set, val_stats = encode_split(fmt, val_rows, train.max_seq_length, str(val_path), is_main)
     log.info("train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
              train_stats.examples, train_stats.truncated, train.max_seq_length, train_stats.dropped)
-    log.info("%s", format_size(job_size(train_stats.examples, sum(len(f["input_ids"]) for f in train_set),
-                                        f"{train_path}, as encoded", train, plan, args.world_size)))
+    size = job_size(train_stats.examples, sum(len(f["input_ids"]) for f in train_set), f"{train_path}, as encoded",
+                    train, plan, args.world_size)
+    log.info("%s", format_size(size))
+    kind = gpu_kind(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    if kind:  # the preflight's estimate for this GPU; elsewhere `mediagent preflight --measure` times steps
+        config = json.loads((params.model.path / "config.json").read_text(encoding="utf-8"))
+        log.info("%s", format_time(wall_time(size, config, plan["gradient_checkpointing"], kind, args.world_size)))
     if not train_set or not val_set:
         raise UserError(f"no usable examples in {train_path if not train_set else val_path}: "
                          f"raise train.max_seq_length ({train.max_seq_length}) or check the process stage")
