@@ -6,6 +6,7 @@ size and time estimate against what the train stage encodes and counts.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -61,20 +62,30 @@ def full_epoch_seconds(folder: Path, params) -> tuple[int, float]:
     return len(steps), float(steps[-1].rsplit(", ", 1)[1].split(" s ")[0])
 
 
-def test_measure_extrapolates_a_full_tiny_epoch_within_25_percent(setup):
-    folder, params = setup
+def measure_epoch(folder: Path) -> dict:
     cli = [sys.executable, "-m", "mediagent", "preflight", "--measure", "6", "--json"]
     out = subprocess.run(cli, cwd=folder, env=stage_env(), capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])["measure"]
-    assert (measured["steps"], measured["timed_steps"], measured["steps_per_epoch"]) == (6, 5, 16)
-    assert not (folder / "models" / "adapter").exists()  # the measurement wrote nothing into the setup
+    return json.loads(out.stdout.strip().splitlines()[-1])["measure"]
 
-    steps, seconds = full_epoch_seconds(folder, params)
-    assert steps == measured["steps_per_epoch"] == measured["run_steps"]
-    ratio = measured["epoch_seconds"] / seconds
-    print(f"--measure 6: {measured['seconds_per_step']:.3f} s/step x {steps} = {measured['epoch_seconds']:.1f} s; "
-          f"full epoch measured {seconds:.1f} s; ratio {ratio:.2f}")
+
+def test_measure_extrapolates_a_full_tiny_epoch_within_25_percent(setup):
+    folder, params = setup
+    # Three alternating pairs, medians compared: other processes on a shared machine slow
+    # one run or another by far more than the method errs.
+    extrapolated, epochs = [], []
+    for _ in range(3):
+        measured = measure_epoch(folder)
+        assert (measured["steps"], measured["timed_steps"], measured["steps_per_epoch"]) == (6, 5, 16)
+        if not epochs:
+            assert not (folder / "models" / "adapter").exists()  # the measurement wrote nothing into the setup
+        steps, seconds = full_epoch_seconds(folder, params)
+        assert steps == measured["steps_per_epoch"] == measured["run_steps"]
+        extrapolated.append(measured["epoch_seconds"])
+        epochs.append(seconds)
+    ratio = statistics.median(extrapolated) / statistics.median(epochs)
+    print(f"--measure 6 extrapolated {extrapolated} s; full epochs of 16 steps measured {epochs} s; "
+          f"ratio of medians {ratio:.2f}")
     assert 0.75 <= ratio <= 1.25
 
 
