@@ -152,10 +152,11 @@ ui: install
 bench-serve: install
 	$(PY) bench/serve.py
 
-# `make preflight [BASE=Qwen/Qwen3-8B] [MEMORY_GB=24] [ALLOW_QUANTIZATION=1] [JSON=1]`:
-# the memory plan for a model and a device before anything is downloaded or loaded.
+# `make preflight [BASE=Qwen/Qwen3-8B] [MEMORY_GB=24] [ALLOW_QUANTIZATION=1] [JSON=1] [GPU=a10] [MEASURE=N]`:
+# the memory plan, disk, job size and hours for a model and a device before anything is
+# downloaded or loaded; MEASURE=N also times N real training steps of the current setup here.
 preflight: install
-	$(MEDIAGENT) preflight $(if $(BASE),--base $(BASE)) $(if $(MEMORY_GB),--memory-gb $(MEMORY_GB)) $(if $(filter 1,$(ALLOW_QUANTIZATION)),--allow-quantization) $(if $(filter 1,$(JSON)),--json) $(if $(filter 1,$(TABLE)),--table)
+	$(MEDIAGENT) preflight $(if $(BASE),--base $(BASE)) $(if $(MEMORY_GB),--memory-gb $(MEMORY_GB)) $(if $(filter 1,$(ALLOW_QUANTIZATION)),--allow-quantization) $(if $(filter 1,$(JSON)),--json) $(if $(filter 1,$(TABLE)),--table) $(if $(GPU),--gpu $(GPU)) $(if $(MEASURE),--measure $(MEASURE))
 
 clean:
 	rm -rf .pytest_cache

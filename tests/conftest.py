@@ -116,6 +116,8 @@ TEST_TIERS = {
     "test_real_job_profile.py::test_fractions_resolve_against_the_run_in_the_train_stage": ("slow",),
     # measures 8 CPU trainings in subprocesses (10-31 s each)
     "test_preflight.py::test_estimate_within_20_percent_of_measured_cpu_training": ("slow",),
+    # --measure and a full epoch of the tiny base, three times each, through the train stage in subprocesses
+    "test_preflight_measure.py::test_measure_extrapolates_a_full_tiny_epoch_within_25_percent": ("slow",),
 }
 
 

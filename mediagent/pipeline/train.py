@@ -27,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from mediagent.errors import UserError, run_stage
 from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from mediagent.chat_format import ChatFormat, resolve_template
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
+from mediagent.job_size import STEP_LINE, format_size, format_time, gpu_kind, job_size, wall_time
 from mediagent.params import LoraParams, Params, ParamsError, TrainParams
 from mediagent.loss import use_chunked_loss
 from mediagent.memory import format_choice, log_plan, measured_peak_bytes, plan_training
@@ -443,10 +445,22 @@ def _callbacks(dvclive_dir: str, resume: bool):
             if state.is_world_process_zero and metrics:
                 log.info("eval step %d: eval_loss %.4f", state.global_step, metrics["eval_loss"])
 
+    class StepLine(TrainerCallback):
+        # one line per logged step with the seconds since this run's first step began (the
+        # evaluation before it left out): `mediagent preflight --measure` times steps by it
+        start = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = self.start or time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                log.info(STEP_LINE, state.global_step, logs["loss"], time.perf_counter() - self.start)
+
     # save_dvc_exp=False: outside `dvc exp run` dvclive would otherwise create its own
     # experiment commits; dvcyaml=False: the pipeline's dvc.yaml already declares the plots.
     live = Live(dir=dvclive_dir, resume=resume, save_dvc_exp=False, dvcyaml=False, report=None)
-    return [StepDVCLive(live=live, log_model=False), EvalLine()]
+    return [StepDVCLive(live=live, log_model=False), EvalLine(), StepLine()]
 
 
 def run_metrics(history: list[dict], trainer_train_loss: float) -> dict[str, float]:
@@ -571,6 +585,13 @@ def main(params: Params) -> None:
     val_set, val_stats = encode_split(fmt, val_rows, train.max_seq_length, str(val_path), is_main)
     log.info("train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
              train_stats.examples, train_stats.truncated, train.max_seq_length, train_stats.dropped)
+    size = job_size(train_stats.examples, sum(len(f["input_ids"]) for f in train_set), f"{train_path}, as encoded",
+                    train, plan, args.world_size)
+    log.info("%s", format_size(size))
+    kind = gpu_kind(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    if kind:  # the preflight's estimate for this GPU; elsewhere `mediagent preflight --measure` times steps
+        config = json.loads((params.model.path / "config.json").read_text(encoding="utf-8"))
+        log.info("%s", format_time(wall_time(size, config, plan["gradient_checkpointing"], kind, args.world_size)))
     if not train_set or not val_set:
         raise UserError(f"no usable examples in {train_path if not train_set else val_path}: "
                          f"raise train.max_seq_length ({train.max_seq_length}) or check the process stage")
