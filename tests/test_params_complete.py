@@ -115,3 +115,23 @@ def test_choices_exist_in_the_installed_transformers(alias, library_values):
     known = {member.value for member in getattr(importlib.import_module(module), name)}
     offered = set(typing.get_args(getattr(params_module, alias)))
     assert offered <= known, f"params.{alias} offers {sorted(offered - known)}, unknown to {library_values}"
+
+
+def test_evaluation_answers_ignore_the_base_s_generation_config(tiny_base, repo_params):
+    """Greedy is scoring.GREEDY, whatever a base's generation_config.json says (vLLM never reads it)."""
+    from mediagent.chat_format import ChatFormat, conversation
+    from mediagent.loading import load_model, load_tokenizer
+    from mediagent.scoring import generate_hf
+
+    tok = load_tokenizer(tiny_base)
+    fmt = ChatFormat.of(tok)
+    model = load_model(tiny_base, repo_params.model, torch.float32)
+    prompts = [fmt.prompt_ids(conversation(repo_params.process.system_prompt, "头痛三天了，怎么办？"))]
+    greedy = generate_hf(model, fmt, prompts, max_new_tokens=16, batch_size=1, min_new_tokens=16)
+    model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
+    ids = torch.tensor(prompts)
+    # what transformers does with the base's settings when they are not overridden
+    library = model.generate(input_ids=ids, max_new_tokens=16, min_new_tokens=16, eos_token_id=fmt.stop_ids,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert library != greedy[0]
+    assert generate_hf(model, fmt, prompts, max_new_tokens=16, batch_size=1, min_new_tokens=16) == greedy
