@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 # data.sources formats (mediagent/sources.py reads them) and the keys each may map in `columns`.
 SOURCE_COLUMNS = {
@@ -17,6 +18,9 @@ SOURCE_COLUMNS = {
     "sharegpt": ("messages", "role", "content", "user", "assistant", "system_role", "system", "id"),
     "messages": ("messages", "role", "content", "user", "assistant", "system_role", "system", "id"),
 }
+SourceFormat = Literal["cmedqa2", "alpaca", "table", "sharegpt", "messages"]  # checked at load, like every choice key
+if set(get_args(SourceFormat)) != set(SOURCE_COLUMNS):
+    raise AssertionError("SourceFormat and SOURCE_COLUMNS must name the same formats")
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class SourceParams:
     """One entry of data.sources: files of one format (docs/data.md)."""
 
     path: str  # a file, a folder (every file of the format's suffixes in it) or a glob
-    format: str  # a key of SOURCE_COLUMNS
+    format: SourceFormat
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # format key -> the file's field name
     limit: int = 0  # first N questions (cmedqa2) or records; 0 = process.limit
     system_prompt: str = ""  # for this source's examples without their own system turn ("" = process.system_prompt)
@@ -33,8 +37,6 @@ class SourceParams:
 
     def check(self, where: str) -> list[str]:
         """Problems of this entry (its section, data, names it by index)."""
-        if self.format not in SOURCE_COLUMNS:
-            return [f"{where}.format: {self.format!r} must be one of {', '.join(SOURCE_COLUMNS)}"]
         out = [f"{where}.columns.{key}: unknown for format {self.format} (known: {', '.join(SOURCE_COLUMNS[self.format]) or 'none'})"
                for key in self.columns if key not in SOURCE_COLUMNS[self.format]]
         out += [f"{where}.columns.{key}: {value!r} must be a non-empty field name"

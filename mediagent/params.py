@@ -13,12 +13,13 @@ a key is an error that names it instead of a silent change of value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -29,8 +30,11 @@ from mediagent.errors import UserError
 # at serving time, so it is rejected up front.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
-
-QUANTIZATIONS = ("none", "nf4")
+# TrainingArguments' lr_scheduler_type and optim (within the installed transformers' choices: a test);
+# optimizers that train a LoRA on our devices (the 8-bit ones need bitsandbytes' GPU kernels).
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"]
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"]
 
 
 class ParamsError(UserError, ValueError):
@@ -70,7 +74,7 @@ class ProcessParams:
     min_answer_chars: int
     max_answer_chars: int
     mask_pii: bool
-    answers_per_question: str
+    answers_per_question: Literal["all", "first"]
     val_ratio: float
     test_ratio: float
     seed: int
@@ -78,12 +82,10 @@ class ProcessParams:
     num_negatives: int
     max_candidate_questions: int
     heldout_candidates_dir: str  # hash split: questions of the official dev/test lists here always go to test
-    train_on: str = "all_turns"  # all_turns | last_turn (multi-turn); optional: keeps the DVC params hash
+    train_on: Literal["all_turns", "last_turn"] = "all_turns"  # multi-turn; optional: keeps the DVC params hash
 
     def problems(self) -> list[str]:
-        out = [] if self.train_on in ("all_turns", "last_turn") else [f"process.train_on: {self.train_on!r} must be all_turns or last_turn"]
-        if self.answers_per_question not in ("all", "first"):
-            out.append(f"process.answers_per_question: {self.answers_per_question!r} must be 'all' or 'first'")
+        out = []
         if self.limit < 0:
             out.append("process.limit: must be >= 0 (0 = all rows)")
         if not 0 <= self.val_ratio < 1 or not 0 <= self.test_ratio < 1 or self.val_ratio + self.test_ratio >= 1:
@@ -106,10 +108,10 @@ class ModelParams:
     base: str
     dir: str
     revision: str
-    source: str
-    dtype: str
+    source: Literal["huggingface", "modelscope", "gguf"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
     trust_remote_code: bool
-    quantization: str  # none | nf4: the base in 4-bit for training only (QLoRA)
+    quantization: Literal["none", "nf4"]  # the base in 4-bit for training only (QLoRA)
     gguf: str  # source gguf: a .gguf path or pkg:<module> of a package shipping one
     chat_template: str  # auto (the base's own) | a name in chat_format.TEMPLATES | a .jinja path
     chat_template_kwargs: dict[str, Any]  # frozen into the saved template, e.g. enable_thinking: false
@@ -126,14 +128,8 @@ class ModelParams:
                 f"model.base: {self.base!r} must be 'tiny' or a hub id like 'Qwen/Qwen3-8B'; "
                 f"put a local copy under {self.dir}/<org>/<name> and name it by that id"
             )
-        if self.source not in ("huggingface", "modelscope", "gguf"):
-            out.append(f"model.source: {self.source!r} must be 'huggingface', 'modelscope' or 'gguf'")
         if self.source == "gguf" and not self.gguf:
             out.append("model.gguf: name the .gguf file (a path, or pkg:<module> of a package that ships one)")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            out.append(f"model.dtype: {self.dtype!r} must be auto, float32, bfloat16 or float16")
-        if self.quantization not in QUANTIZATIONS:
-            out.append(f"model.quantization: {self.quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
         return out
 
 
@@ -163,7 +159,7 @@ class LoraParams:
     lora_alpha: int
     lora_dropout: float
     target_modules: tuple[str, ...]
-    bias: str
+    bias: Literal["none"]  # peft would train bias vectors otherwise, which vLLM's LoRA cannot serve
 
     def problems(self) -> list[str]:
         out = []
@@ -173,8 +169,6 @@ class LoraParams:
             )
         if not self.target_modules:
             out.append("lora.target_modules: must name at least one module (e.g. q_proj)")
-        if self.bias != "none":  # peft would train bias vectors, which vLLM's LoRA cannot serve
-            out.append(f"lora.bias: {self.bias!r} cannot be served by vLLM; use none")
         if not 0 <= self.lora_dropout < 1:
             out.append("lora.lora_dropout: must be in [0, 1)")
         return out
@@ -193,14 +187,20 @@ class TrainParams:
     per_device_train_batch_size: int
     per_device_eval_batch_size: int
     gradient_accumulation_steps: int
-    micro_batch_size: int | str  # auto | a divisor of per_device_train_batch_size
+    micro_batch_size: int | Literal["auto"]  # or a divisor of per_device_train_batch_size
     warmup_steps: int | float  # steps, or a fraction of the run's optimizer steps when < 1
-    lr_scheduler_type: str
+    lr_scheduler_type: Scheduler
+    lr_scheduler_kwargs: dict[str, Any]  # e.g. min_lr_rate for cosine_with_min_lr
+    optim: Optimizer
     weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    max_grad_norm: float  # gradient clipping; 0 = none
     seed: int
-    gradient_checkpointing: bool | str  # auto | true | false
-    loss: str  # chunked | full
-    memory_budget: float | str  # auto | GiB
+    gradient_checkpointing: bool | Literal["auto"]
+    loss: Literal["chunked", "full"]
+    memory_budget: float | Literal["auto"]  # or GiB
     allow_quantization: bool  # may the plan switch to a 4-bit base when nothing else fits
     logging_steps: int
     eval_steps: int | float  # steps, or a fraction of the run when < 1 (transformers' rule)
@@ -230,18 +230,14 @@ class TrainParams:
                 out.append(f"train.{name}: {value!r} must be a step count >= {least} "
                            "or a fraction of the run's steps in (0, 1), e.g. 0.05")
         if self.micro_batch_size != "auto" and not (
-                isinstance(self.micro_batch_size, int) and not isinstance(self.micro_batch_size, bool)
-                and self.micro_batch_size >= 1 and self.per_device_train_batch_size % self.micro_batch_size == 0):
+                self.micro_batch_size >= 1 and self.per_device_train_batch_size % self.micro_batch_size == 0):
             out.append(f"train.micro_batch_size: {self.micro_batch_size!r} must be auto or a divisor of "
                        f"train.per_device_train_batch_size ({self.per_device_train_batch_size})")
-        if self.gradient_checkpointing != "auto" and not isinstance(self.gradient_checkpointing, bool):
-            out.append(f"train.gradient_checkpointing: {self.gradient_checkpointing!r} must be auto, true or false")
-        if self.loss not in ("chunked", "full"):
-            out.append(f"train.loss: {self.loss!r} must be chunked or full")
-        if self.memory_budget != "auto" and not (
-                isinstance(self.memory_budget, (int, float)) and not isinstance(self.memory_budget, bool)
-                and self.memory_budget > 0):
+        if self.memory_budget != "auto" and self.memory_budget <= 0:
             out.append(f"train.memory_budget: {self.memory_budget!r} must be auto or a size in GiB (e.g. 24)")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            out.append("train.adam_beta1/adam_beta2: each in [0, 1)")
+        out += [f"train.{n}: must be >= 0" for n in ("adam_epsilon", "weight_decay", "max_grad_norm") if getattr(self, n) < 0]
         paths = {"output_dir": self.output_dir, "checkpoint_dir": self.checkpoint_dir, "dvclive_dir": self.dvclive_dir}
         for a, b in ((a, b) for a in paths for b in paths if a < b):
             pa, pb = Path(paths[a]), Path(paths[b])
@@ -276,9 +272,9 @@ class MergeParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    backend: str
-    scorer: str  # answer selection: auto | hf | vllm
-    selection_score: str  # mean (log-prob per answer token) | pmi (conditional - unconditional, sums)
+    backend: Literal["auto", "vllm", "hf"]
+    scorer: Literal["auto", "vllm", "hf"]  # answer selection
+    selection_score: Literal["mean", "pmi"]  # mean (log-prob per answer token) | pmi (conditional - unconditional, sums)
     bootstrap_resamples: int  # paired bootstrap resamples for the 95% intervals in the report
     max_questions: int
     max_generations: int
@@ -293,12 +289,6 @@ class EvalParams:
 
     def problems(self) -> list[str]:
         out = []
-        if self.backend not in ("auto", "vllm", "hf"):
-            out.append(f"eval.backend: {self.backend!r} must be auto, vllm or hf")
-        if self.scorer not in ("auto", "vllm", "hf"):
-            out.append(f"eval.scorer: {self.scorer!r} must be auto, vllm or hf")
-        if self.selection_score not in ("mean", "pmi"):
-            out.append(f"eval.selection_score: {self.selection_score!r} must be mean or pmi")
         if self.bootstrap_resamples < 100:
             out.append("eval.bootstrap_resamples: must be >= 100 (percentile intervals need a few hundred)")
         if self.max_questions < 0:
@@ -379,14 +369,13 @@ class LaunchParams:
     identity: the same data and params give the same adapter on 1 or N processes."""
 
     config: str  # "" = this process; else an accelerate config file
-    processes: int | str  # auto = one per GPU | a number (needed where there is no GPU)
+    processes: int | Literal["auto"]  # auto = one per GPU | a number (needed where there is no GPU)
 
     def problems(self) -> list[str]:
         out = []
         if self.config and not Path(self.config).is_file():
             out.append(f"launch.config: {self.config!r} is not a file (e.g. configs/accelerate/ddp.yaml, or \"\" for one process)")
-        if self.processes != "auto" and not (
-                isinstance(self.processes, int) and not isinstance(self.processes, bool) and self.processes >= 1):
+        if self.processes != "auto" and self.processes < 1:
             out.append(f"launch.processes: {self.processes!r} must be auto or a number >= 1")
         return out
 
@@ -410,6 +399,36 @@ class Params:
         return dataclasses.asdict(self)
 
 
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}  # bool is an int in Python: not here
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a YAML value fits a field type: a scalar, a Literal, a union of them, a tuple or a mapping
+    (download.mirrors, a list, is checked by its section, whose message says how to write one)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(member, value) for member in get_args(hint))
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_accepts(get_args(hint)[0], v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    kinds = _SCALARS.get(hint)
+    return kinds is None or isinstance(value, kinds) and (hint is bool or not isinstance(value, bool))
+
+
+def _describe(hint: Any) -> str:
+    """What a field type accepts in params.yaml's terms, e.g. 'chunked, full' or 'int or auto'."""
+    origin = typing.get_origin(hint)
+    if origin in (Literal, typing.Union, types.UnionType):
+        sep = ", " if origin is Literal else " or "
+        return sep.join(arg if isinstance(arg, str) else _describe(arg) for arg in get_args(hint))
+    if origin in (tuple, dict):
+        return f"a list of {_describe(get_args(hint)[0])}" if origin is tuple else "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
 def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
     """Check one YAML value against a dataclass field type (ints are accepted as floats)."""
     origin = typing.get_origin(hint)
@@ -418,27 +437,15 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a list (one `- key: value` block per entry), got {value!r}")
             return ()
         return tuple(_build(typing.get_args(hint)[0], f"{where}[{i}]", v, problems) for i, v in enumerate(value))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{where}: expected a list of strings, got {value!r}")
-            return value
-        return tuple(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
+    if hint is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 1e-8 without a dot as a string, and JSON or `dvc exp run -S` write it so
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if not _accepts(hint, value):
+        problems.append(f"{where}: {value!r} is not one of: {_describe(hint)}" if origin is Literal
+                        else f"{where}: expected {_describe(hint)}, got {value!r}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        return value
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-    }.get(hint, lambda v: True)
-    if not ok(value):
-        problems.append(f"{where}: expected {hint.__name__}, got {value!r}")
-        return value
-    return float(value) if hint is float else value
+    return tuple(value) if typing.get_origin(hint) is tuple else float(value) if hint is float else value
 
 
 def _build(cls: type, section: str, raw: Any, problems: list[str]) -> Any:

@@ -19,6 +19,11 @@ from mediagent.chat_format import IGNORE_INDEX, ChatFormat, conversation
 
 # Rows turned into vocab-sized float32 logits at once: 1024 x 152k x 4 B = 0.6 GB peak.
 LOGPROB_CHUNK = 1024
+# Evaluation answers are greedy with nothing on top, in transformers as in vLLM. Passed as a
+# whole GenerationConfig: otherwise transformers fills every unset field from the base's
+# generation_config.json (Qwen3's samples at temperature 0.6; other bases ship a
+# repetition_penalty or num_beams), which vLLM's SamplingParams never reads.
+GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 def _device(model) -> torch.device:
@@ -198,7 +203,11 @@ def answer_loss(model, fmt: ChatFormat, examples: list[dict], max_length: int, b
 def generate_hf(model, fmt: ChatFormat, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                 min_new_tokens: int = 0) -> list[list[int]]:
     """Greedy continuations with transformers (left padding so all prompts end together)."""
+    from transformers import GenerationConfig
+
     device, tokenizer, eos = _device(model), fmt.tokenizer, fmt.stop_ids
+    config = GenerationConfig(**GREEDY, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -208,10 +217,7 @@ def generate_hf(model, fmt: ChatFormat, prompts: list[list[int]], max_new_tokens
         for row, p in enumerate(batch):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        )
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         out.extend(g[width:].tolist() for g in gen.cpu())
     return out
 

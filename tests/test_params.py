@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -73,3 +76,47 @@ def test_every_key_is_required(repo_params):
                        for s, vals in raw.items()}
             with pytest.raises(ParamsError, match=rf"{section}\.{key}: missing required param"):
                 parse_params(trimmed)
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("train", "loss", "foo", "train.loss: 'foo' is not one of: chunked, full"),
+    ("train", "optim", "adam", "train.optim: 'adam' is not one of: adamw_torch_fused, adamw_torch, adafactor"),
+    ("model", "dtype", "fp32", "model.dtype: 'fp32' is not one of: auto, float32, bfloat16, float16"),
+    ("lora", "bias", "all", "lora.bias: 'all' is not one of: none"),
+    ("eval", "selection_score", "best", "eval.selection_score: 'best' is not one of: mean, pmi"),
+    ("train", "micro_batch_size", "big", "train.micro_batch_size: expected int or auto, got 'big'"),
+    ("train", "gradient_checkpointing", "yes", "train.gradient_checkpointing: expected bool or auto, got 'yes'"),
+    ("launch", "processes", True, "launch.processes: expected int or auto, got True"),
+])
+def test_a_choice_outside_its_type_names_the_allowed_values(repo_params, section, key, value, message):
+    with pytest.raises(ParamsError) as err:
+        with_overrides(repo_params, **{section: {key: value}})
+    assert message in str(err.value)
+
+
+def test_a_bad_choice_is_the_stage_s_last_line(tmp_path):
+    """From params.yaml to the one `error:` line, before any data or model is touched."""
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(text.replace("loss: chunked ", "loss: foo "), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.train"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert last == "error: invalid params in params.yaml: train.loss: 'foo' is not one of: chunked, full"
+
+
+def test_the_types_decide_what_loads(repo_params):
+    p = with_overrides(repo_params, train={"micro_batch_size": 4, "memory_budget": 24, "gradient_checkpointing": True},
+                       launch={"processes": 2})
+    assert (p.train.micro_batch_size, p.train.memory_budget, p.train.gradient_checkpointing) == (4, 24, True)
+    assert p.launch.processes == 2
+
+
+def test_a_float_written_without_a_dot_is_read_as_a_float(repo_params):
+    # PyYAML reads `1e-8` as a string; JSON and `dvc exp run -S` write floats that way.
+    raw = yaml.safe_load("adam_epsilon: 1e-8\nlearning_rate: 2e-4\n")
+    assert raw == {"adam_epsilon": "1e-8", "learning_rate": "2e-4"}
+    params = with_overrides(repo_params, train=raw)
+    assert (params.train.adam_epsilon, params.train.learning_rate) == (1e-8, 2e-4)
+    with pytest.raises(ParamsError, match="train.adam_epsilon: expected float, got 'tiny'"):
+        with_overrides(repo_params, train={"adam_epsilon": "tiny"})

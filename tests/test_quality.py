@@ -40,7 +40,7 @@ def test_a_bad_profile_leaves_params_yaml_as_it_was(tmp_path):
     shutil.copy(ROOT / "params.yaml", params)
     before = params.read_bytes()
     for body, match in (("train:\n  max_stepz: 3\n", "train.max_stepz is not a key"),
-                        ("eval:\n  selection_score: best\n", "must be mean or pmi")):
+                        ("eval:\n  selection_score: best\n", "eval.selection_score: .best. is not one of: mean, pmi")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(body, encoding="utf-8")
         with pytest.raises(UserError, match=match):

@@ -385,7 +385,7 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
 
 
 @pytest.mark.parametrize("entry, problem", [
-    ({"path": "a.xml", "format": "xml"}, "data.sources[0].format: 'xml' must be one of cmedqa2, alpaca, table, sharegpt, messages"),
+    ({"path": "a.xml", "format": "xml"}, "data.sources[0].format: 'xml' is not one of: cmedqa2, alpaca, table, sharegpt, messages"),
     ({"path": "a.csv", "format": "table", "columns": {"messages": "m"}},
      "data.sources[0].columns.messages: unknown for format table (known: question, answer, system, id)"),
     ({"path": "a.csv", "format": "table", "encoding": "gbk"}, "data.sources[0].encoding: unknown param"),
@@ -394,5 +394,5 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
 def test_sources_params_are_checked_when_params_load(repo_params, entry, problem):
     with pytest.raises(ParamsError, match=re.escape(problem)):
         with_overrides(repo_params, data={"sources": [entry]})
-    with pytest.raises(ParamsError, match="process.train_on: 'first_turn' must be all_turns or last_turn"):
+    with pytest.raises(ParamsError, match="process.train_on: 'first_turn' is not one of: all_turns, last_turn"):
         with_overrides(repo_params, process={"train_on": "first_turn"})

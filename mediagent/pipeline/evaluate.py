@@ -189,8 +189,9 @@ def generate_vllm(llm, prompts: list[list[int]], max_new_tokens: int, eos: list[
     """
     from vllm import SamplingParams
 
-    sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=min_new_tokens,
-                              stop_token_ids=eos, skip_special_tokens=False)
+    # greedy with no penalty, as generate_hf (scoring.GREEDY); vLLM never reads the base's generation config here
+    sampling = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=max_new_tokens,
+                              min_tokens=min_new_tokens, stop_token_ids=eos, skip_special_tokens=False)
     lora = lora_request("tuned", adapter_dir) if adapter_dir is not None else None
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, lora_request=lora, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]

