@@ -41,7 +41,7 @@ UI_PORT ?= 7860
 UI_ARGS = --ui-port $(UI_PORT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(SERVER_URL),--server-url $(SERVER_URL)) $(if $(filter 1,$(ALLOW_REMOTE)),--allow-remote) $(foreach h,$(subst $(comma), ,$(ALLOWED_HOSTS)),--allow-host $(h))
 comma := ,
 
-.PHONY: install demo test test-fast data base repro plots rehearse quality serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
+.PHONY: install demo test test-fast lint data base repro plots rehearse quality serve chat ui preflight bench bench-process bench-train bench-evaluate bench-serve load unload sweep clean
 
 install: $(VENV)/.installed
 
@@ -91,6 +91,11 @@ test: install
 	$(PY) -m pytest -q -ra tests
 
 # The fast tier (docs/testing.md): no vLLM, browser, DVC run or end-to-end training.
+# ruff: lint rules and formatting from pyproject.toml; CI runs this before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow and not vllm and not browser and not dvc" tests
 

@@ -108,22 +108,38 @@ def bench_selection(model, tok, rows: list[dict], batch_size: int) -> None:
     diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(fast, slow))
     assert diff < 1e-4, f"scorers disagree: max |diff| {diff:.2e}"
 
-    print(f"answer selection: {len(rows)} questions x {n // len(rows)} candidates = {n} candidates; "
-          f"mean prompt {prompt_tokens:.1f} tokens, mean candidate {answer_tokens:.1f} tokens")
+    print(
+        f"answer selection: {len(rows)} questions x {n // len(rows)} candidates = {n} candidates; "
+        f"mean prompt {prompt_tokens:.1f} tokens, mean candidate {answer_tokens:.1f} tokens"
+    )
     print(f"  (a) stage  shared prefix, batch {batch_size}: {n / t_fast:8.2f} candidates/s  ({t_fast:.2f} s)")
     print(f"  (b) naive  one forward per candidate:  {n / t_slow:8.2f} candidates/s  ({t_slow:.2f} s)")
     print(f"  ratio (a)/(b): {t_slow / t_fast:.2f}x   max |score diff| {diff:.2e}")
-    print(f"  output-layer rows per candidate: naive {prompt_tokens + answer_tokens:.1f}, stage {answer_tokens:.1f} "
-          f"({(prompt_tokens + answer_tokens) / answer_tokens:.2f}x fewer)")
+    print(
+        f"  output-layer rows per candidate: naive {prompt_tokens + answer_tokens:.1f}, stage {answer_tokens:.1f} "
+        f"({(prompt_tokens + answer_tokens) / answer_tokens:.2f}x fewer)"
+    )
 
 
 OFFICIAL_CANDIDATES = 4000 * 100
 ROUNDS = 2  # alternating timing rounds of the scorer comparison
 # Qwen3-8B's published config.json with only the size fields scaled down.
-REHEARSAL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=32,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
-                 rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, bos_token_id=151643,
-                 eos_token_id=151645, attention_bias=False)
+REHEARSAL = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    attention_bias=False,
+)
 
 
 def build_rehearsal(out: Path, tokenizer_dir: Path) -> Path:
@@ -153,8 +169,16 @@ def open_scoring_engine(model_dir: Path, dtype: str, max_len: int, prefix_cachin
     options = {} if gpu else {"kv_cache_memory_bytes": kv_cache_bytes(model_dir, 64 * max_len, 4)}
     if prefix_caching and not gpu:
         options["block_size"] = 32  # the CPU backend's smallest block (its default, 128, exceeds most prompts)
-    return open_llm(model_dir, dtype, max_len + 1, 0, tokenizer=str(model_dir), enforce_eager=True,
-                    enable_prefix_caching=prefix_caching, **options)
+    return open_llm(
+        model_dir,
+        dtype,
+        max_len + 1,
+        0,
+        tokenizer=str(model_dir),
+        enforce_eager=True,
+        enable_prefix_caching=prefix_caching,
+        **options,
+    )
 
 
 def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict], batch_size: int) -> None:
@@ -191,8 +215,9 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
         # Rounds of: every question through transformers, then all of them in one vLLM call
         # per engine (as the stage batches them), so each arm sees the same load on average.
         for _ in range(ROUNDS):
-            scores["hf"], t = timed(lambda: [scoring.score_candidates(model, p, c, batch_size, workspace)
-                                             for p, c in encoded])
+            scores["hf"], t = timed(
+                lambda: [scoring.score_candidates(model, p, c, batch_size, workspace) for p, c in encoded]
+            )
             times["hf"] += t
             for caching, llm in engines.items():
                 llm.reset_prefix_cache()  # a later round must not find this round's blocks
@@ -201,10 +226,12 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
     finally:
         for llm in engines.values():
             vllm_engine.close_llm(llm)
-    del model
+    model = None  # freed before the report (rebinding, not del: the timed lambdas above read it)
     t_hf = times["hf"]
-    print(f"  transformers shared prefix, batch {batch_size}: {total / t_hf:8.2f} candidates/s  ({t_hf:.2f} s)  "
-          f"full test {OFFICIAL_CANDIDATES / (total / t_hf) / 3600:7.1f} h")
+    print(
+        f"  transformers shared prefix, batch {batch_size}: {total / t_hf:8.2f} candidates/s  ({t_hf:.2f} s)  "
+        f"full test {OFFICIAL_CANDIDATES / (total / t_hf) / 3600:7.1f} h"
+    )
     for caching in engines:
         t = times[caching]
         diff = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(scores[caching], scores["hf"]))
@@ -212,12 +239,16 @@ def bench_scorers(name: str, model_dir: Path, dtype: str, tok, rows: list[dict],
         if dtype == "float32":
             assert diff < 1e-4, f"vLLM and transformers scores disagree: max |diff| {diff:.2e}"
         label = "vLLM prompt logprobs, prefix cache" + (" on " if caching else " off")
-        print(f"  {label}:  {total / t:8.2f} candidates/s  ({t:.2f} s)  "
-              f"full test {OFFICIAL_CANDIDATES / (total / t) / 3600:7.1f} h")
+        print(
+            f"  {label}:  {total / t:8.2f} candidates/s  ({t:.2f} s)  "
+            f"full test {OFFICIAL_CANDIDATES / (total / t) / 3600:7.1f} h"
+        )
         print(f"    ratio vLLM/transformers {t_hf / t:.2f}x   max |score diff| {diff:.2e}   same top-1 {same_top:.0%}")
 
 
-def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: int, new_tokens: int, batch_size: int) -> None:
+def bench_generation(
+    model, tok, base_dir: Path, rows: list[dict], n_prompts: int, new_tokens: int, batch_size: int
+) -> None:
     from mediagent import scoring, vllm_engine
     from mediagent.pipeline import evaluate as ev
 
@@ -225,7 +256,9 @@ def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: in
     prompts = [fmt.prompt_ids(conversation(q["system"], q["question"])) for q in rows[:n_prompts]]
     eos = fmt.stop_ids
     scoring.generate_hf(model, fmt, prompts[:2], 2, batch_size)  # warm-up
-    hf, t_hf = timed(lambda: scoring.generate_hf(model, fmt, prompts, new_tokens, batch_size, min_new_tokens=new_tokens))
+    hf, t_hf = timed(
+        lambda: scoring.generate_hf(model, fmt, prompts, new_tokens, batch_size, min_new_tokens=new_tokens)
+    )
     hf_tokens = sum(len(g) for g in hf)
     print(f"generation: {len(prompts)} prompts x {new_tokens} new tokens, greedy, float32")
     print(f"  transformers generate (batch {batch_size}): {hf_tokens / t_hf:8.1f} tokens/s  ({t_hf:.2f} s)")
@@ -241,8 +274,10 @@ def bench_generation(model, tok, base_dir: Path, rows: list[dict], n_prompts: in
     finally:
         vllm_engine.close_llm(llm)
     vllm_tokens = sum(len(g) for g in out)
-    print(f"  vLLM offline engine:                {vllm_tokens / t_vllm:8.1f} tokens/s  ({t_vllm:.2f} s; "
-          f"engine start {t_init:.1f} s not included)")
+    print(
+        f"  vLLM offline engine:                {vllm_tokens / t_vllm:8.1f} tokens/s  ({t_vllm:.2f} s; "
+        f"engine start {t_init:.1f} s not included)"
+    )
     print(f"  ratio vLLM/transformers: {(vllm_tokens / t_vllm) / (hf_tokens / t_hf):.2f}x")
 
 
@@ -260,9 +295,9 @@ def main() -> None:
 
     import torch
 
-    from mediagent.pipeline.base_model import build_tiny
     from mediagent.loading import load_model, load_tokenizer
     from mediagent.params import load_params
+    from mediagent.pipeline.base_model import build_tiny
 
     if not (args.sample / "question.csv").is_file():
         sys.exit(f"no question.csv in {args.sample}: pass --sample DIR (cMedQA2 question.csv + answer.csv)")
@@ -278,11 +313,17 @@ def main() -> None:
         tok = load_tokenizer(base_dir)
         rows = question_rows(args.sample, params.process.system_prompt, args.questions, args.candidates)
         bench_selection(model, tok, rows, args.batch_size)
-        scorer_rows = rows[:args.scorer_questions]
+        scorer_rows = rows[: args.scorer_questions]
         bench_scorers("tiny", base_dir, "float32", tok, scorer_rows, args.batch_size)
         rehearsal = build_rehearsal(Path(tmp) / "rehearsal", base_dir)
-        bench_scorers("rehearsal (Qwen3-8B head layout, hidden 512, 4 layers)", rehearsal, "bfloat16", tok,
-                      scorer_rows, args.batch_size)
+        bench_scorers(
+            "rehearsal (Qwen3-8B head layout, hidden 512, 4 layers)",
+            rehearsal,
+            "bfloat16",
+            tok,
+            scorer_rows,
+            args.batch_size,
+        )
         if not args.skip_generation:
             bench_generation(model, tok, base_dir, rows, args.prompts, args.new_tokens, args.batch_size)
 

@@ -61,8 +61,10 @@ def generate(sample: Path, out: Path, n_questions: int, n_answers: int, seed: in
     qids = np.unique(rng.integers(10**7, 10**8, size=2 * n_questions))
     qids = rng.permutation(qids)[:n_questions]
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "question.csv").open("w", encoding="utf-8", newline="") as fq, \
-         (out / "answer.csv").open("w", encoding="utf-8", newline="") as fa:
+    with (
+        (out / "question.csv").open("w", encoding="utf-8", newline="") as fq,
+        (out / "answer.csv").open("w", encoding="utf-8", newline="") as fa,
+    ):
         wq, wa = csv.writer(fq, lineterminator="\n"), csv.writer(fa, lineterminator="\n")
         wq.writerow(["question_id", "content"])
         wa.writerow(["ans_id", "question_id", "content"])
@@ -105,8 +107,10 @@ def main() -> None:
         t0 = time.perf_counter()
         generate(sample, raw, args.questions, args.answers)
         sizes = {f: (raw / f).stat().st_size / 1e6 for f in ("question.csv", "answer.csv")}
-        print(f"input: {args.questions:,} questions, {args.answers:,} answers (question.csv {sizes['question.csv']:.1f} MB, "
-              f"answer.csv {sizes['answer.csv']:.1f} MB) from {sample.name}/ in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"input: {args.questions:,} questions, {args.answers:,} answers (question.csv {sizes['question.csv']:.1f} MB, "
+            f"answer.csv {sizes['answer.csv']:.1f} MB) from {sample.name}/ in {time.perf_counter() - t0:.1f}s"
+        )
 
         params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
         params["data"].update(raw_dir=str(raw), processed_dir=str(tmp / "stage" / "processed"))
@@ -117,29 +121,51 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         commands = {  # name: (command, working directory, environment)
             "stage": ([sys.executable, "-m", "mediagent.pipeline.process"], work, env),
-            "naive": ([sys.executable, str(ROOT / "bench" / "process_naive.py"), str(raw), str(tmp / "naive")], tmp, env),
-            "floor": ([sys.executable, str(ROOT / "bench" / "process_floor.py"), str(raw), str(tmp / "floor")], tmp, env),
+            "naive": (
+                [sys.executable, str(ROOT / "bench" / "process_naive.py"), str(raw), str(tmp / "naive")],
+                tmp,
+                env,
+            ),
+            "floor": (
+                [sys.executable, str(ROOT / "bench" / "process_floor.py"), str(raw), str(tmp / "floor")],
+                tmp,
+                env,
+            ),
         }
         if args.against:
             # The code of that revision (stages/ before the mediagent package), run on the same
             # data with its own outputs.
             old = tmp / "against"
             (old / "work").mkdir(parents=True)
-            listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", args.against],
-                                    capture_output=True, check=True, text=True).stdout.split()
-            package, module = ("mediagent", "mediagent.pipeline.process") if "mediagent" in listed else \
-                ("stages", "stages.process")
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, package],
-                                     capture_output=True, check=True).stdout
+            listed = subprocess.run(
+                ["git", "-C", str(ROOT), "ls-tree", "--name-only", args.against],
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout.split()
+            package, module = (
+                ("mediagent", "mediagent.pipeline.process") if "mediagent" in listed else ("stages", "stages.process")
+            )
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.against, package], capture_output=True, check=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
             # ... with that revision's own params.yaml (its params.py rejects keys added since)
-            then = yaml.safe_load(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.against}:params.yaml"],
-                                                 capture_output=True, check=True, text=True).stdout)
-            old_params = {**then, "data": {**then["data"], "raw_dir": str(raw), "processed_dir": str(old / "processed")},
-                          "process": {**params["process"], "metrics_file": str(old / "process.json")}}
+            then = yaml.safe_load(
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "show", f"{args.against}:params.yaml"],
+                    capture_output=True,
+                    check=True,
+                    text=True,
+                ).stdout
+            )
+            old_params = {
+                **then,
+                "data": {**then["data"], "raw_dir": str(raw), "processed_dir": str(old / "processed")},
+                "process": {**params["process"], "metrics_file": str(old / "process.json")},
+            }
             (old / "work" / "params.yaml").write_text(yaml.safe_dump(old_params, allow_unicode=True), encoding="utf-8")
-            commands["old"] = ([sys.executable, "-m", module], old / "work",
-                               {**os.environ, "PYTHONPATH": str(old)})
+            commands["old"] = ([sys.executable, "-m", module], old / "work", {**os.environ, "PYTHONPATH": str(old)})
         walls = {k: [] for k in commands}
         rss = {k: 0.0 for k in commands}
         for _ in range(args.runs):
@@ -149,21 +175,31 @@ def main() -> None:
                 rss[name] = max(rss[name], peak)
 
         metrics = json.loads((work / "process.json").read_text(encoding="utf-8"))
-        print(f"stage output: examples {metrics['examples']}, candidate lists {metrics['candidate_questions']}, "
-              f"dropped {sum(metrics['dropped'].values())}")
+        print(
+            f"stage output: examples {metrics['examples']}, candidate lists {metrics['candidate_questions']}, "
+            f"dropped {sum(metrics['dropped'].values())}"
+        )
         print(f"{'run':<7}{'median s':>10}   {'runs (s)':<24}{'peak RSS MB':>12}")
         med = {k: statistics.median(v) for k, v in walls.items()}
         for name in commands:
             runs = " ".join(f"{w:.2f}" for w in walls[name])
             print(f"{name:<7}{med[name]:>10.2f}   {runs:<24}{rss[name]:>12.0f}")
         speedup, vs_floor = med["naive"] / med["stage"], med["stage"] / med["floor"]
-        print(f"stage vs naive: {speedup:.2f}x faster, {1 / speedup:.2f}x its time   "
-              f"(target >= 3x: {'ok' if speedup >= 3 else 'MISSED'}; review: <= 0.6x its time)")
-        print(f"stage vs floor: {vs_floor:.2f}x the floor's time   (target <= 2x: {'ok' if vs_floor <= 2 else 'MISSED'})")
+        print(
+            f"stage vs naive: {speedup:.2f}x faster, {1 / speedup:.2f}x its time   "
+            f"(target >= 3x: {'ok' if speedup >= 3 else 'MISSED'}; review: <= 0.6x its time)"
+        )
+        print(
+            f"stage vs floor: {vs_floor:.2f}x the floor's time   (target <= 2x: {'ok' if vs_floor <= 2 else 'MISSED'})"
+        )
         if args.against:
             vs_old = med["stage"] / med["old"]
-            print(f"stage vs {args.against}: {vs_old:.2f}x its time   (target <= 1.5x: {'ok' if vs_old <= 1.5 else 'MISSED'})")
-        print(f"stage peak RSS: {rss['stage']:.0f} MB   (target < 1536 MB: {'ok' if rss['stage'] < 1536 else 'MISSED'})")
+            print(
+                f"stage vs {args.against}: {vs_old:.2f}x its time   (target <= 1.5x: {'ok' if vs_old <= 1.5 else 'MISSED'})"
+            )
+        print(
+            f"stage peak RSS: {rss['stage']:.0f} MB   (target < 1536 MB: {'ok' if rss['stage'] < 1536 else 'MISSED'})"
+        )
 
 
 if __name__ == "__main__":

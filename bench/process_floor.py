@@ -26,15 +26,19 @@ def run(raw: Path, out: Path) -> None:
         for aid, qid, content in zip(
             answers["ans_id"].to_pylist(), answers["question_id"].to_pylist(), answers["content"].to_pylist()
         ):
-            fh.write(orjson.dumps({
-                "messages": [
-                    {"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": text[qid]},
-                    {"role": "assistant", "content": content},
-                ],
-                "question_id": qid,
-                "ans_id": aid,
-            }))
+            fh.write(
+                orjson.dumps(
+                    {
+                        "messages": [
+                            {"role": "system", "content": SYSTEM},
+                            {"role": "user", "content": text[qid]},
+                            {"role": "assistant", "content": content},
+                        ],
+                        "question_id": qid,
+                        "ans_id": aid,
+                    }
+                )
+            )
             fh.write(b"\n")
 
 

@@ -67,9 +67,9 @@ def ensure_models(params: Params, work: Path) -> tuple[Path, Path, Path]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mediagent.pipeline.base_model import provision
-    from mediagent.loading import load_tokenizer
     from mediagent.fileio import md5_file
+    from mediagent.loading import load_tokenizer
+    from mediagent.pipeline.base_model import provision
 
     base = ROOT / params.model.path
     if not base.is_dir():
@@ -81,15 +81,27 @@ def ensure_models(params: Params, work: Path) -> tuple[Path, Path, Path]:
         print(f"no trained adapter at {params.train.output_dir}: a random rank-{params.lora.r} adapter in {adapter}")
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        cfg = LoraConfig(r=params.lora.r, lora_alpha=params.lora.lora_alpha,
-                         target_modules=list(params.lora.target_modules), init_lora_weights=False, task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=params.lora.r,
+            lora_alpha=params.lora.lora_alpha,
+            target_modules=list(params.lora.target_modules),
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         get_peft_model(model, cfg).save_pretrained(str(adapter))
         load_tokenizer(base).save_pretrained(str(adapter))
-        (adapter / "lineage.json").write_text(json.dumps({
-            "name": "medqa-bench000-random00",
-            "base": {"id": params.model.base, "revision": params.model.revision,
-                     "config_md5": md5_file(base / "config.json")},
-        }))
+        (adapter / "lineage.json").write_text(
+            json.dumps(
+                {
+                    "name": "medqa-bench000-random00",
+                    "base": {
+                        "id": params.model.base,
+                        "revision": params.model.revision,
+                        "config_md5": md5_file(base / "config.json"),
+                    },
+                }
+            )
+        )
     lineage = json.loads((adapter / "lineage.json").read_text())
     merged = ROOT / params.merge.output_dir
     merged_lineage = merged / "lineage.json"
@@ -106,6 +118,7 @@ def ensure_models(params: Params, work: Path) -> tuple[Path, Path, Path]:
 
 def run_level(call: Callable[[str], int], prompts: list[str], concurrency: int) -> dict:
     """Send every prompt with ``concurrency`` workers; latency per request, overall rate."""
+
     def one(q: str) -> tuple[float, int]:
         t = time.perf_counter()
         n = call(q)
@@ -117,8 +130,11 @@ def run_level(call: Callable[[str], int], prompts: list[str], concurrency: int) 
     wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
     return {
-        "requests": len(prompts), "wall_s": wall, "rps": len(prompts) / wall,
-        "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+        "requests": len(prompts),
+        "wall_s": wall,
+        "rps": len(prompts) / wall,
+        "p50_s": statistics.median(lat),
+        "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
         "tok_s": sum(r[1] for r in results) / wall,
     }
 
@@ -131,13 +147,23 @@ def measure(name: str, call: Callable[[str], int], prompts_per_level: dict[int, 
     for c, prompts in prompts_per_level.items():
         out[c] = run_level(call, prompts, c)
         r = out[c]
-        print(f"  {name:7s} c={c:2d}: {r['rps']:7.2f} req/s  p50 {r['p50_s']:6.3f} s  p95 {r['p95_s']:6.3f} s  "
-              f"{r['tok_s']:8.1f} tok/s  ({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
+        print(
+            f"  {name:7s} c={c:2d}: {r['rps']:7.2f} req/s  p50 {r['p50_s']:6.3f} s  p95 {r['p95_s']:6.3f} s  "
+            f"{r['tok_s']:8.1f} tok/s  ({r['requests']} requests, {r['wall_s']:.1f} s)",
+            flush=True,
+        )
     return out
 
 
-def served(project: Path, args: list[str], model: str, system: str, max_tokens: int,
-           prompts_per_level: dict[int, list[str]], name: str) -> dict[int, dict]:
+def served(
+    project: Path,
+    args: list[str],
+    model: str,
+    system: str,
+    max_tokens: int,
+    prompts_per_level: dict[int, list[str]],
+    name: str,
+) -> dict[int, dict]:
     """Start ``mediagent.commands.serve`` in ``project``, measure one model, stop it."""
     from mediagent.client import ModelClient
 
@@ -148,8 +174,13 @@ def served(project: Path, args: list[str], model: str, system: str, max_tokens: 
     env["PYTHONPATH"] = str(ROOT)
     log = project / f"{name}.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mediagent", "serve", "--port", str(port), *args], cwd=project,
-                                env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mediagent", "serve", "--port", str(port), *args],
+            cwd=project,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     try:
@@ -185,8 +216,12 @@ def naive(merged: Path, system: str, max_tokens: int, prompts_per_level: dict[in
     lock = threading.Lock()  # one generate at a time, as a naive server does
 
     def call(q: str) -> int:
-        ids = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         with lock, torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         return out.shape[1] - ids["input_ids"].shape[1]
@@ -206,16 +241,23 @@ def main() -> None:
     qs = questions(params, sum(counts))
     prompts, i = {}, 0
     for c, n in zip(LEVELS, counts):
-        prompts[c], i = qs[i:i + n], i + n
+        prompts[c], i = qs[i : i + n], i + n
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
         base, adapter, merged = ensure_models(params, work)
-        p = with_overrides(params, model={"dir": str(base.parent)}, train={"output_dir": str(adapter)},
-                           merge={"output_dir": str(merged)})
+        p = with_overrides(
+            params,
+            model={"dir": str(base.parent)},
+            train={"output_dir": str(adapter)},
+            merge={"output_dir": str(merged)},
+        )
         (work / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(p.to_dict())), allow_unicode=True))
-        print(f"base {base}\nadapter {adapter}\nmerged {merged}\n{args.max_tokens} new tokens per request, "
-              f"cores {len(os.sched_getaffinity(0))}", flush=True)
+        print(
+            f"base {base}\nadapter {adapter}\nmerged {merged}\n{args.max_tokens} new tokens per request, "
+            f"cores {len(os.sched_getaffinity(0))}",
+            flush=True,
+        )
         results = {
             "lora": served(work, [], params.serve.alias, system, args.max_tokens, prompts, "lora"),
             "merged": served(work, ["--merged"], params.serve.alias, system, args.max_tokens, prompts, "merged"),
@@ -226,12 +268,16 @@ def main() -> None:
     for name in ("lora", "merged", "naive"):
         for c in LEVELS:
             r = results[name][c]
-            print(f"{name:7s} {c:5d} {r['rps']:8.2f} {r['p50_s']:8.3f} {r['p95_s']:8.3f} {r['tok_s']:8.1f} "
-                  f"{r['rps'] / results['naive'][c]['rps']:8.1f}x")
+            print(
+                f"{name:7s} {c:5d} {r['rps']:8.2f} {r['p50_s']:8.3f} {r['p95_s']:8.3f} {r['tok_s']:8.1f} "
+                f"{r['rps'] / results['naive'][c]['rps']:8.1f}x"
+            )
     lora32, merged32, naive32 = (results[n][32]["rps"] for n in ("lora", "merged", "naive"))
-    print(f"\nLoRA overhead vs merged (throughput at concurrency 32): {100 * (merged32 / lora32 - 1):+.1f}% "
-          f"(merged {merged32:.2f} vs lora {lora32:.2f} req/s); at concurrency 1: "
-          f"{100 * (results['merged'][1]['rps'] / results['lora'][1]['rps'] - 1):+.1f}%")
+    print(
+        f"\nLoRA overhead vs merged (throughput at concurrency 32): {100 * (merged32 / lora32 - 1):+.1f}% "
+        f"(merged {merged32:.2f} vs lora {lora32:.2f} req/s); at concurrency 1: "
+        f"{100 * (results['merged'][1]['rps'] / results['lora'][1]['rps'] - 1):+.1f}%"
+    )
     for name, rps in (("lora", lora32), ("merged", merged32)):
         verdict = "met" if rps >= 5 * naive32 else "NOT met"
         print(f"target {name} >= 5x naive at concurrency 32: {rps / naive32:.1f}x -> {verdict}")

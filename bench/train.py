@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +54,13 @@ def sample_examples(sample: Path, system_prompt: str) -> list[dict]:
     answers = pd.read_csv(sample / "answer.csv", encoding="utf-8")
     rows = questions.merge(answers, on="question_id", suffixes=("_q", "_a")).sort_values("question_id")
     return [
-        {"messages": [
-            {"role": "system", "content": system_prompt},
-            {"role": "user", "content": r.content_q},
-            {"role": "assistant", "content": r.content_a},
-        ]}
+        {
+            "messages": [
+                {"role": "system", "content": system_prompt},
+                {"role": "user", "content": r.content_q},
+                {"role": "assistant", "content": r.content_a},
+            ]
+        }
         for r in rows.itertuples()
     ]
 
@@ -89,18 +91,26 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
     from transformers import DataCollatorForSeq2Seq
 
     from mediagent.loading import load_model, load_tokenizer
-    from mediagent.params import load_params, with_overrides
     from mediagent.loss import use_chunked_loss
     from mediagent.memory import measured_peak_bytes
+    from mediagent.params import load_params, with_overrides
     from mediagent.pipeline.train import attach_lora, encode_split, make_trainer, training_arguments
 
     params = load_params(ROOT / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        params = with_overrides(params, train={
-            "max_steps": steps, "per_device_train_batch_size": batch_size, "max_seq_length": max_len,
-            "group_by_length": arm in ("stage", "full", "chunked"), "checkpoint_dir": f"{tmp}/ckpt", "output_dir": f"{tmp}/out",
-            "dvclive_dir": f"{tmp}/live", "logging_steps": steps,
-        })
+        params = with_overrides(
+            params,
+            train={
+                "max_steps": steps,
+                "per_device_train_batch_size": batch_size,
+                "max_seq_length": max_len,
+                "group_by_length": arm in ("stage", "full", "chunked"),
+                "checkpoint_dir": f"{tmp}/ckpt",
+                "output_dir": f"{tmp}/out",
+                "dvclive_dir": f"{tmp}/live",
+                "logging_steps": steps,
+            },
+        )
         tok = load_tokenizer(base)
         model = load_model(base, params.model, torch.float32)
         if arm == "chunked":
@@ -112,13 +122,22 @@ def run_arm(arm: str, base: str, examples: list[dict], steps: int, batch_size: i
         else:
             inner = DataCollatorForSeq2Seq(tok, padding="max_length", max_length=max_len, label_pad_token_id=-100)
         collator = RecordingCollator(inner)
-        plan = {"per_device_train_batch_size": batch_size, "gradient_accumulation_steps": 1,
-                "gradient_checkpointing": False, "chunked_loss": arm == "chunked", "quantization": "none"}
+        plan = {
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False,
+            "chunked_loss": arm == "chunked",
+            "quantization": "none",
+        }
         args = dataclasses.replace(
             training_arguments(params.train, torch.float32, plan),
-            eval_strategy="no", save_strategy="no", disable_tqdm=True,
+            eval_strategy="no",
+            save_strategy="no",
+            disable_tqdm=True,
         )
-        trainer = make_trainer(model=model, args=args, train_dataset=features, data_collator=collator, processing_class=tok)
+        trainer = make_trainer(
+            model=model, args=args, train_dataset=features, data_collator=collator, processing_class=tok
+        )
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
@@ -148,12 +167,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=params.train.per_device_train_batch_size)
     ap.add_argument("--max-seq-length", type=int, default=params.train.max_seq_length)
     ap.add_argument("--loss-steps", type=int, default=4, help="steps of the full/chunked loss arms (8 x 512 each)")
-    ap.add_argument("--sample", type=Path, default=Path(os.environ.get("MEDQA_SHARED_DATA", DEFAULT_SAMPLE.parent)) / "sample")
+    ap.add_argument(
+        "--sample", type=Path, default=Path(os.environ.get("MEDQA_SHARED_DATA", DEFAULT_SAMPLE.parent)) / "sample"
+    )
     opts = ap.parse_args()
 
     processed = ROOT / params.data.processed_dir / "train.jsonl"
     if (opts.sample / "question.csv").is_file():
-        examples, source = sample_examples(opts.sample, params.process.system_prompt), "shared sample (question.csv + answer.csv)"
+        examples, source = (
+            sample_examples(opts.sample, params.process.system_prompt),
+            "shared sample (question.csv + answer.csv)",
+        )
     elif processed.is_file():
         from mediagent.fileio import read_jsonl
 
@@ -168,8 +192,10 @@ def main() -> None:
 
             base = Path(tmp) / "tiny"
             build_tiny(params.tiny, base)
-        print(f"data: {source}, {len(examples)} examples; base: tiny; {opts.steps} steps of "
-              f"{opts.batch_size} examples, max_seq_length {opts.max_seq_length}; {os.cpu_count()} CPUs")
+        print(
+            f"data: {source}, {len(examples)} examples; base: tiny; {opts.steps} steps of "
+            f"{opts.batch_size} examples, max_seq_length {opts.max_seq_length}; {os.cpu_count()} CPUs"
+        )
         results = {}
         ctx = multiprocessing.get_context("spawn")  # fresh process per arm: its own peak RSS
         for arm in ("stage", "baseline"):
@@ -181,15 +207,21 @@ def main() -> None:
             with ProcessPoolExecutor(1, mp_context=ctx) as pool:
                 results[arm] = pool.submit(run_arm, arm, str(base), examples, opts.loss_steps, 8, 512).result()
 
-    print(f"{'':10s} {'non-pad/batch mean':>18s} {'min':>6s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS':>9s}")
+    print(
+        f"{'':10s} {'non-pad/batch mean':>18s} {'min':>6s} {'tokens':>8s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS':>9s}"
+    )
     for arm, r in results.items():
-        print(f"{arm:10s} {r['nonpad_mean']:18.1%} {r['nonpad_min']:6.1%} {r['tokens']:8d} {r['seconds']:8.1f} "
-              f"{r['tokens_per_s']:9.0f} {r['peak_rss_mb']:7.0f}MB")
+        print(
+            f"{arm:10s} {r['nonpad_mean']:18.1%} {r['nonpad_min']:6.1%} {r['tokens']:8d} {r['seconds']:8.1f} "
+            f"{r['tokens_per_s']:9.0f} {r['peak_rss_mb']:7.0f}MB"
+        )
     a, b = results["stage"], results["baseline"]
     ratio = a["tokens_per_s"] / b["tokens_per_s"]
     print(f"trained-token throughput stage/baseline: {ratio:.2f}x (target >= 2x): {'OK' if ratio >= 2 else 'MISSED'}")
-    print(f"non-pad tokens per batch (stage): {a['nonpad_mean']:.1%} (target >= 95%): "
-          f"{'OK' if a['nonpad_mean'] >= 0.95 else 'MISSED'}")
+    print(
+        f"non-pad tokens per batch (stage): {a['nonpad_mean']:.1%} (target >= 95%): "
+        f"{'OK' if a['nonpad_mean'] >= 0.95 else 'MISSED'}"
+    )
     full, chunked = results["full"], results["chunked"]
     memory = full["peak_rss_mb"] / chunked["peak_rss_mb"]
     speed = chunked["tokens_per_s"] / full["tokens_per_s"]
@@ -201,7 +233,11 @@ def main() -> None:
     print(f"tokens/s chunked/full: {speed:.2f}x (target >= 0.9x): {'OK' if speed >= 0.9 else 'MISSED'}")
     same = abs(full["train_loss"] - chunked["train_loss"]) <= 1e-4 * abs(full["train_loss"])
     print(f"train loss: {full['train_loss']:.6f} vs {chunked['train_loss']:.6f}: {'same' if same else 'DIFFERENT'}")
-    print(json.dumps({arm: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for arm, r in results.items()}))
+    print(
+        json.dumps(
+            {arm: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for arm, r in results.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -112,8 +112,10 @@ def vllm_problems(config: dict) -> dict[str, str]:
     elif config.get("use_dora"):
         out["lora"] = "a DoRA adapter; vLLM serves plain LoRA only (serve the merged model)"
     if config.get("modules_to_save"):
-        out["modules_to_save"] = (f"modules_to_save={config['modules_to_save']} cannot be served by vLLM; "
-                                  f"retrain without it or serve the merged model (--merged)")
+        out["modules_to_save"] = (
+            f"modules_to_save={config['modules_to_save']} cannot be served by vLLM; "
+            f"retrain without it or serve the merged model (--merged)"
+        )
     if adapter_rank(config) > VLLM_LORA_RANKS[-1]:
         out["rank"] = f"LoRA rank {adapter_rank(config)} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})"
     return out
@@ -168,14 +170,22 @@ def check_adapter(path: str | Path, model: ModelParams, max_lora_rank: int | Non
     check_lineage_base(lineage, model, what)
     rank = adapter_rank(config)
     if max_lora_rank is not None and rank > max_lora_rank:
-        raise ArtifactError(f"{what} has LoRA rank {rank} > --max-lora-rank {max_lora_rank} (the server's "
-                            f"limit): use --max-lora-rank {vllm_rank(rank)} or higher")
+        raise ArtifactError(
+            f"{what} has LoRA rank {rank} > --max-lora-rank {max_lora_rank} (the server's "
+            f"limit): use --max-lora-rank {vllm_rank(rank)} or higher"
+        )
     template = chat_template_file(path)
     if template is None:
         raise ArtifactError(f"{path} has no chat_template.jinja (the format it was trained on): {fix}")
     targets = config.get("target_modules")
-    return Adapter(path=path.resolve(), name=lineage["name"], rank=rank, lineage=lineage, chat_template=template,
-                   target_modules=tuple(sorted(targets)) if isinstance(targets, list) else None)
+    return Adapter(
+        path=path.resolve(),
+        name=lineage["name"],
+        rank=rank,
+        lineage=lineage,
+        chat_template=template,
+        target_modules=tuple(sorted(targets)) if isinstance(targets, list) else None,
+    )
 
 
 def check_merged(path: str | Path, model: ModelParams) -> Merged:

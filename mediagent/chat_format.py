@@ -96,15 +96,18 @@ def resolve_template(choice: str, kwargs: dict, tokenizer, where: str = "model.c
         if not isinstance(own, str) or not own:
             raise ChatFormatError(
                 f"{where}: auto, but the base's tokenizer has no chat template (a pretrained base); "
-                f"name one: {', '.join(TEMPLATES)}, or a path to a .jinja file")
+                f"name one: {', '.join(TEMPLATES)}, or a path to a .jinja file"
+            )
         template = own
     elif choice in TEMPLATES:
         template = TEMPLATES[choice]
     else:
         path = Path(choice)
         if path.suffix != ".jinja" or not path.is_file():
-            raise ChatFormatError(f"{where}: {choice!r} is neither auto, a known template "
-                                  f"({', '.join(TEMPLATES)}) nor an existing .jinja file")
+            raise ChatFormatError(
+                f"{where}: {choice!r} is neither auto, a known template "
+                f"({', '.join(TEMPLATES)}) nor an existing .jinja file"
+            )
         template = path.read_text(encoding="utf-8")
     return freeze(template, kwargs)
 
@@ -151,13 +154,16 @@ class ChatFormat:
     def of(cls, tokenizer) -> ChatFormat:
         """The format saved with a model folder's tokenizer (adapter, merged model, base)."""
         if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
-            raise ChatFormatError(f"tokenizer of {tokenizer.name_or_path} has no chat template: "
-                                  f"set model.chat_template and rerun `dvc repro train`")
+            raise ChatFormatError(
+                f"tokenizer of {tokenizer.name_or_path} has no chat template: "
+                f"set model.chat_template and rerun `dvc repro train`"
+            )
         return cls(tokenizer, tokenizer.chat_template)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -167,13 +173,16 @@ class ChatFormat:
         """What the template writes right after an assistant message: its first special token."""
         sentinel = "\u2063answer\u2063"
         text = self.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}])
-        after = text[text.index(sentinel) + len(sentinel):]
-        for special in sorted(self.tokenizer.all_special_tokens + list(self.tokenizer.get_added_vocab()),
-                              key=len, reverse=True):
+        after = text[text.index(sentinel) + len(sentinel) :]
+        for special in sorted(
+            self.tokenizer.all_special_tokens + list(self.tokenizer.get_added_vocab()), key=len, reverse=True
+        ):
             if special and after.startswith(special):
                 return special
-        raise ChatFormatError(f"the chat template writes {after[:20]!r} after an answer, not a special token: "
-                              f"no token would end a turn; use a template whose turns end in one")
+        raise ChatFormatError(
+            f"the chat template writes {after[:20]!r} after an answer, not a special token: "
+            f"no token would end a turn; use a template whose turns end in one"
+        )
 
     @cached_property
     def end_id(self) -> int:

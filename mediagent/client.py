@@ -54,8 +54,14 @@ class ModelClient:
         key_hint: how this program's user passes the API key.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float | None = None,
-                 start_hint: str = "start one with `make serve`", key_hint: str = "pass --api-key or set API_KEY"):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        start_hint: str = "start one with `make serve`",
+        key_hint: str = "pass --api-key or set API_KEY",
+    ):
         from openai import OpenAI
 
         self.url = base_url
@@ -75,11 +81,19 @@ class ModelClient:
         except openai.APIConnectionError as exc:
             raise ServerError(f"no model server at {self.url} — {self.start_hint}", "no_server") from exc
         except openai.AuthenticationError as exc:
-            raise ServerError(f"the model server at {self.url} wants an API key — {self.key_hint}",
-                              "needs_key", exc.status_code, exc.message) from exc
+            raise ServerError(
+                f"the model server at {self.url} wants an API key — {self.key_hint}",
+                "needs_key",
+                exc.status_code,
+                exc.message,
+            ) from exc
         except openai.APIStatusError as exc:
-            raise ServerError(f"the model server at {self.url} said {exc.status_code}: {exc.message}",
-                              "server_said", exc.status_code, exc.message) from exc
+            raise ServerError(
+                f"the model server at {self.url} said {exc.status_code}: {exc.message}",
+                "server_said",
+                exc.status_code,
+                exc.message,
+            ) from exc
 
     def names(self) -> list[str]:
         """The served model names (base, adapters, alias), sorted."""
@@ -88,28 +102,35 @@ class ModelClient:
 
     def _request(self, model: str, messages: list[dict], max_tokens: int, temperature: float, **options) -> dict:
         extra_body = {**NO_THINKING, **options.pop("extra_body", {})}
-        return dict(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-                    top_p=0.8 if temperature > 0 else 1.0,  # Qwen3's advice for non-thinking sampling
-                    extra_body=extra_body, **options)
+        return dict(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=0.8 if temperature > 0 else 1.0,  # Qwen3's advice for non-thinking sampling
+            extra_body=extra_body,
+            **options,
+        )
 
-    def stream(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
-               **options) -> Iterator[str]:
+    def stream(self, model: str, messages: list[dict], max_tokens: int, temperature: float, **options) -> Iterator[str]:
         """The answer's pieces as the server streams them. ``options``: more request fields
         (``seed``; ``extra_body`` for vLLM's own, e.g. ``{"ignore_eos": True}``)."""
         with self._errors():
             stream = self._client.chat.completions.create(
-                **self._request(model, messages, max_tokens, temperature, **options), stream=True)
+                **self._request(model, messages, max_tokens, temperature, **options), stream=True
+            )
             with stream:  # a consumer that stops early closes the connection
                 for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
                         yield chunk.choices[0].delta.content
 
-    def complete(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
-                 **options) -> Reply:
+    def complete(self, model: str, messages: list[dict], max_tokens: int, temperature: float, **options) -> Reply:
         """The whole answer in one response (``options`` as for :meth:`stream`)."""
         with self._errors():
             reply = self._client.chat.completions.create(
-                **self._request(model, messages, max_tokens, temperature, **options))
+                **self._request(model, messages, max_tokens, temperature, **options)
+            )
         choice = reply.choices[0]
-        return Reply(choice.message.content or "", choice.finish_reason,
-                     reply.usage.completion_tokens if reply.usage else None)
+        return Reply(
+            choice.message.content or "", choice.finish_reason, reply.usage.completion_tokens if reply.usage else None
+        )

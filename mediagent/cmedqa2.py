@@ -34,12 +34,20 @@ log = logging.getLogger(__name__)
 # columns read and which are integer ids. The candidates' `cnt` (0..99) is not needed.
 CANDIDATE_COLUMNS = ("question_id", "ans_id", "label")
 INPUTS = {
-    "question": (("question.csv", "questions.csv", "question.zip", "questions.zip"), ("question_id", "content"),
-                 ("question_id",)),
-    "answer": (("answer.csv", "answers.csv", "answer.zip", "answers.zip"), ("ans_id", "question_id", "content"),
-               ("ans_id", "question_id")),
-    **{key: ((f"{key}.txt", f"{key}.csv", f"{key}.zip"), CANDIDATE_COLUMNS, CANDIDATE_COLUMNS)
-       for key in ("dev_candidates", "test_candidates")},
+    "question": (
+        ("question.csv", "questions.csv", "question.zip", "questions.zip"),
+        ("question_id", "content"),
+        ("question_id",),
+    ),
+    "answer": (
+        ("answer.csv", "answers.csv", "answer.zip", "answers.zip"),
+        ("ans_id", "question_id", "content"),
+        ("ans_id", "question_id"),
+    ),
+    **{
+        key: ((f"{key}.txt", f"{key}.csv", f"{key}.zip"), CANDIDATE_COLUMNS, CANDIDATE_COLUMNS)
+        for key in ("dev_candidates", "test_candidates")
+    },
 }
 
 
@@ -62,17 +70,26 @@ def check_header(path: Path, head: bytes, columns: tuple[str, ...]) -> int:
     return len(header)
 
 
-def parse_csv(path: Path, source: Path | bytes, columns: tuple[str, ...], int_columns: tuple[str, ...],
-              n_fields: int) -> pa.Table:
+def parse_csv(
+    path: Path, source: Path | bytes, columns: tuple[str, ...], int_columns: tuple[str, ...], n_fields: int
+) -> pa.Table:
     """A UTF-8 CSV file (or its bytes) as a table of ``columns``: ``int_columns`` int64, the rest text."""
 
     def read(types: dict, threads: bool = True) -> pa.Table:
         # null_values=[]: an empty id is an error, not a null that would join with nothing.
-        convert = pcsv.ConvertOptions(include_columns=list(columns), column_types=types, null_values=[],
-                                      strings_can_be_null=False, quoted_strings_can_be_null=False)
+        convert = pcsv.ConvertOptions(
+            include_columns=list(columns),
+            column_types=types,
+            null_values=[],
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
         try:
-            return pcsv.read_csv(str(source) if isinstance(source, Path) else pa.BufferReader(source),
-                                 read_options=pcsv.ReadOptions(use_threads=threads), convert_options=convert)
+            return pcsv.read_csv(
+                str(source) if isinstance(source, Path) else pa.BufferReader(source),
+                read_options=pcsv.ReadOptions(use_threads=threads),
+                convert_options=convert,
+            )
         except pa.ArrowInvalid as e:
             if "invalid UTF8" in str(e):  # the encoding guessed from the head was wrong
                 raise UnicodeError(str(e)) from e
@@ -136,8 +153,10 @@ def load_inputs(raw_dir: Path, stats: dict) -> dict[str, tuple[Path, pa.Table]]:
     """Find, read and check every input table before any work is done: key -> (path, table)."""
     if not raw_dir.is_dir():
         raise ProcessError(f"data.raw_dir {str(raw_dir)!r} is not a directory; run `make data` or set data.raw_dir")
-    paths = {key: next((raw_dir / n for n in names if (raw_dir / n).is_file()), None)
-             for key, (names, _, _) in INPUTS.items()}
+    paths = {
+        key: next((raw_dir / n for n in names if (raw_dir / n).is_file()), None)
+        for key, (names, _, _) in INPUTS.items()
+    }
     for key in ("question", "answer"):
         if paths[key] is None:
             raise ProcessError(
@@ -166,14 +185,23 @@ def load_inputs(raw_dir: Path, stats: dict) -> dict[str, tuple[Path, pa.Table]]:
 
 def official_heldout_ids(folder: Path) -> np.ndarray:
     """Question ids of the official dev/test candidate lists in ``folder`` (zip, txt or csv)."""
-    files = [f for key in ("dev_candidates", "test_candidates") for f in sorted(folder.glob(f"{key}.*"))
-             if f.suffix in (".zip", ".txt", ".csv")]
+    files = [
+        f
+        for key in ("dev_candidates", "test_candidates")
+        for f in sorted(folder.glob(f"{key}.*"))
+        if f.suffix in (".zip", ".txt", ".csv")
+    ]
     if not files:
-        raise ProcessError(f"process.heldout_candidates_dir: no dev_candidates/test_candidates (.zip/.txt/.csv) in "
-                           f"{folder}; point it at the official files (`make data` puts them in data/raw) or set it to \"\"")
+        raise ProcessError(
+            f"process.heldout_candidates_dir: no dev_candidates/test_candidates (.zip/.txt/.csv) in "
+            f'{folder}; point it at the official files (`make data` puts them in data/raw) or set it to ""'
+        )
     try:
-        return np.unique(np.concatenate([pd.read_csv(f, usecols=["question_id"])["question_id"].to_numpy() for f in files]))
+        return np.unique(
+            np.concatenate([pd.read_csv(f, usecols=["question_id"])["question_id"].to_numpy() for f in files])
+        )
     except (ValueError, OSError) as exc:
-        raise ProcessError(f"process.heldout_candidates_dir: {files} unreadable ({exc}); expected the official "
-                           f"question_id,ans_id,cnt,label tables") from exc
-
+        raise ProcessError(
+            f"process.heldout_candidates_dir: {files} unreadable ({exc}); expected the official "
+            f"question_id,ans_id,cnt,label tables"
+        ) from exc

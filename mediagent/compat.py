@@ -93,8 +93,9 @@ def _probe_model_config() -> bool:
     from vllm import LLM
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    return ("self.llm_engine" in inspect.getsource(LLM.__init__)
-            and "self.model_config" in inspect.getsource(LLMEngine.__init__))
+    return "self.llm_engine" in inspect.getsource(LLM.__init__) and "self.model_config" in inspect.getsource(
+        LLMEngine.__init__
+    )
 
 
 CPU_LORA_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
@@ -161,8 +162,11 @@ def dvc_queue_state(repo_root: str | Path | None = None) -> QueueState:
 
     with Repo(repo_root) as repo:
         queue = repo.experiments.celery_queue
-        return QueueState(queue.wdir, len(list(queue.iter_queued())),
-                          frozenset(result.entry.stash_rev for result in queue.iter_failed()))
+        return QueueState(
+            queue.wdir,
+            len(list(queue.iter_queued())),
+            frozenset(result.entry.stash_rev for result in queue.iter_failed()),
+        )
 
 
 def _probe_celery_queue() -> bool:
@@ -170,9 +174,12 @@ def _probe_celery_queue() -> bool:
     from dvc.repo.experiments.queue.base import QueueDoneResult, QueueEntry
     from dvc.repo.experiments.queue.celery import LocalCeleryQueue
 
-    return (hasattr(Experiments, "celery_queue")
-            and all(hasattr(LocalCeleryQueue, name) for name in ("iter_queued", "iter_failed", "wdir"))
-            and "entry" in QueueDoneResult._fields and "stash_rev" in QueueEntry.__dataclass_fields__)
+    return (
+        hasattr(Experiments, "celery_queue")
+        and all(hasattr(LocalCeleryQueue, name) for name in ("iter_queued", "iter_failed", "wdir"))
+        and "entry" in QueueDoneResult._fields
+        and "stash_rev" in QueueEntry.__dataclass_fields__
+    )
 
 
 def dvc_worker_name(wdir: str, num: int) -> str:
@@ -187,8 +194,10 @@ def _probe_worker_name() -> bool:
     from dvc.repo.experiments.queue.celery import LocalCeleryQueue
 
     source = inspect.getsource(LocalCeleryQueue._spawn_worker)
-    return ('hashlib.sha256(self.wdir.encode("utf-8")).hexdigest()[:6]' in source
-            and 'f"dvc-exp-{wdir_hash}-{num}@localhost"' in source)
+    return (
+        'hashlib.sha256(self.wdir.encode("utf-8")).hexdigest()[:6]' in source
+        and 'f"dvc-exp-{wdir_hash}-{num}@localhost"' in source
+    )
 
 
 def experiment_refs(scm) -> list[tuple[str, str, str]]:

@@ -37,10 +37,16 @@ class SourceParams:
 
     def check(self, where: str) -> list[str]:
         """Problems of this entry (its section, data, names it by index)."""
-        out = [f"{where}.columns.{key}: unknown for format {self.format} (known: {', '.join(SOURCE_COLUMNS[self.format]) or 'none'})"
-               for key in self.columns if key not in SOURCE_COLUMNS[self.format]]
-        out += [f"{where}.columns.{key}: {value!r} must be a non-empty field name"
-                for key, value in self.columns.items() if not isinstance(value, str) or not value]
+        out = [
+            f"{where}.columns.{key}: unknown for format {self.format} (known: {', '.join(SOURCE_COLUMNS[self.format]) or 'none'})"
+            for key in self.columns
+            if key not in SOURCE_COLUMNS[self.format]
+        ]
+        out += [
+            f"{where}.columns.{key}: {value!r} must be a non-empty field name"
+            for key, value in self.columns.items()
+            if not isinstance(value, str) or not value
+        ]
         if not self.path:
             out.append(f"{where}.path: name a file, folder or glob")
         if self.limit < 0:

@@ -96,4 +96,3 @@ def detect_encoding(data: bytes, path: str = "input") -> str:
 def to_utf8(data: bytes, encoding: str) -> bytes:
     """The table re-encoded as UTF-8 without BOM (what the CSV parser reads)."""
     return data.removeprefix(codecs.BOM_UTF8) if encoding.startswith("utf-8") else data.decode(encoding).encode()
-

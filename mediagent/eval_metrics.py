@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 
-
 SELECTION_KEYS = ("p_at_1", "mrr", "map")
 
 
@@ -21,8 +20,9 @@ def _first_positive_and_ap(ranked_labels: np.ndarray) -> tuple[int, float]:
     return int(hits[0]), ap
 
 
-def selection_ranks(scores: list[list[float]], labels: list[list[int]],
-                    rng: np.random.Generator) -> list[tuple[int, float]]:
+def selection_ranks(
+    scores: list[list[float]], labels: list[list[int]], rng: np.random.Generator
+) -> list[tuple[int, float]]:
     """(rank of the first positive, average precision) per question with a positive.
 
     Descending score; ties broken by a random key from ``rng`` (never by list order).
@@ -127,7 +127,7 @@ LOOP_NGRAM, LOOP_REPEATS, ECHO_MIN_CHARS = 6, 3, 8
 def loops(text: str) -> bool:
     from collections import Counter
 
-    grams = Counter(text[i:i + LOOP_NGRAM] for i in range(len(text) - LOOP_NGRAM + 1))
+    grams = Counter(text[i : i + LOOP_NGRAM] for i in range(len(text) - LOOP_NGRAM + 1))
     return bool(grams) and max(grams.values()) >= LOOP_REPEATS
 
 
@@ -157,7 +157,7 @@ def generation_metrics(answers: list[str], references: list[str], think: list[bo
     import sacrebleu
 
     items = generation_items(answers, references, questions)
-    bigrams = [text[i:i + 2] for text in answers for i in range(len(text) - 1)]
+    bigrams = [text[i : i + 2] for text in answers for i in range(len(text) - 1)]
     return {
         "bleu4": float(sacrebleu.corpus_bleu(answers, [references], tokenize="zh").score),
         **{k: float(np.mean(v)) for k, v in items.items()},
@@ -183,7 +183,7 @@ def rank_csv(ranks: dict[str, list[int]], labels: list[list[int]]) -> str:
     expected = np.zeros(n_max)
     for y in labels:
         if sum(y):
-            expected[:len(y)] += random_first_rank_probs(len(y), int(sum(y)))
+            expected[: len(y)] += random_first_rank_probs(len(y), int(sum(y)))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["rank", *ranks, "random"])

@@ -91,8 +91,10 @@ def resolve(names: Iterable[str], repo_root: str | Path = ".") -> list[Experimen
             found = [e for e in found if e.baseline == head]
             if len(found) != 1:
                 bases = ", ".join(e.baseline[:7] for e in by_name[n])
-                raise ExperimentError(f"experiment name {n} exists on several baseline commits ({bases}): "
-                                      f"check out the commit it was run from, or rename one with `dvc exp rename`")
+                raise ExperimentError(
+                    f"experiment name {n} exists on several baseline commits ({bases}): "
+                    f"check out the commit it was run from, or rename one with `dvc exp rename`"
+                )
         out.append(found[0])
     return out
 
@@ -108,16 +110,25 @@ def materialise(exp: Experiment, cache_dir: str | Path, repo_root: str | Path = 
     # The experiment's own params say where its adapter was written.
     output_dir = yaml.safe_load(fs.read_text("params.yaml"))["train"]["output_dir"]
     if not fs.isdir(output_dir):
-        raise ExperimentError(f"experiment {exp.name} ({exp.rev[:7]}) has no {output_dir}: it did not run "
-                              f"the train stage; run one that does, e.g. `dvc exp run -S lora.r=8`")
-    log.info("copying experiment %s's adapter (%s at %s) out of the DVC cache into %s",
-             exp.name, output_dir, exp.rev[:7], dest)
+        raise ExperimentError(
+            f"experiment {exp.name} ({exp.rev[:7]}) has no {output_dir}: it did not run "
+            f"the train stage; run one that does, e.g. `dvc exp run -S lora.r=8`"
+        )
+    log.info(
+        "copying experiment %s's adapter (%s at %s) out of the DVC cache into %s",
+        exp.name,
+        output_dir,
+        exp.rev[:7],
+        dest,
+    )
     try:
         # A path that does not exist yet: fs.get copies the folder as it (into an existing
         # folder it would nest it). It is renamed onto dest only when complete.
         with atomic_path(dest) as tmp:
             fs.get(output_dir, str(tmp), recursive=True)
     except (FileNotFoundError, OSError) as exc:
-        raise ExperimentError(f"the adapter of experiment {exp.name} is not in this repository's DVC cache "
-                              f"({exc}): fetch it with `dvc exp pull <remote> {exp.name}`") from exc
+        raise ExperimentError(
+            f"the adapter of experiment {exp.name} is not in this repository's DVC cache "
+            f"({exc}): fetch it with `dvc exp pull <remote> {exp.name}`"
+        ) from exc
     return dest

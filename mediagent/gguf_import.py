@@ -46,8 +46,10 @@ def sha256_file(path: Path) -> str:
 def locate(spec: str, scratch: Path) -> tuple[Path, dict]:
     """The GGUF file ``spec`` names (assembled into ``scratch`` for a package) and where it came from."""
     if not spec:
-        raise BaseModelError("model.source is gguf but model.gguf is empty: set it to a .gguf path or "
-                             "pkg:<module> of an installed package that ships one")
+        raise BaseModelError(
+            "model.source is gguf but model.gguf is empty: set it to a .gguf path or "
+            "pkg:<module> of an installed package that ships one"
+        )
     if not spec.startswith(PACKAGE_PREFIX):
         path = Path(spec)
         if not path.is_file():
@@ -57,8 +59,10 @@ def locate(spec: str, scratch: Path) -> tuple[Path, dict]:
     try:
         pkg = importlib.import_module(module)
     except ImportError as exc:
-        raise BaseModelError(f"model.gguf: package module {module!r} is not installed ({exc}): install it "
-                             f"(`make quality` installs the benchmark's) or point model.gguf at a .gguf file") from exc
+        raise BaseModelError(
+            f"model.gguf: package module {module!r} is not installed ({exc}): install it "
+            f"(`make quality` installs the benchmark's) or point model.gguf at a .gguf file"
+        ) from exc
     path = Path(pkg.assemble(scratch / pkg.MODEL_NAME))
     origin = {"package": module, "version": getattr(pkg, "__version__", None) or _dist_version(module)}
     # the terms a package ships beside its weights (e.g. data/GEMMA_TERMS.html), named in fetch.json
@@ -111,14 +115,22 @@ def import_gguf(spec: str, sha256: str, out_dir: Path, dtype: str = SAVE_DTYPE) 
         log.info("hashing %s (%.0f MB)", path, path.stat().st_size / 1e6)
         digest = sha256_file(path)
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise BaseModelError(f"model.revision: {sha256!r} is not a SHA-256; a GGUF base is pinned by its "
-                                 f"file's: set model.revision to {digest} if {path.name} is the file you mean")
+            raise BaseModelError(
+                f"model.revision: {sha256!r} is not a SHA-256; a GGUF base is pinned by its "
+                f"file's: set model.revision to {digest} if {path.name} is the file you mean"
+            )
         if digest != sha256:
-            raise BaseModelError(f"{path}: SHA-256 {digest} differs from model.revision {sha256}: a different "
-                                 f"or corrupted file; fetch the pinned one, or pin this one deliberately")
+            raise BaseModelError(
+                f"{path}: SHA-256 {digest} differs from model.revision {sha256}: a different "
+                f"or corrupted file; fetch the pinned one, or pin this one deliberately"
+            )
         licence = gguf_licence(path)
-        log.warning("base %s: licence %r declared by the GGUF%s; you accept its terms by using it", path.name,
-                    licence, f" (terms: {origin['terms_file']})" if "terms_file" in origin else "")
+        log.warning(
+            "base %s: licence %r declared by the GGUF%s; you accept its terms by using it",
+            path.name,
+            licence,
+            f" (terms: {origin['terms_file']})" if "terms_file" in origin else "",
+        )
         log.info("dequantizing %s into %s (%s)", path.name, out_dir, dtype)
         convert(path, out_dir, dtype)
     return {"gguf": {"file": path.name, "sha256": digest, "size": size, **origin}, "licence": licence, "dtype": dtype}

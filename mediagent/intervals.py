@@ -25,18 +25,28 @@ def _ci(values: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def paired(statistic: Callable[[np.ndarray], float], base: np.ndarray, tuned: np.ndarray,
-           resamples: int = RESAMPLES, seed: int = 0) -> dict:
+def paired(
+    statistic: Callable[[np.ndarray], float],
+    base: np.ndarray,
+    tuned: np.ndarray,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """{"base", "tuned", "delta"}: each {"value", "ci95"}; ``statistic`` maps an (n, ...) item array to a float."""
     base, tuned = np.asarray(base, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
     if len(base) != len(tuned) or not len(base):
-        raise ValueError(f"paired bootstrap needs the same non-empty items for both models ({len(base)} vs {len(tuned)})")
+        raise ValueError(
+            f"paired bootstrap needs the same non-empty items for both models ({len(base)} vs {len(tuned)})"
+        )
     idx = np.random.default_rng(seed).integers(0, len(base), size=(resamples, len(base)))
     b = np.array([statistic(base[i]) for i in idx])
     t = np.array([statistic(tuned[i]) for i in idx])
     vb, vt = statistic(base), statistic(tuned)
-    return {"base": {"value": vb, "ci95": _ci(b)}, "tuned": {"value": vt, "ci95": _ci(t)},
-            "delta": {"value": vt - vb, "ci95": _ci(t - b)}}
+    return {
+        "base": {"value": vb, "ci95": _ci(b)},
+        "tuned": {"value": vt, "ci95": _ci(t)},
+        "delta": {"value": vt - vb, "ci95": _ci(t - b)},
+    }
 
 
 def mean(items: np.ndarray) -> float:
@@ -75,8 +85,11 @@ def corpus_bleu(items: np.ndarray) -> float:
 
 def selection_items(ranked: list[tuple[int, float]]) -> dict[str, list[float]]:
     """Per-question P@1, reciprocal rank and average precision from (first-positive rank, AP)."""
-    return {"p_at_1": [float(r == 1) for r, _ in ranked], "mrr": [1.0 / r for r, _ in ranked],
-            "map": [ap for _, ap in ranked]}
+    return {
+        "p_at_1": [float(r == 1) for r, _ in ranked],
+        "mrr": [1.0 / r for r, _ in ranked],
+        "map": [ap for _, ap in ranked],
+    }
 
 
 # How each metric is computed from its items (see the module docstring).

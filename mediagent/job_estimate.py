@@ -19,7 +19,9 @@ from mediagent.memory import Arch, lora_param_count, weight_bytes
 from mediagent.params import Params
 
 GB = 1e9
-LINK_ASSUMPTION = "DVC links workspace outs to the cache (reflink/hardlink/symlink); with copy, add base+merged+adapter again"
+LINK_ASSUMPTION = (
+    "DVC links workspace outs to the cache (reflink/hardlink/symlink); with copy, add base+merged+adapter again"
+)
 
 
 def disk_bytes(config: dict, params: Params, weight_dtype_bytes: int = 2) -> dict[str, int | str]:

@@ -47,9 +47,13 @@ from mediagent.params import Params, TrainParams
 # rows). Every other answer is a training example (process.answers_per_question: all), before
 # the length filters drop a few. (The cMedQA2 README's own table gives 188,490 training
 # answers of 100,000 questions: the paper's version, smaller than the released files.)
-OFFICIAL_TRAIN = (226_266 - 7_527 - 7_552,
-                  ("official cMedQA2 release: 226,266 answers less the 15,079 of the dev/test questions, "
-                   "before process's length filters (no processed split yet)"))
+OFFICIAL_TRAIN = (
+    226_266 - 7_527 - 7_552,
+    (
+        "official cMedQA2 release: 226,266 answers less the 15,079 of the dev/test questions, "
+        "before process's length filters (no processed split yet)"
+    ),
+)
 # Mean tokens per training example (system prompt, question and answer in Qwen3's chat
 # format, cut at 512) over 500 real cMedQA2 question/answer pairs, counted with Qwen's
 # tokenizer (the tiny base's). Their answers are at most 249 characters, about 40% of them
@@ -93,11 +97,12 @@ def count_split(path: Path, params: Params, tokenizer=None) -> tuple[int, int, s
     """(examples kept, tokens, how the tokens were counted) of a processed train split."""
     rows = read_jsonl(path)
     if tokenizer is None:
-        how = (f"{path}; tokens: {SAMPLE_TOKENS_PER_EXAMPLE} per example, the mean of 500 real cMedQA2 pairs "
-               f"(the base's tokenizer is not on disk)")
+        how = (
+            f"{path}; tokens: {SAMPLE_TOKENS_PER_EXAMPLE} per example, the mean of 500 real cMedQA2 pairs "
+            f"(the base's tokenizer is not on disk)"
+        )
         return len(rows), round(len(rows) * SAMPLE_TOKENS_PER_EXAMPLE), how
-    tokenizer.chat_template = resolve_template(params.model.chat_template, params.model.chat_template_kwargs,
-                                               tokenizer)
+    tokenizer.chat_template = resolve_template(params.model.chat_template, params.model.chat_template_kwargs, tokenizer)
     fmt = ChatFormat.of(tokenizer)
     encoded = [fmt.encode(row["messages"], params.train.max_seq_length) for row in rows]
     kept = [e for e in encoded if any(label != -100 for label in e.labels)]  # as the train stage drops them
@@ -115,8 +120,9 @@ def examples_and_tokens(params: Params, tokenizer=None) -> tuple[int, int, str] 
     return None
 
 
-def job_size(examples: int, tokens: int, source: str, train: TrainParams, plan: dict | None = None,
-             world_size: int = 1) -> dict:
+def job_size(
+    examples: int, tokens: int, source: str, train: TrainParams, plan: dict | None = None, world_size: int = 1
+) -> dict:
     """Examples, tokens and optimizer steps per epoch and for the run, as transformers' Trainer counts steps.
 
     ``plan``: the memory plan's micro-batch and accumulation (default the params'); the
@@ -138,8 +144,9 @@ def job_size(examples: int, tokens: int, source: str, train: TrainParams, plan: 
     }
 
 
-def wall_time(size: dict | None, config: dict, gradient_checkpointing: bool, gpu: str = "a10",
-              devices: int = 1) -> dict:
+def wall_time(
+    size: dict | None, config: dict, gradient_checkpointing: bool, gpu: str = "a10", devices: int = 1
+) -> dict:
     """Hours for the run's tokens on ``devices`` GPUs of kind ``gpu`` (a key of GPUS); with the
     size unknown (None), the throughput and its assumption alone (hours and tokens None)."""
     tflops, source = GPUS[gpu]
@@ -161,22 +168,27 @@ def wall_time(size: dict | None, config: dict, gradient_checkpointing: bool, gpu
         "gpu": gpu,
         "devices": devices,
         "assumption": f"{devices} x {gpu.upper()} at {tflops} TFLOP/s bf16 ({source}) x {UTILIZATION} assumed "
-                      f"utilisation ({low}..{high} for the range); {passes}N FLOPs per token, N = "
-                      f"{matmul_params(config) / 1e9:.2f}B weights multiplied (forward 2N, backward to the "
-                      f"activations 2N{', recompute 2N' if gradient_checkpointing else ''})",
+        f"utilisation ({low}..{high} for the range); {passes}N FLOPs per token, N = "
+        f"{matmul_params(config) / 1e9:.2f}B weights multiplied (forward 2N, backward to the "
+        f"activations 2N{', recompute 2N' if gradient_checkpointing else ''})",
     }
 
 
 def format_size(size: dict) -> str:
-    return (f"job: {size['examples_per_epoch']:,} examples, {size['tokens_per_epoch']:,} tokens per epoch; "
-            f"{size['steps_per_epoch']:,} optimizer steps per epoch of {size['effective_batch']} examples, "
-            f"{size['steps']:,} in the run ({size['source']})")
+    return (
+        f"job: {size['examples_per_epoch']:,} examples, {size['tokens_per_epoch']:,} tokens per epoch; "
+        f"{size['steps_per_epoch']:,} optimizer steps per epoch of {size['effective_batch']} examples, "
+        f"{size['steps']:,} in the run ({size['source']})"
+    )
 
 
 def format_time(time: dict) -> str:
     if time["hours"] is None:
-        return (f"time: unknown until the job's size is; {time['tokens_per_s']:,.0f} tokens/s assumed: "
-                f"{time['assumption']}")
+        return (
+            f"time: unknown until the job's size is; {time['tokens_per_s']:,.0f} tokens/s assumed: {time['assumption']}"
+        )
     low, high = time["hours_range"]
-    return (f"time: ~{time['hours']:.1f} h ({low:.1f}..{high:.1f}) for {time['tokens']:,} tokens at "
-            f"{time['tokens_per_s']:,.0f} tokens/s: {time['assumption']}")
+    return (
+        f"time: ~{time['hours']:.1f} h ({low:.1f}..{high:.1f}) for {time['tokens']:,} tokens at "
+        f"{time['tokens_per_s']:,.0f} tokens/s: {time['assumption']}"
+    )

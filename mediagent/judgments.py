@@ -69,8 +69,7 @@ def _drop_torn_tail(path: Path) -> None:
         fh.seek(0)
         data = fh.read()
         keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted write",
-                    path, size - keep)
+        log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted write", path, size - keep)
         fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
@@ -112,8 +111,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as exc:
             raise ReviewFileError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or delete that line") from exc
         if not isinstance(obj, dict):
-            raise ReviewFileError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}; "
-                                  f"fix or delete that line")
+            raise ReviewFileError(
+                f"{path}:{number}: expected a JSON object, got {type(obj).__name__}; fix or delete that line"
+            )
         out.append((number, obj))
     return out
 
@@ -133,9 +133,15 @@ def parse_judgment(obj: dict, where: str) -> Judgment:
         problems.append("model_a and model_b must differ")
     if problems:
         raise ReviewFileError(f"{where}: invalid judgment: {'; '.join(problems)}; fix or delete that line")
-    return Judgment(reviewer=obj["reviewer"].strip(), question_id=obj["question_id"], model_a=obj["model_a"],
-                    model_b=obj["model_b"], choice=obj["choice"], unsafe=tuple(sorted(set(unsafe))),
-                    comment=str(obj.get("comment", "")))
+    return Judgment(
+        reviewer=obj["reviewer"].strip(),
+        question_id=obj["question_id"],
+        model_a=obj["model_a"],
+        model_b=obj["model_b"],
+        choice=obj["choice"],
+        unsafe=tuple(sorted(set(unsafe))),
+        comment=str(obj.get("comment", "")),
+    )
 
 
 def read_judgments(path: str | Path) -> list[Judgment]:

@@ -67,8 +67,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def load_model(path: str | Path, model: ModelParams, dtype: torch.dtype | None = None,
-               quantization: str = "none"):
+def load_model(path: str | Path, model: ModelParams, dtype: torch.dtype | None = None, quantization: str = "none"):
     """A causal LM from safetensors only (no pickle), in eval mode.
 
     ``quantization="nf4"``: the decoder's linear layers in 4-bit NF4 with double-quantised
@@ -84,8 +83,8 @@ def load_model(path: str | Path, model: ModelParams, dtype: torch.dtype | None =
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     elif quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r}")
     return AutoModelForCausalLM.from_pretrained(

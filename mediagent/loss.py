@@ -48,16 +48,24 @@ class HiddenStatesHead(nn.Module):
         return hidden
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    labels: torch.Tensor) -> torch.Tensor:
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()  # upcast as ForCausalLMLoss does
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None, *,
-                           head: nn.Module,
-                           num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
-                           chunk_tokens: int = CHUNK_TOKENS, **_) -> torch.Tensor:
+def chunked_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    *,
+    head: nn.Module,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_tokens: int = CHUNK_TOKENS,
+    **_,
+) -> torch.Tensor:
     """Causal-LM cross-entropy from hidden states (passed as ``logits`` by the model's forward).
 
     Args:
@@ -79,7 +87,7 @@ def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_siz
     if targets.numel() == 0:
         total = total + 0.0 * hidden.sum()
     for start in range(0, targets.numel(), chunk_tokens):
-        h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        h, y = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss_sum, h, weight, bias, y, use_reentrant=False)
         else:
@@ -99,8 +107,10 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None):
         # the model's forward would soft-cap the hidden states this head hands over
-        raise ValueError("train.loss: chunked cannot train a model that soft-caps its logits "
-                         "(config final_logit_softcapping); set train.loss: full")
+        raise ValueError(
+            "train.loss: chunked cannot train a model that soft-caps its logits "
+            "(config final_logit_softcapping); set train.loss: full"
+        )
     if not isinstance(head, nn.Linear):
         raise TypeError(f"chunked loss needs a linear LM head, found {type(head).__name__}")
     stand_in = HiddenStatesHead(head)

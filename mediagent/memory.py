@@ -62,9 +62,9 @@ from mediagent.loss import CHUNK_TOKENS
 from mediagent.params import Params, with_overrides
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LORA_STATE_BYTES = 16        # fp32 param + fp32 grad + AdamW exp_avg + exp_avg_sq
-NF4_BITS = 4.127             # 4-bit NF4 + double-quantised block constants (QLoRA)
-TOKENS_PER_CHAR = 0.66       # Qwen tokenizer on cMedQA2 answers (data/sample and the real sample)
+LORA_STATE_BYTES = 16  # fp32 param + fp32 grad + AdamW exp_avg + exp_avg_sq
+NF4_BITS = 4.127  # 4-bit NF4 + double-quantised block constants (QLoRA)
+TOKENS_PER_CHAR = 0.66  # Qwen tokenizer on cMedQA2 answers (data/sample and the real sample)
 GIB = 1 << 30
 # Not in the estimate: the CUDA context and kernels (~0.5-1 GB per GPU), or on a CPU the
 # interpreter and libraries (~0.5-1 GB of RSS). A plan must fit estimate + this.
@@ -77,23 +77,59 @@ OFFICIAL_TEST = (4000, 100)  # cMedQA2 test set: questions x candidates
 # Published config.json values of the Qwen3 dense models (Hugging Face model cards):
 # vocab 151,936 and head_dim 128 for all; 0.6B/1.7B/4B tie the embeddings, 8B/14B do not.
 QWEN3 = {
-    "Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "Qwen3-14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-                      num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen3-0.6B": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen3-1.7B": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen3-4B": dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen3-8B": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "Qwen3-14B": dict(
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 def qwen3_config(name: str) -> dict:
     """A config.json dict of a published Qwen3 model (the fields this module reads)."""
-    return {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "torch_dtype": "bfloat16",
-            "attention_bias": False, **QWEN3[name]}
+    return {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "head_dim": 128,
+        "torch_dtype": "bfloat16",
+        "attention_bias": False,
+        **QWEN3[name],
+    }
 
 
 # What config.json does not say about a decoder layer, by model_type prefix (others: Llama's
@@ -118,24 +154,31 @@ class Arch:
     tied: bool
     qk_norm: bool
     bias: bool
-    dtype: str      # the checkpoint's own dtype (config torch_dtype / dtype)
+    dtype: str  # the checkpoint's own dtype (config torch_dtype / dtype)
     norms: int = 2  # RMSNorms per decoder layer (Gemma 3: 4, around attention and MLP)
 
     @classmethod
     def from_config(cls, config: dict) -> Arch:
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if k not in config]
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if k not in config
+        ]
         if missing:
             raise ValueError(f"config.json lacks {missing}: not a decoder-only transformer config this plan knows")
         heads = int(config["num_attention_heads"])
-        traits = next((t for prefix, t in LAYER_TRAITS.items() if str(config.get("model_type", "")).startswith(prefix)),
-                      {})
+        traits = next(
+            (t for prefix, t in LAYER_TRAITS.items() if str(config.get("model_type", "")).startswith(prefix)), {}
+        )
         return cls(
-            hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
-            layers=int(config["num_hidden_layers"]), heads=heads,
+            hidden=int(config["hidden_size"]),
+            intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]),
+            heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-            vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)),
+            vocab=int(config["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", False)),
             qk_norm=traits.get("qk_norm", False),
             bias=bool(config.get("attention_bias", traits.get("bias", False))),
             norms=traits.get("norms", 2),
@@ -153,8 +196,15 @@ class Arch:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear of one decoder layer, by module name."""
         h, q, kv, i = self.hidden, self.q, self.kv, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
 def param_counts(arch: Arch) -> dict[str, int]:
@@ -194,7 +244,7 @@ def layer_activation_bytes(arch: Arch, a: int, targets) -> int:
     norms = arch.norms * 4 * h + ((4 if a < 4 else a) * (q + kv) if arch.qk_norm else 0)
     if a < 4:  # autocast: each adapter (down_proj's too) casts and keeps its own copy of its input
         lora_inputs = a * sum(fan_in for name, (fan_in, _) in arch.linears().items() if name in names)
-    else:      # one saved tensor per distinct input: attention in, o_proj in, MLP in
+    else:  # one saved tensor per distinct input: attention in, o_proj in, MLP in
         groups = [({"q_proj", "k_proj", "v_proj"}, h), ({"o_proj"}, q), ({"gate_proj", "up_proj"}, h)]
         lora_inputs = a * sum(size for members, size in groups if members & names)
     attention = a * 4 * q
@@ -220,10 +270,17 @@ def _resolved(params: Params) -> tuple[int, bool, bool, str]:
     return micro, gc, t.loss == "chunked", params.model.quantization
 
 
-def train_plan(arch: Arch, params: Params, dtype: str, weight_bits: int | None = None,
-               gradient_checkpointing: bool | None = None, seq_len: int | None = None,
-               micro_batch: int | None = None, chunked_loss: bool | None = None,
-               learned_tokens: int | None = None) -> dict[str, int]:
+def train_plan(
+    arch: Arch,
+    params: Params,
+    dtype: str,
+    weight_bits: int | None = None,
+    gradient_checkpointing: bool | None = None,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    chunked_loss: bool | None = None,
+    learned_tokens: int | None = None,
+) -> dict[str, int]:
     """Bytes of one training process at its peak (see the module docstring).
 
     The knobs default to what params fix (``auto`` as the plan's first choice); pass them to
@@ -313,8 +370,9 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def choose_plan(config: dict, params: Params, budget: int, dtype: str | None = None,
-                allow_quantization: bool | None = None) -> dict:
+def choose_plan(
+    config: dict, params: Params, budget: int, dtype: str | None = None, allow_quantization: bool | None = None
+) -> dict:
     """The first plan, in ORDER, whose estimate (+ RUNTIME_BYTES) fits ``usable_bytes(budget)``.
 
     Knobs params fix stay fixed: an int ``train.micro_batch_size``, a bool
@@ -335,13 +393,21 @@ def choose_plan(config: dict, params: Params, budget: int, dtype: str | None = N
         quants.append("nf4")  # priced always; chosen only when allowed
 
     def estimate(quant: str, gc: bool, micro: int, loss_chunked: bool = chunked) -> int:
-        return train_plan(arch, params, dtype, 4 if quant == "nf4" else None, gc, micro_batch=micro,
-                          chunked_loss=loss_chunked)["peak"] + RUNTIME_BYTES
+        return (
+            train_plan(
+                arch, params, dtype, 4 if quant == "nf4" else None, gc, micro_batch=micro, chunked_loss=loss_chunked
+            )["peak"]
+            + RUNTIME_BYTES
+        )
 
     def as_plan(quant: str, gc: bool, micro: int, loss_chunked: bool = chunked) -> dict:
-        return {"per_device_train_batch_size": micro,
-                "gradient_accumulation_steps": t.gradient_accumulation_steps * (batch // micro),
-                "gradient_checkpointing": gc, "chunked_loss": loss_chunked, "quantization": quant}
+        return {
+            "per_device_train_batch_size": micro,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps * (batch // micro),
+            "gradient_checkpointing": gc,
+            "chunked_loss": loss_chunked,
+            "quantization": quant,
+        }
 
     chosen = None
     for quant in quants:
@@ -356,8 +422,12 @@ def choose_plan(config: dict, params: Params, budget: int, dtype: str | None = N
                 break
         if chosen:
             break
-    options = [{**as_plan(q, g, micros[-1], c), "estimate_bytes": estimate(q, g, micros[-1], c)}
-               for q in quants for c in sorted({chunked, True}) for g in (False, True)]
+    options = [
+        {**as_plan(q, g, micros[-1], c), "estimate_bytes": estimate(q, g, micros[-1], c)}
+        for q in quants
+        for c in sorted({chunked, True})
+        for g in (False, True)
+    ]
     allowed = [o for o in options if allow or o["quantization"] == params.model.quantization]
     smallest = min(allowed, key=lambda o: o["estimate_bytes"])
     result = {
@@ -375,29 +445,36 @@ def choose_plan(config: dict, params: Params, budget: int, dtype: str | None = N
         result["fits_with_quantization"] = bool(fits_4bit) and not allow
         result["needs"] = (
             "fits only with a 4-bit base: set train.allow_quantization: true (QLoRA, NF4)"
-            if result["fits_with_quantization"] else
-            f"nothing fits {_gib(room)} (the smallest option needs {_gib(smallest['estimate_bytes'])}): "
+            if result["fits_with_quantization"]
+            else f"nothing fits {_gib(room)} (the smallest option needs {_gib(smallest['estimate_bytes'])}): "
             f"a shorter train.max_seq_length, a smaller lora.r or fewer lora.target_modules, a bigger device, "
-            f"or several (configs/accelerate)")
+            f"or several (configs/accelerate)"
+        )
     return result
 
 
 def format_choice(choice: dict) -> str:
     """The chosen plan (or why none fits) and the table of options, for logs and errors."""
     p = choice["plan"]
-    head = (f"memory plan for {choice['model']} ({choice['dtype']}): budget {_gib(choice['budget_bytes'])}, "
-            f"usable {_gib(choice['usable_bytes'])} ({MARGIN:.0%} kept free)")
+    head = (
+        f"memory plan for {choice['model']} ({choice['dtype']}): budget {_gib(choice['budget_bytes'])}, "
+        f"usable {_gib(choice['usable_bytes'])} ({MARGIN:.0%} kept free)"
+    )
     if p:
-        head += (f"\n  chosen: micro-batch {p['per_device_train_batch_size']} x "
-                 f"{p['gradient_accumulation_steps']} accumulation steps, gradient checkpointing "
-                 f"{'on' if p['gradient_checkpointing'] else 'off'}, {'chunked' if p['chunked_loss'] else 'full'} loss, "
-                 f"quantization {p['quantization']}: ~{_gib(choice['estimate_bytes'])} with runtime")
+        head += (
+            f"\n  chosen: micro-batch {p['per_device_train_batch_size']} x "
+            f"{p['gradient_accumulation_steps']} accumulation steps, gradient checkpointing "
+            f"{'on' if p['gradient_checkpointing'] else 'off'}, {'chunked' if p['chunked_loss'] else 'full'} loss, "
+            f"quantization {p['quantization']}: ~{_gib(choice['estimate_bytes'])} with runtime"
+        )
     else:
         head += f"\n  {choice['needs']}"
     rows = ["  option (smallest micro-batch)                          estimate"]
     for o in choice["options"]:
-        label = (f"{o['quantization']:>4}, {'chunked' if o['chunked_loss'] else 'full':>7} loss, "
-                 f"GC {'on ' if o['gradient_checkpointing'] else 'off'}, micro-batch {o['per_device_train_batch_size']}")
+        label = (
+            f"{o['quantization']:>4}, {'chunked' if o['chunked_loss'] else 'full':>7} loss, "
+            f"GC {'on ' if o['gradient_checkpointing'] else 'off'}, micro-batch {o['per_device_train_batch_size']}"
+        )
         mark = "fits" if o["estimate_bytes"] <= choice["usable_bytes"] else "too big"
         rows.append(f"  {label:<54} {_gib(o['estimate_bytes']):>10}  {mark}")
     return "\n".join([head, *rows])
@@ -420,8 +497,9 @@ def candidate_counts(params: Params) -> dict[str, int] | None:
             questions += 1
             candidates += len(row["candidates"])
             # +1: the end token each candidate ends with; longer answers are cut as in evaluate
-            chars += sum(min(len(c["content"]) * TOKENS_PER_CHAR + 1, params.eval.max_seq_length)
-                         for c in row["candidates"])
+            chars += sum(
+                min(len(c["content"]) * TOKENS_PER_CHAR + 1, params.eval.max_seq_length) for c in row["candidates"]
+            )
     return {"questions": questions, "candidates": candidates, "answer_tokens": int(chars)}
 
 
@@ -436,13 +514,18 @@ def plan(config: dict, params: Params, dtype: str | None = None, weight_bits: in
         "dtype": dtype,
         "params": sum(param_counts(arch).values()),
         "train": train_plan(arch, params, dtype, weight_bits),
-        "serve": {"weights": weight_bytes(arch, DTYPE_BYTES[dtype], weight_bits),
-                  "kv_per_token": kv_per_token,
-                  "kv_per_sequence": kv_per_token * params.serve.max_model_len,
-                  "max_model_len": params.serve.max_model_len},
-        "eval": {**(counts or {}),
-                 "official_answer_tokens": int(OFFICIAL_TEST[0] * OFFICIAL_TEST[1] * per_candidate)
-                 if per_candidate else None},
+        "serve": {
+            "weights": weight_bytes(arch, DTYPE_BYTES[dtype], weight_bits),
+            "kv_per_token": kv_per_token,
+            "kv_per_sequence": kv_per_token * params.serve.max_model_len,
+            "max_model_len": params.serve.max_model_len,
+        },
+        "eval": {
+            **(counts or {}),
+            "official_answer_tokens": int(OFFICIAL_TEST[0] * OFFICIAL_TEST[1] * per_candidate)
+            if per_candidate
+            else None,
+        },
     }
 
 
@@ -453,8 +536,10 @@ def _gib(n: float) -> str:
 def format_plan(p: dict, stage: str) -> str:
     """One compact block for the log of ``stage`` (train, evaluate or serve)."""
     t, s, e = p["train"], p["serve"], p["eval"]
-    lines = [f"pre-flight plan ({stage}, {p['dtype']}, {p['params'] / 1e6:,.1f}M params):",
-             f"  weights {_gib(t['weights'])}"]
+    lines = [
+        f"pre-flight plan ({stage}, {p['dtype']}, {p['params'] / 1e6:,.1f}M params):",
+        f"  weights {_gib(t['weights'])}",
+    ]
     if stage == "train":
         lines += [
             f"  LoRA {t['lora_params'] / 1e6:,.2f}M params + grads + AdamW {_gib(t['lora_state'])}",
@@ -463,13 +548,17 @@ def format_plan(p: dict, stage: str) -> str:
             f"  peak ~{_gib(t['peak'])} (no GC {_gib(t['peak_no_gc'])}, GC {_gib(t['peak_gc'])}) + runtime",
         ]
     elif stage == "serve":
-        lines.append(f"  KV cache {s['kv_per_token'] / 1024:.1f} KiB/token, {_gib(s['kv_per_sequence'])} per "
-                     f"{s['max_model_len']}-token sequence")
+        lines.append(
+            f"  KV cache {s['kv_per_token'] / 1024:.1f} KiB/token, {_gib(s['kv_per_sequence'])} per "
+            f"{s['max_model_len']}-token sequence"
+        )
     else:
         if "candidates" in e:
-            lines.append(f"  answer selection: {e['questions']} questions x {e['candidates'] / max(e['questions'], 1):.0f}"
-                         f" candidates, ~{e['answer_tokens']:,} answer tokens to score "
-                         f"(official test 4,000 x 100: ~{e['official_answer_tokens']:,})")
+            lines.append(
+                f"  answer selection: {e['questions']} questions x {e['candidates'] / max(e['questions'], 1):.0f}"
+                f" candidates, ~{e['answer_tokens']:,} answer tokens to score "
+                f"(official test 4,000 x 100: ~{e['official_answer_tokens']:,})"
+            )
         else:
             lines.append("  answer selection: no test_candidates.jsonl yet")
     return "\n".join(lines)
@@ -489,9 +578,11 @@ def log_plan(params: Params, stage: str, log, dtype: str | None = None) -> dict 
 def describe_plan(p: dict | None) -> str:
     if p is None:
         return "does not fit"
-    return (f"{p['per_device_train_batch_size']}x{p['gradient_accumulation_steps']}"
-            f"{', GC' if p['gradient_checkpointing'] else ''}"
-            f"{'' if p['chunked_loss'] else ', full loss'}{', NF4' if p['quantization'] == 'nf4' else ''}")
+    return (
+        f"{p['per_device_train_batch_size']}x{p['gradient_accumulation_steps']}"
+        f"{', GC' if p['gradient_checkpointing'] else ''}"
+        f"{'' if p['chunked_loss'] else ', full loss'}{', NF4' if p['quantization'] == 'nf4' else ''}"
+    )
 
 
 def table(params: Params, gpus=(24, 48, 80), plan_gb: int = 24) -> str:
@@ -499,29 +590,40 @@ def table(params: Params, gpus=(24, 48, 80), plan_gb: int = 24) -> str:
     the plan chosen on a ``plan_gb`` card (4-bit only where nothing else fits)."""
     t = params.train
     loss = "chunked" if t.loss == "chunked" else "full"
-    head = (f"LoRA r={params.lora.r} on {len(params.lora.target_modules)} modules, bf16, {loss} loss, batch "
-            f"{t.per_device_train_batch_size}, {t.max_seq_length} tokens, eval batch {t.per_device_eval_batch_size}; "
-            f"estimate + {RUNTIME_BYTES // GIB} GiB runtime against {1 - MARGIN:.0%} of the card. yes = fits at the "
-            f"full batch, GC = only with gradient checkpointing, no = not at the full batch. The last column is "
-            f"the plan `mediagent preflight --memory-gb {plan_gb}` chooses: micro-batch x accumulation steps "
-            f"(same effective batch), GC, NF4 = 4-bit base (QLoRA, needs train.allow_quantization)")
-    rows = [head, "", "| model | params | weights | peak, no GC | peak, GC | "
-            + " | ".join(f"{g} GB" for g in gpus) + f" | plan at {plan_gb} GB | estimate |",
-            "|---|---|---|---|---|" + "---|" * len(gpus) + "---|---|"]
+    head = (
+        f"LoRA r={params.lora.r} on {len(params.lora.target_modules)} modules, bf16, {loss} loss, batch "
+        f"{t.per_device_train_batch_size}, {t.max_seq_length} tokens, eval batch {t.per_device_eval_batch_size}; "
+        f"estimate + {RUNTIME_BYTES // GIB} GiB runtime against {1 - MARGIN:.0%} of the card. yes = fits at the "
+        f"full batch, GC = only with gradient checkpointing, no = not at the full batch. The last column is "
+        f"the plan `mediagent preflight --memory-gb {plan_gb}` chooses: micro-batch x accumulation steps "
+        f"(same effective batch), GC, NF4 = 4-bit base (QLoRA, needs train.allow_quantization)"
+    )
+    rows = [
+        head,
+        "",
+        "| model | params | weights | peak, no GC | peak, GC | "
+        + " | ".join(f"{g} GB" for g in gpus)
+        + f" | plan at {plan_gb} GB | estimate |",
+        "|---|---|---|---|---|" + "---|" * len(gpus) + "---|---|",
+    ]
     at = with_overrides(params, train={"memory_budget": plan_gb})
     for name in QWEN3:
         config = qwen3_config(name)
         arch = Arch.from_config(config)
-        tp = train_plan(arch, params, "bfloat16", gradient_checkpointing=False,
-                        micro_batch=t.per_device_train_batch_size)
+        tp = train_plan(
+            arch, params, "bfloat16", gradient_checkpointing=False, micro_batch=t.per_device_train_batch_size
+        )
         cells = []
         for g in gpus:
             room = usable_bytes(g * GIB) - RUNTIME_BYTES
             cells.append("yes" if tp["peak_no_gc"] <= room else "GC" if tp["peak_gc"] <= room else "no")
         choice = choose_plan(config, at, plan_gb * GIB, "bfloat16", allow_quantization=True)
-        rows.append(f"| {name} | {sum(param_counts(arch).values()) / 1e9:.2f}B | {_gib(tp['weights'])} | "
-                    f"{_gib(tp['peak_no_gc'])} | {_gib(tp['peak_gc'])} | " + " | ".join(cells)
-                    + f" | {describe_plan(choice['plan'])} | {_gib(choice['estimate_bytes'])} |")
+        rows.append(
+            f"| {name} | {sum(param_counts(arch).values()) / 1e9:.2f}B | {_gib(tp['weights'])} | "
+            f"{_gib(tp['peak_no_gc'])} | {_gib(tp['peak_gc'])} | "
+            + " | ".join(cells)
+            + f" | {describe_plan(choice['plan'])} | {_gib(choice['estimate_bytes'])} |"
+        )
     return "\n".join(rows)
 
 
@@ -545,6 +647,8 @@ def plan_training(params: Params, dtype: str) -> dict:
     choice = choose_plan(config, params, budget, dtype)
     choice["budget_source"] = source
     if not choice["fits"]:
-        raise UserError(f"no training plan fits {_gib(choice['usable_bytes'])} of {source}: {choice['needs']}\n"
-                        + format_choice(choice))
+        raise UserError(
+            f"no training plan fits {_gib(choice['usable_bytes'])} of {source}: {choice['needs']}\n"
+            + format_choice(choice)
+        )
     return choice

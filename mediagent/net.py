@@ -24,4 +24,3 @@ def local_url(host: str, port: int) -> str:
     """Where this machine reaches a server bound to host:port."""
     host = _WILDCARD.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-

@@ -32,8 +32,18 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 # TrainingArguments' lr_scheduler_type and optim (within the installed transformers' choices: a test);
 # optimizers that train a LoRA on our devices (the 8-bit ones need bitsandbytes' GPU kernels).
-Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+]
 Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"]
 
 
@@ -58,8 +68,11 @@ class DownloadParams:
             out.append("download.files: list at least one file (name: git blob id)")
         if isinstance(self.mirrors, str) or not self.mirrors:
             return [*out, "download.mirrors: list at least one base URL (a YAML list, one `- url` per line)"]
-        out += [f"download.mirrors: {url!r} must be an http(s) URL" for url in self.mirrors
-                if not str(url).startswith(("https://", "http://"))]
+        out += [
+            f"download.mirrors: {url!r} must be an http(s) URL"
+            for url in self.mirrors
+            if not str(url).startswith(("https://", "http://"))
+        ]
         if self.timeout_s <= 0:
             out.append("download.timeout_s: must be > 0")
         return out
@@ -164,9 +177,7 @@ class LoraParams:
     def problems(self) -> list[str]:
         out = []
         if self.r not in VLLM_LORA_RANKS:
-            out.append(
-                f"lora.r: {self.r} cannot be served by vLLM; use one of {', '.join(map(str, VLLM_LORA_RANKS))}"
-            )
+            out.append(f"lora.r: {self.r} cannot be served by vLLM; use one of {', '.join(map(str, VLLM_LORA_RANKS))}")
         if not self.target_modules:
             out.append("lora.target_modules: must name at least one module (e.g. q_proj)")
         if not 0 <= self.lora_dropout < 1:
@@ -219,25 +230,41 @@ class TrainParams:
             out.append("train.learning_rate: must be > 0")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             out.append("train.max_steps / train.num_train_epochs: one must be > 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_total_limit", "max_eval_examples"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+            "max_eval_examples",
+        ):
             if getattr(self, name) < 1:
                 out.append(f"train.{name}: must be >= 1")
         for name, least in (("warmup_steps", 0), ("eval_steps", 1), ("save_steps", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= least
-                                               or isinstance(value, float) and 0 < value < 1):
-                out.append(f"train.{name}: {value!r} must be a step count >= {least} "
-                           "or a fraction of the run's steps in (0, 1), e.g. 0.05")
+            if isinstance(value, bool) or not (
+                isinstance(value, int) and value >= least or isinstance(value, float) and 0 < value < 1
+            ):
+                out.append(
+                    f"train.{name}: {value!r} must be a step count >= {least} "
+                    "or a fraction of the run's steps in (0, 1), e.g. 0.05"
+                )
         if self.micro_batch_size != "auto" and not (
-                self.micro_batch_size >= 1 and self.per_device_train_batch_size % self.micro_batch_size == 0):
-            out.append(f"train.micro_batch_size: {self.micro_batch_size!r} must be auto or a divisor of "
-                       f"train.per_device_train_batch_size ({self.per_device_train_batch_size})")
+            self.micro_batch_size >= 1 and self.per_device_train_batch_size % self.micro_batch_size == 0
+        ):
+            out.append(
+                f"train.micro_batch_size: {self.micro_batch_size!r} must be auto or a divisor of "
+                f"train.per_device_train_batch_size ({self.per_device_train_batch_size})"
+            )
         if self.memory_budget != "auto" and self.memory_budget <= 0:
             out.append(f"train.memory_budget: {self.memory_budget!r} must be auto or a size in GiB (e.g. 24)")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             out.append("train.adam_beta1/adam_beta2: each in [0, 1)")
-        out += [f"train.{n}: must be >= 0" for n in ("adam_epsilon", "weight_decay", "max_grad_norm") if getattr(self, n) < 0]
+        out += [
+            f"train.{n}: must be >= 0"
+            for n in ("adam_epsilon", "weight_decay", "max_grad_norm")
+            if getattr(self, n) < 0
+        ]
         paths = {"output_dir": self.output_dir, "checkpoint_dir": self.checkpoint_dir, "dvclive_dir": self.dvclive_dir}
         for a, b in ((a, b) for a in paths for b in paths if a < b):
             pa, pb = Path(paths[a]), Path(paths[b])
@@ -274,7 +301,9 @@ class MergeParams:
 class EvalParams:
     backend: Literal["auto", "vllm", "hf"]
     scorer: Literal["auto", "vllm", "hf"]  # answer selection
-    selection_score: Literal["mean", "pmi"]  # mean (log-prob per answer token) | pmi (conditional - unconditional, sums)
+    selection_score: Literal[
+        "mean", "pmi"
+    ]  # mean (log-prob per answer token) | pmi (conditional - unconditional, sums)
     bootstrap_resamples: int  # paired bootstrap resamples for the 95% intervals in the report
     max_questions: int
     max_generations: int
@@ -319,8 +348,10 @@ class ServeParams:
     def problems(self) -> list[str]:
         out = []
         if self.runtime_max_lora_rank not in VLLM_LORA_RANKS:
-            out.append(f"serve.runtime_max_lora_rank: {self.runtime_max_lora_rank} must be one of vLLM's ranks "
-                       f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+            out.append(
+                f"serve.runtime_max_lora_rank: {self.runtime_max_lora_rank} must be one of vLLM's ranks "
+                f"{', '.join(map(str, VLLM_LORA_RANKS))}"
+            )
         if self.runtime_max_loras < 1:
             out.append("serve.runtime_max_loras: must be >= 1 (one slot per adapter loaded at runtime)")
         if not self.experiments_dir:
@@ -374,7 +405,9 @@ class LaunchParams:
     def problems(self) -> list[str]:
         out = []
         if self.config and not Path(self.config).is_file():
-            out.append(f"launch.config: {self.config!r} is not a file (e.g. configs/accelerate/ddp.yaml, or \"\" for one process)")
+            out.append(
+                f'launch.config: {self.config!r} is not a file (e.g. configs/accelerate/ddp.yaml, or "" for one process)'
+            )
         if self.processes != "auto" and self.processes < 1:
             out.append(f"launch.processes: {self.processes!r} must be auto or a number >= 1")
         return out
@@ -442,8 +475,11 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
         with contextlib.suppress(ValueError):
             value = float(value)
     if not _accepts(hint, value):
-        problems.append(f"{where}: {value!r} is not one of: {_describe(hint)}" if origin is Literal
-                        else f"{where}: expected {_describe(hint)}, got {value!r}")
+        problems.append(
+            f"{where}: {value!r} is not one of: {_describe(hint)}"
+            if origin is Literal
+            else f"{where}: expected {_describe(hint)}, got {value!r}"
+        )
         return value
     return tuple(value) if typing.get_origin(hint) is tuple else float(value) if hint is float else value
 
@@ -504,4 +540,3 @@ def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
     for section, values in sections.items():
         raw[section] = {**raw[section], **values}
     return parse_params(raw, "overrides")
-

@@ -44,8 +44,9 @@ def logits_workspace(model) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def target_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    workspace: torch.Tensor | None = None) -> torch.Tensor:
+def target_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, workspace: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p(target | hidden) per row, with the vocab-sized logits made a chunk at a time.
 
     On a small model nearly all the cost is here (152k-vocab output layer), so rows go
@@ -55,12 +56,12 @@ def target_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     """
     out = []
     for i in range(0, hidden.shape[0], LOGPROB_CHUNK):
-        h = hidden[i:i + LOGPROB_CHUNK]
+        h = hidden[i : i + LOGPROB_CHUNK]
         if workspace is not None:
-            logits = torch.mm(h, head.weight.t(), out=workspace[:h.shape[0]])
+            logits = torch.mm(h, head.weight.t(), out=workspace[: h.shape[0]])
         else:
             logits = head(h).float()
-        tgt = logits.gather(1, targets[i:i + LOGPROB_CHUNK, None])[:, 0]
+        tgt = logits.gather(1, targets[i : i + LOGPROB_CHUNK, None])[:, 0]
         peak = logits.amax(-1, keepdim=True)
         log_norm = logits.sub_(peak).exp_().sum(-1).log_() + peak[:, 0]
         out.append(tgt - log_norm)
@@ -68,8 +69,14 @@ def target_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
 
 
 @torch.no_grad()
-def score_candidates(model, prompt: list[int], candidates: list[list[int]], batch_size: int,
-                     workspace: torch.Tensor | None = None, reduce: str = "mean") -> list[float]:
+def score_candidates(
+    model,
+    prompt: list[int],
+    candidates: list[list[int]],
+    batch_size: int,
+    workspace: torch.Tensor | None = None,
+    reduce: str = "mean",
+) -> list[float]:
     """Mean (``reduce="sum"``: total) log-prob of each candidate's tokens after ``prompt`` (shared prefix).
 
     The prompt runs once; its KV cache is copied for each batch of candidates (a
@@ -92,19 +99,23 @@ def score_candidates(model, prompt: list[int], candidates: list[list[int]], batc
     hidden_rows, target_rows, owner_rows = [], [], []
     order = sorted(range(len(candidates)), key=lambda i: len(candidates[i]))
     for start in range(0, len(order), batch_size):
-        idx = torch.tensor(order[start:start + batch_size], device=device)
+        idx = torch.tensor(order[start : start + batch_size], device=device)
         n, width = len(idx), int(lengths[idx].max()) - 1  # a candidate's last token is only a target
         if width == 0:
             continue
         ids = torch.zeros(n, width + 1, dtype=torch.long, device=device)
         for row, i in enumerate(idx.tolist()):
-            ids[row, :len(candidates[i])] = torch.tensor(candidates[i], device=device)
+            ids[row, : len(candidates[i])] = torch.tensor(candidates[i], device=device)
         valid = torch.arange(width, device=device)[None, :] < (lengths[idx, None] - 1)
         mask = torch.cat([torch.ones(n, p, dtype=torch.long, device=device), valid.long()], 1)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in layers],
-                             config=model.config)
+        cache = DynamicCache(
+            ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in layers], config=model.config
+        )
         hidden = body(
-            input_ids=ids[:, :width], attention_mask=mask, past_key_values=cache, use_cache=True,
+            input_ids=ids[:, :width],
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
             position_ids=torch.arange(p, p + width, device=device).expand(n, -1),
         ).last_hidden_state
         hidden_rows.append(hidden[valid])
@@ -122,7 +133,7 @@ def score_candidates_naive(model, prompt: list[int], candidates: list[list[int]]
     device, scores = _device(model), []
     for c in candidates:
         logits = model(torch.tensor([prompt + c], device=device)).logits[0].float()
-        lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+        lp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
         scores.append(float(lp.gather(1, torch.tensor(c, device=device)[:, None]).mean()))
     return scores
 
@@ -139,8 +150,9 @@ def encode_question(fmt: ChatFormat, q: dict, max_length: int) -> tuple[list[int
     return prompt, cands, [int(c["label"]) for c in q["candidates"]]
 
 
-def score_questions(model, fmt: ChatFormat, questions: list[dict], max_length: int, batch_size: int,
-                    desc: str, rule: str = "mean") -> list[list[float]]:
+def score_questions(
+    model, fmt: ChatFormat, questions: list[dict], max_length: int, batch_size: int, desc: str, rule: str = "mean"
+) -> list[list[float]]:
     """Each candidate's score under ``rule`` (eval.selection_score): ``mean`` log-prob per
     answer token given the question, or ``pmi``: log p(answer | question) - log p(answer | an
     empty question), in sums. PMI discounts answers that are likely whatever was asked (short,
@@ -170,22 +182,23 @@ def answer_loss(model, fmt: ChatFormat, examples: list[dict], max_length: int, b
     held-out loss scores every turn, so runs trained either way compare on the same tokens.
     """
     device, body, head = _device(model), model.get_decoder(), model.get_output_embeddings()
-    encoded = [fmt.encode([{k: v for k, v in m.items() if k != "weight"} for m in e["messages"]], max_length)
-               for e in examples]
+    encoded = [
+        fmt.encode([{k: v for k, v in m.items() if k != "weight"} for m in e["messages"]], max_length) for e in examples
+    ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # similar lengths: little padding
     nll, tokens, workspace = 0.0, 0, logits_workspace(model)
     items = [(0.0, 0)] * len(encoded)  # (NLL, tokens) per example, in the given order
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         batch = [encoded[i] for i in rows]
         width = max(len(e.input_ids) for e in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long, device=device)
         mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         for row, e in enumerate(batch):
-            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[row, :len(e.labels)] = torch.tensor(e.labels)
-            mask[row, :len(e.input_ids)] = 1
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+            mask[row, : len(e.input_ids)] = 1
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
@@ -200,23 +213,29 @@ def answer_loss(model, fmt: ChatFormat, examples: list[dict], max_length: int, b
 
 
 @torch.no_grad()
-def generate_hf(model, fmt: ChatFormat, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                min_new_tokens: int = 0) -> list[list[int]]:
+def generate_hf(
+    model, fmt: ChatFormat, prompts: list[list[int]], max_new_tokens: int, batch_size: int, min_new_tokens: int = 0
+) -> list[list[int]]:
     """Greedy continuations with transformers (left padding so all prompts end together)."""
     from transformers import GenerationConfig
 
     device, tokenizer, eos = _device(model), fmt.tokenizer, fmt.stop_ids
-    config = GenerationConfig(**GREEDY, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        **GREEDY,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     out = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, p in enumerate(batch):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         out.extend(g[width:].tolist() for g in gen.cpu())
     return out
@@ -245,14 +264,16 @@ def score_questions_vllm(llm, encoded: list[tuple[list[int], list[list[int]]]], 
     fresh = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=True)
 
     def run(pairs, sampling):
-        outs = llm.generate([{"prompt_token_ids": p + c} for p, c in pairs], sampling, lora_request=lora,
-                            use_tqdm=False)
+        outs = llm.generate(
+            [{"prompt_token_ids": p + c} for p, c in pairs], sampling, lora_request=lora, use_tqdm=False
+        )
         return [(o.prompt_logprobs, o.num_cached_tokens or 0) for o in outs]
 
     scores: list[list[float]] = []
-    for start in tqdm(range(0, len(encoded), VLLM_QUESTIONS_PER_CALL), desc="selection vllm", unit="batch",
-                      leave=False):
-        chunk = encoded[start:start + VLLM_QUESTIONS_PER_CALL]
+    for start in tqdm(
+        range(0, len(encoded), VLLM_QUESTIONS_PER_CALL), desc="selection vllm", unit="batch", leave=False
+    ):
+        chunk = encoded[start : start + VLLM_QUESTIONS_PER_CALL]
         pairs = [(p, c) for p, cands in chunk for c in cands]
         results = run(pairs, cached)
         # entry i holds log p(token i | tokens < i); it is computed only for i > cached tokens
@@ -263,6 +284,6 @@ def score_questions_vllm(llm, encoded: list[tuple[list[int], list[list[int]]]], 
         for (p, c), (logprobs, _) in zip(pairs, results):
             flat.append(sum(logprobs[len(p) + j][t].logprob for j, t in enumerate(c)) / len(c))
         for _, cands in chunk:
-            scores.append(flat[:len(cands)])
-            flat = flat[len(cands):]
+            scores.append(flat[: len(cands)])
+            flat = flat[len(cands) :]
     return scores

@@ -45,18 +45,43 @@ from mediagent.text_clean import clean_table, question_key
 # Each format's field names when params.yaml maps none; only question/answer/messages (and a
 # dialogue's role and content) must exist: the others are optional unless mapped explicitly.
 DEFAULT_COLUMNS = {
-    "alpaca": {"question": "instruction", "input": "input", "answer": "output", "system": "system",
-               "history": "history", "id": "id"},
+    "alpaca": {
+        "question": "instruction",
+        "input": "input",
+        "answer": "output",
+        "system": "system",
+        "history": "history",
+        "id": "id",
+    },
     "table": {"question": "question", "answer": "answer", "system": "system", "id": "id"},
-    "sharegpt": {"messages": "conversations", "role": "from", "content": "value", "user": "human",
-                 "assistant": "gpt", "system_role": "system", "system": "system", "id": "id"},
-    "messages": {"messages": "messages", "role": "role", "content": "content", "user": "user",
-                 "assistant": "assistant", "system_role": "system", "system": "system", "id": "id"},
+    "sharegpt": {
+        "messages": "conversations",
+        "role": "from",
+        "content": "value",
+        "user": "human",
+        "assistant": "gpt",
+        "system_role": "system",
+        "system": "system",
+        "id": "id",
+    },
+    "messages": {
+        "messages": "messages",
+        "role": "role",
+        "content": "content",
+        "user": "user",
+        "assistant": "assistant",
+        "system_role": "system",
+        "system": "system",
+        "id": "id",
+    },
 }
 OPTIONAL = ("input", "system", "history", "id")
 # A dialogue given as a list of strings marks its turns "问：" (question) and "答：" (answer).
 PREFIX = re.compile(r"^\s*[问答][：:]\s*")
-SUFFIXES = {"table": (".csv", ".tsv", ".xlsx"), **dict.fromkeys(("alpaca", "sharegpt", "messages"), (".json", ".jsonl"))}
+SUFFIXES = {
+    "table": (".csv", ".tsv", ".xlsx"),
+    **dict.fromkeys(("alpaca", "sharegpt", "messages"), (".json", ".jsonl")),
+}
 
 
 class Dialogue(NamedTuple):
@@ -75,12 +100,16 @@ def source_files(src: SourceParams, where: str) -> list[Path]:
     else:
         files = [Path(src.path)] if Path(src.path).is_file() else []
     if not files:
-        raise ProcessError(f"{where}.path: {src.path!r} matches no file; name a file, a folder with "
-                           f"{'/'.join(suffixes)} files, or a glob such as data/raw/own/*{suffixes[0]}")
+        raise ProcessError(
+            f"{where}.path: {src.path!r} matches no file; name a file, a folder with "
+            f"{'/'.join(suffixes)} files, or a glob such as data/raw/own/*{suffixes[0]}"
+        )
     wrong = [f for f in files if f.suffix.lower() not in suffixes]
     if wrong:
-        raise ProcessError(f"{wrong[0]}: format {src.format} reads {'/'.join(suffixes)} files; set {where}.format "
-                           f"to the file's format or narrow {where}.path")
+        raise ProcessError(
+            f"{wrong[0]}: format {src.format} reads {'/'.join(suffixes)} files; set {where}.format "
+            f"to the file's format or narrow {where}.path"
+        )
     return files
 
 
@@ -98,11 +127,14 @@ def json_records(path: Path) -> tuple[list[tuple[str, object]], str]:
         try:
             records = orjson.loads(text)
         except orjson.JSONDecodeError as e:
-            raise ProcessError(f"{path}: not valid JSON ({e}); fix the file, or write one JSON object per line "
-                               f"in a .jsonl file") from e
+            raise ProcessError(
+                f"{path}: not valid JSON ({e}); fix the file, or write one JSON object per line in a .jsonl file"
+            ) from e
         if not isinstance(records, list):
-            raise ProcessError(f"{path}: expected a JSON array of records [{{...}}, ...], got a "
-                               f"{type(records).__name__}; wrap the records in [ ]")
+            raise ProcessError(
+                f"{path}: expected a JSON array of records [{{...}}, ...], got a "
+                f"{type(records).__name__}; wrap the records in [ ]"
+            )
         return [(f"{path} record {i + 1}", r) for i, r in enumerate(records)], encoding
     out = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -110,8 +142,9 @@ def json_records(path: Path) -> tuple[list[tuple[str, object]], str]:
             try:
                 out.append((f"{path} line {n}", orjson.loads(line)))
             except orjson.JSONDecodeError as e:
-                raise ProcessError(f"{path} line {n}: malformed JSON ({e}); fix that line (one JSON object "
-                                   f"per line) or delete it") from e
+                raise ProcessError(
+                    f"{path} line {n}: malformed JSON ({e}); fix that line (one JSON object per line) or delete it"
+                ) from e
     return out, encoding
 
 
@@ -120,19 +153,24 @@ def table_records(path: Path, sheet: str, where: str) -> tuple[list[tuple[str, d
     if path.suffix.lower() == ".xlsx":
         with pd.ExcelFile(path, engine="openpyxl") as book:
             if not sheet and len(book.sheet_names) > 1:
-                raise ProcessError(f"{path}: has sheets {book.sheet_names} and none is named; add "
-                                   f"`sheet: {book.sheet_names[0]}` (the one to read) to {where}")
+                raise ProcessError(
+                    f"{path}: has sheets {book.sheet_names} and none is named; add "
+                    f"`sheet: {book.sheet_names[0]}` (the one to read) to {where}"
+                )
             if sheet and sheet not in book.sheet_names:
                 raise ProcessError(f"{path}: no sheet {sheet!r} (sheets: {book.sheet_names}); fix {where}.sheet")
             df, encoding = book.parse(sheet or 0, dtype=str).fillna(""), "xlsx"
     else:
         text, encoding = decode(path)
         try:
-            df = pd.read_csv(io.StringIO(text), sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
-                             keep_default_na=False)
+            df = pd.read_csv(
+                io.StringIO(text), sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False
+            )
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise ProcessError(f"{path}: cannot be read as a table ({e}); quote fields that contain the "
-                               f"delimiter, or save it as .tsv if it is tab-separated") from e
+            raise ProcessError(
+                f"{path}: cannot be read as a table ({e}); quote fields that contain the "
+                f"delimiter, or save it as .tsv if it is tab-separated"
+            ) from e
     df.columns = [str(c).strip() for c in df.columns]
     # Row numbers as a spreadsheet shows them: the header is row 1.
     return [(f"{path} row {i + 2}", r) for i, r in enumerate(df.to_dict("records"))], encoding
@@ -145,8 +183,10 @@ def _field(rec: dict, cols: dict, key: str, ref: str, where: str, explicit: set)
         return rec[name]
     if key in OPTIONAL and key not in explicit:
         return None
-    raise ProcessError(f"{ref}: no field {name!r} for the {key} (fields there: {', '.join(map(str, rec)) or 'none'}); "
-                       f"name the right one in params.yaml: {where}.columns.{key}: <field>")
+    raise ProcessError(
+        f"{ref}: no field {name!r} for the {key} (fields there: {', '.join(map(str, rec)) or 'none'}); "
+        f"name the right one in params.yaml: {where}.columns.{key}: <field>"
+    )
 
 
 def _text(value: object, ref: str, what: str) -> str:
@@ -166,30 +206,45 @@ def single_turns(rec: dict, cols: dict, ref: str, where: str, explicit: set) -> 
     history = _field(rec, cols, "history", ref, where, explicit) if "history" in cols else None
     for k, pair in enumerate(history or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise ProcessError(f"{ref}: history item {k + 1} is {pair!r}, not a [question, answer] pair; fix the "
-                               f"record or map {where}.columns.history to the right field")
-        turns += [("user", _text(pair[0], ref, "history question")), ("assistant", _text(pair[1], ref, "history answer"))]
-    return [*turns, ("user", question), ("assistant", _text(_field(rec, cols, "answer", ref, where, explicit), ref, "answer"))]
+            raise ProcessError(
+                f"{ref}: history item {k + 1} is {pair!r}, not a [question, answer] pair; fix the "
+                f"record or map {where}.columns.history to the right field"
+            )
+        turns += [
+            ("user", _text(pair[0], ref, "history question")),
+            ("assistant", _text(pair[1], ref, "history answer")),
+        ]
+    return [
+        *turns,
+        ("user", question),
+        ("assistant", _text(_field(rec, cols, "answer", ref, where, explicit), ref, "answer")),
+    ]
 
 
 def dialogue_turns(rec: dict, cols: dict, ref: str, where: str, explicit: set) -> tuple[str | None, list]:
     """sharegpt / messages: the system turn (if first) and the user/assistant turns with their roles mapped."""
     turns = _field(rec, cols, "messages", ref, where, explicit)
     if not isinstance(turns, list):
-        raise ProcessError(f"{ref}: {cols['messages']!r} is not a list of turns; map {where}.columns.messages "
-                           f"to the field holding them")
+        raise ProcessError(
+            f"{ref}: {cols['messages']!r} is not a list of turns; map {where}.columns.messages "
+            f"to the field holding them"
+        )
     if turns and all(isinstance(turn, str) for turn in turns):  # ["问：…", "答：…", …]: user first, alternating
         return None, [("user" if k % 2 == 0 else "assistant", PREFIX.sub("", turn)) for k, turn in enumerate(turns)]
     roles = {cols["user"]: "user", cols["assistant"]: "assistant", cols["system_role"]: "system"}
     system, out = None, []
     for k, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
-            raise ProcessError(f"{ref}: turn {k} is {turn!r}, not an object with {cols['role']!r} and {cols['content']!r}")
+            raise ProcessError(
+                f"{ref}: turn {k} is {turn!r}, not an object with {cols['role']!r} and {cols['content']!r}"
+            )
         role = _field(turn, cols, "role", f"{ref} turn {k}", where, explicit)
         if role not in roles:
-            raise ProcessError(f"{ref} turn {k}: role {role!r} is neither {cols['user']!r} (user) nor "
-                               f"{cols['assistant']!r} (assistant); map it in params.yaml: {where}.columns.user: "
-                               f"<role> or {where}.columns.assistant: <role>")
+            raise ProcessError(
+                f"{ref} turn {k}: role {role!r} is neither {cols['user']!r} (user) nor "
+                f"{cols['assistant']!r} (assistant); map it in params.yaml: {where}.columns.user: "
+                f"<role> or {where}.columns.assistant: <role>"
+            )
         text = _text(_field(turn, cols, "content", f"{ref} turn {k}", where, explicit), f"{ref} turn {k}", "content")
         if roles[role] == "system" and k == 1:
             system = text
@@ -203,15 +258,21 @@ def check_dialogue(ref: str, turns: list[tuple[str, str]], where: str, cols: dic
     for k, (role, text) in enumerate(turns):
         expected = "user" if k % 2 == 0 else "assistant"
         if role != expected:
-            raise ProcessError(f"{ref}: turn {k + 1} is {role!r} where {expected!r} is expected; turns must alternate "
-                               f"user/assistant starting with the user (a system turn only first); fix the record")
+            raise ProcessError(
+                f"{ref}: turn {k + 1} is {role!r} where {expected!r} is expected; turns must alternate "
+                f"user/assistant starting with the user (a system turn only first); fix the record"
+            )
         if role == "assistant" and not text.strip():
             field = cols.get("content") or cols.get("answer")
-            raise ProcessError(f"{ref}: assistant turn {k // 2 + 1} ({field!r}) is empty; fill it or drop the record, "
-                               f"or map {where}.columns to the field that holds the answers")
+            raise ProcessError(
+                f"{ref}: assistant turn {k // 2 + 1} ({field!r}) is empty; fill it or drop the record, "
+                f"or map {where}.columns to the field that holds the answers"
+            )
     if not turns or turns[-1][0] != "assistant":
-        raise ProcessError(f"{ref}: the dialogue ends with a user turn (or has none); the last turn must be the "
-                           f"assistant's answer: remove the unanswered question")
+        raise ProcessError(
+            f"{ref}: the dialogue ends with a user turn (or has none); the last turn must be the "
+            f"assistant's answer: remove the unanswered question"
+        )
 
 
 def read_source(src: SourceParams, where: str, limit: int) -> tuple[list[Dialogue], dict]:
@@ -233,9 +294,15 @@ def read_source(src: SourceParams, where: str, limit: int) -> tuple[list[Dialogu
             if (rid := _field(rec, cols, "id", ref, where, explicit)) not in (None, ""):
                 ref = f"{ref} (id {rid})"  # errors name the record by the user's own id too
             if src.format in ("alpaca", "table"):
-                system, turns = _field(rec, cols, "system", ref, where, explicit), single_turns(rec, cols, ref, where, explicit)
+                system, turns = (
+                    _field(rec, cols, "system", ref, where, explicit),
+                    single_turns(rec, cols, ref, where, explicit),
+                )
             else:
-                (system, turns), own = dialogue_turns(rec, cols, ref, where, explicit), _field(rec, cols, "system", ref, where, explicit)
+                (system, turns), own = (
+                    dialogue_turns(rec, cols, ref, where, explicit),
+                    _field(rec, cols, "system", ref, where, explicit),
+                )
                 system = system if system is not None else own
             check_dialogue(ref, turns, where, cols)
             system = _text(system, ref, "system").strip() or src.system_prompt or None

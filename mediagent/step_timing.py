@@ -27,6 +27,7 @@ from mediagent.params import Params, with_overrides
 
 def measure_params(params: Params, steps: int) -> Params:
     """params.yaml's values for a run of ``steps`` steps whose outputs stay in the current folder."""
+
     def absolute(path: str) -> str:
         return str(Path(path).resolve()) if path else path
 
@@ -34,12 +35,21 @@ def measure_params(params: Params, steps: int) -> Params:
     return with_overrides(
         params,
         data={"processed_dir": absolute(params.data.processed_dir)},
-        model={"dir": absolute(params.model.dir),
-               "chat_template": absolute(chat_template) if Path(chat_template).is_file() else chat_template},
+        model={
+            "dir": absolute(params.model.dir),
+            "chat_template": absolute(chat_template) if Path(chat_template).is_file() else chat_template,
+        },
         launch={"config": absolute(params.launch.config)},
-        train={"max_steps": steps, "logging_steps": 1, "eval_steps": steps, "save_steps": steps,
-               "output_dir": "adapter", "checkpoint_dir": "checkpoints", "metrics_file": "metrics/train.json",
-               "dvclive_dir": "dvclive"},
+        train={
+            "max_steps": steps,
+            "logging_steps": 1,
+            "eval_steps": steps,
+            "save_steps": steps,
+            "output_dir": "adapter",
+            "checkpoint_dir": "checkpoints",
+            "metrics_file": "metrics/train.json",
+            "dvclive_dir": "dvclive",
+        },
     )
 
 
@@ -58,8 +68,10 @@ def run_steps(params: Params, steps: int, workdir: Path) -> dict:
         raise UserError(f"--measure {steps}: give at least 3 steps (the first is a warm-up left out)")
     processed = Path(params.data.processed_dir) / "train.jsonl"
     if not processed.is_file() or not (params.model.path / "config.json").is_file():
-        raise UserError(f"--measure trains on the current setup: needs {processed} and {params.model.path}; "
-                        f"run `dvc repro process base` (or `make base`) first")
+        raise UserError(
+            f"--measure trains on the current setup: needs {processed} and {params.model.path}; "
+            f"run `dvc repro process base` (or `make base`) first"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     raw = measure_params(params, steps).to_dict()
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -67,16 +79,30 @@ def run_steps(params: Params, steps: int, workdir: Path) -> dict:
     root = str(Path(mediagent.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     # its output goes on to the terminal as it comes, and is kept for the step lines
-    proc = subprocess.Popen([sys.executable, "-m", "mediagent.pipeline.train"], cwd=workdir, env=env,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mediagent.pipeline.train"],
+        cwd=workdir,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
     lines = []
     for line in proc.stderr:
         sys.stderr.write(line)
         lines.append(line)
     if proc.wait():
-        raise UserError(f"the train stage stopped with exit code {proc.returncode} after its own error above; "
-                        f"--measure runs only a setup that `dvc repro train` can run")
+        raise UserError(
+            f"the train stage stopped with exit code {proc.returncode} after its own error above; "
+            f"--measure runs only a setup that `dvc repro train` can run"
+        )
     timed, seconds = step_seconds(lines)
     lineage = json.loads((workdir / "adapter" / "lineage.json").read_text(encoding="utf-8"))
-    return {"steps": steps, "timed_steps": timed, "seconds_per_step": seconds, "world_size": lineage["world_size"],
-            "metrics": json.loads((workdir / "metrics" / "train.json").read_text(encoding="utf-8"))}
+    return {
+        "steps": steps,
+        "timed_steps": timed,
+        "seconds_per_step": seconds,
+        "world_size": lineage["world_size"],
+        "metrics": json.loads((workdir / "metrics" / "train.json").read_text(encoding="utf-8")),
+    }

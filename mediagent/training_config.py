@@ -28,19 +28,27 @@ from mediagent.params import LoraParams, TrainParams
 FIXED_TRAINING: dict[str, tuple[Any, str]] = {
     "optim_args": (None, "the optimizer's settings are the train.adam_* and train.weight_decay params"),
     "optim_target_modules": (None, "only GaLore/APOLLO optimizers use it; train.optim offers none of them"),
-    "average_tokens_across_devices": (True, "the loss is the mean over the learned tokens of all processes, "
-                                            "so 1 or N processes train the same adapter (see launch:)"),
+    "average_tokens_across_devices": (
+        True,
+        "the loss is the mean over the learned tokens of all processes, "
+        "so 1 or N processes train the same adapter (see launch:)",
+    ),
     "label_smoothing_factor": (0.0, "plain cross-entropy; the chunked loss returns no logits to smooth"),
     "bf16_full_eval": (False, "evaluation runs the model as trained, so eval_loss compares with train_loss"),
     "fp16_full_eval": (False, "as bf16_full_eval"),
     "tf32": (False, "float32 matmuls stay float32 on Ampere+ GPUs (no effect on CPUs)"),
-    "gradient_checkpointing_kwargs": ({"use_reentrant": False},
-                                      "non-reentrant checkpointing needs no grad on the (frozen) inputs"),
+    "gradient_checkpointing_kwargs": (
+        {"use_reentrant": False},
+        "non-reentrant checkpointing needs no grad on the (frozen) inputs",
+    ),
     "torch_compile": (False, "compiling costs minutes at start-up and reorders float sums"),
     "use_liger_kernel": (False, "Liger's kernels are Triton (GPU only); train.loss=chunked saves the memory anywhere"),
     "neftune_noise_alpha": (None, "no noise on the input embeddings (NEFTune); make it a train param to try it"),
-    "auto_find_batch_size": (False, "it halves the batch on OOM without rescaling gradient accumulation (the "
-                                    "effective batch changes silently); the memory plan decides before loading"),
+    "auto_find_batch_size": (
+        False,
+        "it halves the batch on OOM without rescaling gradient accumulation (the "
+        "effective batch changes silently); the memory plan decides before loading",
+    ),
     "logging_nan_inf_filter": (False, "a nan/inf step loss shows in the logs and train_loss, not hidden"),
     "eval_strategy": ("steps", "evaluate every train.eval_steps and at the end"),
     "eval_delay": (0, "the first evaluation is at step 0 (eval_on_start: eval_loss_step0)"),
@@ -48,12 +56,17 @@ FIXED_TRAINING: dict[str, tuple[Any, str]] = {
     "eval_on_start": (True, "eval_loss_step0, evaluated inside train() so FSDP2 wraps model and optimizer together"),
     "prediction_loss_only": (True, "evaluation needs eval_loss only (the chunked loss returns no logits)"),
     "save_strategy": ("steps", "a checkpoint every train.save_steps to resume from"),
-    "save_only_model": (False, "checkpoints keep optimizer, scheduler and RNG states: a resumed run ends "
-                               "with the adapter an uninterrupted one would"),
+    "save_only_model": (
+        False,
+        "checkpoints keep optimizer, scheduler and RNG states: a resumed run ends "
+        "with the adapter an uninterrupted one would",
+    ),
     "load_best_model_at_end": (False, "the adapter is the last step's; the val split is watched, not used to pick"),
     "ignore_data_skip": (False, "a resumed run skips the batches it already trained on"),
-    "full_determinism": (False, "deterministic-only kernels are slower on GPUs; seeds and the epoch-seeded "
-                                "sampler fix the batch order"),
+    "full_determinism": (
+        False,
+        "deterministic-only kernels are slower on GPUs; seeds and the epoch-seeded sampler fix the batch order",
+    ),
     "dataloader_drop_last": (False, "the last, partial batch is trained on too"),
     "dataloader_num_workers": (0, "batches built in the training process: their order cannot depend on timing"),
     "dataloader_in_order": (True, "batches in the sampler's order"),
@@ -77,32 +90,73 @@ DERIVED_TRAINING: dict[str, str] = {
 
 # field -> why it cannot change the adapter or its metrics.
 NO_EFFECT_TRAINING: dict[str, str] = {
-    **dict.fromkeys(("save_steps", "save_total_limit", "save_on_each_node", "enable_jit_checkpoint",
-                     "resume_from_checkpoint"),
-                    "where and when checkpoints are written (train.checkpoint_dir); main() resumes explicitly"),
-    **dict.fromkeys(("logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "log_level",
-                     "log_level_replica", "disable_tqdm", "include_num_input_tokens_seen", "report_to", "run_name",
-                     "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
-                     "skip_memory_metrics", "debug"),
-                    "logging and reporting only (dvclive is attached by the train stage)"),
-    **dict.fromkeys(("push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
-                     "hub_always_push", "hub_revision"), "the hub: nothing is pushed"),
-    **dict.fromkeys(("eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
-                     "include_for_metrics", "batch_eval_metrics"), "only eval_loss is computed (prediction_loss_only)"),
+    **dict.fromkeys(
+        ("save_steps", "save_total_limit", "save_on_each_node", "enable_jit_checkpoint", "resume_from_checkpoint"),
+        "where and when checkpoints are written (train.checkpoint_dir); main() resumes explicitly",
+    ),
+    **dict.fromkeys(
+        (
+            "logging_strategy",
+            "logging_steps",
+            "logging_first_step",
+            "log_on_each_node",
+            "log_level",
+            "log_level_replica",
+            "disable_tqdm",
+            "include_num_input_tokens_seen",
+            "report_to",
+            "run_name",
+            "project",
+            "trackio_space_id",
+            "trackio_bucket_id",
+            "trackio_static_space_id",
+            "skip_memory_metrics",
+            "debug",
+        ),
+        "logging and reporting only (dvclive is attached by the train stage)",
+    ),
+    **dict.fromkeys(
+        (
+            "push_to_hub",
+            "hub_token",
+            "hub_private_repo",
+            "hub_model_id",
+            "hub_strategy",
+            "hub_always_push",
+            "hub_revision",
+        ),
+        "the hub: nothing is pushed",
+    ),
+    **dict.fromkeys(
+        (
+            "eval_do_concat_batches",
+            "eval_use_gather_object",
+            "eval_accumulation_steps",
+            "include_for_metrics",
+            "batch_eval_metrics",
+        ),
+        "only eval_loss is computed (prediction_loss_only)",
+    ),
     **dict.fromkeys(("metric_for_best_model", "greater_is_better"), "only with load_best_model_at_end (off)"),
     **dict.fromkeys(("torch_compile_backend", "torch_compile_mode"), "only with torch_compile (off)"),
     "liger_kernel_config": "only with use_liger_kernel (off)",
-    **dict.fromkeys(("dataloader_persistent_workers", "dataloader_prefetch_factor",
-                     "dataloader_multiprocessing_context"), "only with dataloader workers (none)"),
+    **dict.fromkeys(
+        ("dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context"),
+        "only with dataloader workers (none)",
+    ),
     "dataloader_pin_memory": "copy speed to the GPU only",
     "length_column_name": "the features have no length column: lengths are counted from input_ids",
     "use_cache": "training runs whole sequences; the KV cache is for generation",
     "torch_empty_cache_steps": "frees cached GPU memory; the numbers are the same",
     "restore_callback_states_from_checkpoint": "callbacks here keep no state that changes training",
-    **dict.fromkeys(("ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend",
-                     "ddp_timeout"), "how processes communicate, not what they compute (LoRA has no buffers)"),
-    **dict.fromkeys(("fsdp", "fsdp_config", "deepspeed", "accelerator_config", "parallelism_config", "local_rank"),
-                    "the launch (launch.config's accelerate file) decides; the adapter does not depend on it"),
+    **dict.fromkeys(
+        ("ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout"),
+        "how processes communicate, not what they compute (LoRA has no buffers)",
+    ),
+    **dict.fromkeys(
+        ("fsdp", "fsdp_config", "deepspeed", "accelerator_config", "parallelism_config", "local_rank"),
+        "the launch (launch.config's accelerate file) decides; the adapter does not depend on it",
+    ),
     **dict.fromkeys(("do_train", "do_eval", "do_predict"), "read by example scripts, not by Trainer"),
 }
 
@@ -123,17 +177,23 @@ FIXED_LORA: dict[str, tuple[Any, str]] = {
     "target_parameters": (None, "LoRA on linear modules only, as vLLM serves it"),
     "layer_replication": (None, "the base's layers as they are"),
     # variants of LoRA: their adapters are not plain LoRA weights, which is all vLLM serves
-    **dict.fromkeys(("velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
-                     "alora_invocation_tokens"), (None, "plain LoRA, the only kind vLLM serves")),
+    **dict.fromkeys(
+        ("velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config", "alora_invocation_tokens"),
+        (None, "plain LoRA, the only kind vLLM serves"),
+    ),
     "use_qalora": (False, "QLoRA here is plain LoRA on an NF4 base (model.quantization), not QA-LoRA"),
 }
 
 NO_EFFECT_LORA: dict[str, str] = {
-    **dict.fromkeys(("peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                     "inference_mode"), "set by peft for saving and loading"),
+    **dict.fromkeys(
+        ("peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"),
+        "set by peft for saving and loading",
+    ),
     "layers_pattern": "only with layers_to_transform (every layer)",
-    **dict.fromkeys(("loftq_config", "eva_config", "corda_config", "lora_ga_config"),
-                    "read only by its own init_lora_weights method (the plain one is used)"),
+    **dict.fromkeys(
+        ("loftq_config", "eva_config", "corda_config", "lora_ga_config"),
+        "read only by its own init_lora_weights method (the plain one is used)",
+    ),
     **dict.fromkeys(("megatron_config", "megatron_core"), "Megatron layers only"),
     "qalora_group_size": "only with use_qalora (off)",
     "runtime_config": "peft's runtime options (GPU offload when loading), not saved with the adapter",

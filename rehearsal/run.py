@@ -42,10 +42,10 @@ from pathlib import Path
 
 import yaml
 
-from rehearsal.checkpoint import build_checkpoint
-from rehearsal.data import official_layout
 from mediagent import errors
 from mediagent.fileio import git_blob_id
+from rehearsal.checkpoint import build_checkpoint
+from rehearsal.data import official_layout
 from rehearsal.hosts import FileHost, LoopbackHub, LoopbackModelScope
 
 log = logging.getLogger("rehearsal")
@@ -105,7 +105,8 @@ def check_data(folder: Path) -> None:
             f"cMedQA2 files missing in {folder}: {', '.join(missing)} — put cMedQA2's dev_candidates.zip and "
             "test_candidates.zip (https://github.com/zhangsheng93/cMedQA2) in that folder and real question.csv "
             "and answer.csv in its sample/, or set MEDQA_SHARED_DATA to a folder that has them; "
-            "`make demo` needs none of this")
+            "`make demo` needs none of this"
+        )
 
 
 def free_port() -> int:
@@ -123,8 +124,15 @@ class Runner:
     def __call__(self, args: list[str], timeout: float = 1200, check: bool = True, watch=None) -> str:
         log.info("$ %s", " ".join(args))
         t0 = time.monotonic()
-        proc = subprocess.Popen(args, cwd=self.repo, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=self.repo,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         stop = threading.Event()
         watcher = threading.Thread(target=watch, args=(proc.pid, stop), daemon=True) if watch else None
         if watcher:
@@ -226,8 +234,10 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
         wait_for_server(url, proc, timeout=420)
         startup = time.monotonic() - t0
         client = ModelClient(f"{url}/v1")
-        messages = [{"role": "system", "content": "你是一个专业的医疗助手，能够提供准确的医疗咨询。"},
-                    {"role": "user", "content": "孩子发烧38.5度需要去医院吗？"}]
+        messages = [
+            {"role": "system", "content": "你是一个专业的医疗助手，能够提供准确的医疗咨询。"},
+            {"role": "user", "content": "孩子发烧38.5度需要去医院吗？"},
+        ]
         reply = client.complete("medqa", messages, 16, 0)
         # The prompt the server builds must be the training one (project template, empty think block).
         body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
@@ -238,8 +248,12 @@ def serve_check(run: Runner, make: list[str], merged: bool, repo: Path, logs: Pa
 
         tok = AutoTokenizer.from_pretrained(str(repo / "models" / ("merged" if merged else "adapter")))
         want = ChatFormat.of(tok).prompt_ids(messages)
-        return {"ok": reply.finish_reason in ("stop", "length"),
-                "template_ok": served_ids == want, "answer": reply.text, "startup_s": round(startup, 1)}
+        return {
+            "ok": reply.finish_reason in ("stop", "length"),
+            "template_ok": served_ids == want,
+            "answer": reply.text,
+            "startup_s": round(startup, 1),
+        }
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -256,8 +270,15 @@ def sweep(run: Runner, dvc: list[str], hub: LoopbackHub | LoopbackModelScope, lo
         run(dvc + ["exp", "run", "--queue", "-S", f"lora.r={r}"])
     # The queue's workers outlive `dvc queue start` and would hold a stdout pipe open.
     with (logs / "queue.log").open("w") as fh:
-        subprocess.run(dvc + ["queue", "start", "-j", "1"], cwd=run.repo, env=run.env, stdout=fh,
-                       stderr=subprocess.STDOUT, check=True, timeout=120)
+        subprocess.run(
+            dvc + ["queue", "start", "-j", "1"],
+            cwd=run.repo,
+            env=run.env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=120,
+        )
     deadline = time.monotonic() + 900
     while True:
         status = run(dvc + ["queue", "status"], check=False)
@@ -278,14 +299,16 @@ def sweep(run: Runner, dvc: list[str], hub: LoopbackHub | LoopbackModelScope, lo
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", [exp]):
                 data = rev.get("data") or {}
-                params = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-                metrics = (((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data") or {})
-                experiments.append({
-                    "name": rev.get("name") or exp.get("name"),
-                    "lora.r": (params.get("lora") or {}).get("r"),
-                    "tuned.p_at_1": (metrics.get("tuned") or {}).get("p_at_1"),
-                    "tuned.loss": (metrics.get("tuned") or {}).get("loss"),
-                })
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                metrics = ((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data") or {}
+                experiments.append(
+                    {
+                        "name": rev.get("name") or exp.get("name"),
+                        "lora.r": (params.get("lora") or {}).get("r"),
+                        "tuned.p_at_1": (metrics.get("tuned") or {}).get("p_at_1"),
+                        "tuned.loss": (metrics.get("tuned") or {}).get("loss"),
+                    }
+                )
     done = [e for e in experiments if e["lora.r"] in (8, 32) and e["tuned.loss"] is not None]
     if len(done) < 2:
         raise RehearsalError(f"dvc exp show lists {experiments}, expected the r=8 and r=32 runs with metrics")
@@ -317,11 +340,16 @@ def budget_forcing_micro_batches(repo: Path, base_dir: Path, overrides: dict) ->
     for key, value in overrides.items():
         section, name = key.split(".", 1)
         sections.setdefault(section, {})[name] = value
-    params = with_overrides(load_params(repo / "params.yaml"), **{k: v for k, v in sections.items() if k in ("train", "model")})
+    params = with_overrides(
+        load_params(repo / "params.yaml"), **{k: v for k, v in sections.items() if k in ("train", "model")}
+    )
     batch = params.train.per_device_train_batch_size
     arch = memory.Arch.from_config(config)
-    need = {m: memory.train_plan(arch, params, "bfloat16", micro_batch=m, gradient_checkpointing=False)["peak"]
-            + memory.RUNTIME_BYTES for m in (batch, batch // 2)}
+    need = {
+        m: memory.train_plan(arch, params, "bfloat16", micro_batch=m, gradient_checkpointing=False)["peak"]
+        + memory.RUNTIME_BYTES
+        for m in (batch, batch // 2)
+    }
     if not need[batch // 2] < need[batch]:
         raise RehearsalError(f"half the batch needs as much as the whole ({need}): no budget can force micro-batches")
     return round((need[batch] + need[batch // 2]) / 2 / (1 - memory.MARGIN) / memory.GIB, 4)
@@ -330,17 +358,26 @@ def budget_forcing_micro_batches(repo: Path, base_dir: Path, overrides: dict) ->
 def remote_env(source: str, url: str, work: Path) -> dict:
     """What points the source's real client at the stand-in (and keeps its state in work)."""
     if source == "modelscope":
-        return {"MODELSCOPE_ENDPOINT": url, "MODELSCOPE_CACHE": str(work / "modelscope_cache"),
-                "MODELSCOPE_HOME": str(work / "modelscope_home")}
-    return {"HF_ENDPOINT": url, "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        return {
+            "MODELSCOPE_ENDPOINT": url,
+            "MODELSCOPE_CACHE": str(work / "modelscope_cache"),
+            "MODELSCOPE_HOME": str(work / "modelscope_home"),
+        }
+    return {
+        "HF_ENDPOINT": url,
+        "HF_HOME": str(work / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
 
 
 def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
     venv = (ROOT / ".venv").resolve()
     repo = work / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
-    report["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    report["commit"] = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
     (repo / ".venv").symlink_to(venv, target_is_directory=True)
 
     t = time.monotonic()
@@ -350,10 +387,15 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
 
     with REMOTES[source](REPO_ID, COMMIT, hub_dir) as hub, FileHost(files) as host:
         env = {
-            **os.environ, **remote_env(source, hub.url, work), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
+            **os.environ,
+            **remote_env(source, hub.url, work),
+            "DVC_NO_ANALYTICS": "1",
+            "TQDM_DISABLE": "1",
             "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-            "GIT_AUTHOR_NAME": "rehearsal", "GIT_AUTHOR_EMAIL": "rehearsal@localhost",
-            "GIT_COMMITTER_NAME": "rehearsal", "GIT_COMMITTER_EMAIL": "rehearsal@localhost",
+            "GIT_AUTHOR_NAME": "rehearsal",
+            "GIT_AUTHOR_EMAIL": "rehearsal@localhost",
+            "GIT_COMMITTER_NAME": "rehearsal",
+            "GIT_COMMITTER_EMAIL": "rehearsal@localhost",
         }
         for name in ("HF_HUB_OFFLINE", "MODELSCOPE_DOMAIN", "MODELSCOPE_API_TOKEN"):
             env.pop(name, None)
@@ -373,14 +415,31 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
         second_out = run(make + ["base"])
         report["stages_run_make_base"] = [ran(first_out), ran(second_out)]
         report["base"] = {
-            "source": fetch["source"], "repo": REPO_ID, "revision": fetch["revision"], "files": sorted(fetch["files"]),
-            "requests": first, "downloaded": sorted(hub.downloads), "refetch_requests": hub.count() - first,
+            "source": fetch["source"],
+            "repo": REPO_ID,
+            "revision": fetch["revision"],
+            "files": sorted(fetch["files"]),
+            "requests": first,
+            "downloaded": sorted(hub.downloads),
+            "refetch_requests": hub.count() - first,
             # Hard links to the DVC cache (link count 2) or symlinks: the base is stored once.
             "shard_link_counts": sorted({p.stat().st_nlink for p in base_dir.glob("*.safetensors")}),
             "shards_are_symlinks": any(p.is_symlink() for p in base_dir.glob("*.safetensors")),
-            "config": {k: json.loads((base_dir / "config.json").read_text())[k] for k in (
-                "tie_word_embeddings", "torch_dtype", "head_dim", "num_attention_heads", "num_key_value_heads",
-                "rope_theta", "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers")},
+            "config": {
+                k: json.loads((base_dir / "config.json").read_text())[k]
+                for k in (
+                    "tie_word_embeddings",
+                    "torch_dtype",
+                    "head_dim",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "rope_theta",
+                    "vocab_size",
+                    "max_position_embeddings",
+                    "hidden_size",
+                    "num_hidden_layers",
+                )
+            },
         }
         report["timings_s"]["make_base_x2"] = round(time.monotonic() - t, 1)
         if report["base"]["source"] != source:
@@ -395,7 +454,9 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
         run(make + ["data"])
         report["data"] = {
             "files": sorted(p.name for p in (repo / "data" / "raw").iterdir() if not p.name.startswith(".")),
-            "blob_ids": blobs, "layout": data_summary, "requests": host.count(),
+            "blob_ids": blobs,
+            "layout": data_summary,
+            "requests": host.count(),
         }
         report["timings_s"]["make_data"] = round(time.monotonic() - t, 1)
         run(["git", "add", "-A"])
@@ -418,12 +479,17 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
             raise RehearsalError(f"expected every stage but base to run, ran {report['stages_run']}:\n{out[-3000:]}")
         report["base"]["pipeline_requests"] = hub.count() - before
         if report["base"]["pipeline_requests"]:
-            raise RehearsalError(f"the pipeline fetched the base again ({report['base']['pipeline_requests']} requests)")
+            raise RehearsalError(
+                f"the pipeline fetched the base again ({report['base']['pipeline_requests']} requests)"
+            )
         merge_metrics = json.loads((repo / "metrics" / "merge.json").read_text())
         report["merge"] = {
-            "max_abs_diff": merge_metrics["max_abs_diff"], "mean_abs_diff": merge_metrics["mean_abs_diff"],
-            "tolerance": merge_metrics["tolerance"], "reference_max_abs_logit": merge_metrics["reference_max_abs_logit"],
-            "dtype": merge_metrics["dtype"], "shards": merge_metrics["shards"],
+            "max_abs_diff": merge_metrics["max_abs_diff"],
+            "mean_abs_diff": merge_metrics["mean_abs_diff"],
+            "tolerance": merge_metrics["tolerance"],
+            "reference_max_abs_logit": merge_metrics["reference_max_abs_logit"],
+            "dtype": merge_metrics["dtype"],
+            "shards": merge_metrics["shards"],
             **bf16_shards(repo / "models" / "merged"),
         }
         if report["merge"]["header_dtypes"] != ["BF16"] or report["merge"]["shards"] < 2:
@@ -432,21 +498,38 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
         sizes = sorted({len(r["candidates"]) for r in lists})
         evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
         report["eval"] = {
-            "candidates_per_question": sizes[0] if len(sizes) == 1 else sizes, "test_lists": len(lists),
-            "questions_scored": OVERRIDES["eval.max_questions"], "base": evaluation.get("base"),
+            "candidates_per_question": sizes[0] if len(sizes) == 1 else sizes,
+            "test_lists": len(lists),
+            "questions_scored": OVERRIDES["eval.max_questions"],
+            "base": evaluation.get("base"),
             "tuned": evaluation.get("tuned"),
         }
         if sizes != [100]:
             raise RehearsalError(f"candidate lists of sizes {sizes}, expected 100 each")
         train_metrics = json.loads((repo / "metrics" / "train.json").read_text())
-        report["train"] = {k: train_metrics.get(k) for k in ("train_loss", "eval_loss", "steps", "trainable_params",
-                                                             "total_params", "plan", "budget_bytes", "estimate_bytes",
-                                                             "peak_bytes")}
+        report["train"] = {
+            k: train_metrics.get(k)
+            for k in (
+                "train_loss",
+                "eval_loss",
+                "steps",
+                "trainable_params",
+                "total_params",
+                "plan",
+                "budget_bytes",
+                "estimate_bytes",
+                "peak_bytes",
+            )
+        }
         plan = train_metrics["plan"]
-        if plan["per_device_train_batch_size"] * 2 != OVERRIDES["train.per_device_train_batch_size"] or \
-                plan["gradient_accumulation_steps"] != 2:
-            raise RehearsalError(f"train.memory_budget {overrides['train.memory_budget']} GiB should force micro-batches "
-                                 f"of half the batch, the plan was {plan}")
+        if (
+            plan["per_device_train_batch_size"] * 2 != OVERRIDES["train.per_device_train_batch_size"]
+            or plan["gradient_accumulation_steps"] != 2
+        ):
+            raise RehearsalError(
+                f"train.memory_budget {overrides['train.memory_budget']} GiB should force micro-batches "
+                f"of half the batch, the plan was {plan}"
+            )
         estimate = train_metrics["estimate_bytes"]  # peak + the 1 GiB the plan reserves for the runtime
         report["preflight"] = {
             "train_memory_budget_gib": overrides["train.memory_budget"],
@@ -464,8 +547,12 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
         t = time.monotonic()
         adapter = serve_check(run, make, merged=False, repo=repo, logs=work)
         merged = serve_check(run, make, merged=True, repo=repo, logs=work)
-        report["serve"] = {"adapter_ok": adapter["ok"] and adapter["template_ok"],
-                           "merged_ok": merged["ok"] and merged["template_ok"], "adapter": adapter, "merged": merged}
+        report["serve"] = {
+            "adapter_ok": adapter["ok"] and adapter["template_ok"],
+            "merged_ok": merged["ok"] and merged["template_ok"],
+            "adapter": adapter,
+            "merged": merged,
+        }
         report["timings_s"]["serve"] = round(time.monotonic() - t, 1)
         if not (report["serve"]["adapter_ok"] and report["serve"]["merged_ok"]):
             raise RehearsalError(f"serving failed: {report['serve']}")
@@ -482,8 +569,12 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", default="rehearsal/report.json")
-    parser.add_argument("--source", default="huggingface", choices=sorted(REMOTES),
-                        help="where `make base` fetches the base from (model.source): its loopback stand-in")
+    parser.add_argument(
+        "--source",
+        default="huggingface",
+        choices=sorted(REMOTES),
+        help="where `make base` fetches the base from (model.source): its loopback stand-in",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone (its path is logged)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -73,11 +73,18 @@ def candidates(pairs: list[dict], pool: list[dict], negatives: int, seed: int = 
     return rows
 
 
-def write_processed(sample_dir: Path, out: Path, n_train: int = 24, n_val: int = 4, n_test: int = 8,
-                    negatives: int = 9, one_per_question: bool = False) -> Path:
+def write_processed(
+    sample_dir: Path,
+    out: Path,
+    n_train: int = 24,
+    n_val: int = 4,
+    n_test: int = 8,
+    negatives: int = 9,
+    one_per_question: bool = False,
+) -> Path:
     """train/val/test.jsonl + test_candidates.jsonl from question/answer CSVs, in the data contract."""
     pairs = sample_pairs(sample_dir, n_train + n_val + n_test, one_per_question)
-    train, val, test = pairs[:n_train], pairs[n_train:n_train + n_val], pairs[n_train + n_val:]
+    train, val, test = pairs[:n_train], pairs[n_train : n_train + n_val], pairs[n_train + n_val :]
     out.mkdir(parents=True, exist_ok=True)
     dump_jsonl(out / "train.jsonl", map(example, train))
     dump_jsonl(out / "val.jsonl", map(example, val))
@@ -86,8 +93,16 @@ def write_processed(sample_dir: Path, out: Path, n_train: int = 24, n_val: int =
     return out
 
 
-def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
-                  seed: int = 0, base_id: str = "tiny", modules_to_save=None, save_tokenizer: bool = True) -> Path:
+def write_adapter(
+    base_dir: Path,
+    out: Path,
+    r: int = 8,
+    target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
+    seed: int = 0,
+    base_id: str = "tiny",
+    modules_to_save=None,
+    save_tokenizer: bool = True,
+) -> Path:
     """A random non-zero LoRA on ``base_dir`` saved like the `train` stage saves adapters."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -96,13 +111,28 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     from mediagent.params import ModelParams
 
     torch.manual_seed(seed)
-    model = load_model(base_dir, ModelParams(base=base_id, dir=str(base_dir.parent), revision="main",
-                                             source="huggingface", dtype="float32", trust_remote_code=False,
-                                             quantization="none", gguf="", chat_template="auto",
-                                             chat_template_kwargs={}))
+    model = load_model(
+        base_dir,
+        ModelParams(
+            base=base_id,
+            dir=str(base_dir.parent),
+            revision="main",
+            source="huggingface",
+            dtype="float32",
+            trust_remote_code=False,
+            quantization="none",
+            gguf="",
+            chat_template="auto",
+            chat_template_kwargs={},
+        ),
+    )
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False,
-        task_type="CAUSAL_LM", modules_to_save=modules_to_save,
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save,
     )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out)
@@ -121,8 +151,15 @@ def write_adapter(base_dir: Path, out: Path, r: int = 8, target_modules=("q_proj
     return out
 
 
-def pipeline_params(repo_params, root: Path, tiny_base: Path, model: dict | None = None, train: dict | None = None,
-                    merge: dict | None = None, eval: dict | None = None):
+def pipeline_params(
+    repo_params,
+    root: Path,
+    tiny_base: Path,
+    model: dict | None = None,
+    train: dict | None = None,
+    merge: dict | None = None,
+    eval: dict | None = None,
+):
     """The repo's params with every output of train, merge and evaluate under ``root`` (and
     ``root/processed`` as the data), the tiny base, and the given overrides on top."""
     from mediagent.params import with_overrides
@@ -131,12 +168,23 @@ def pipeline_params(repo_params, root: Path, tiny_base: Path, model: dict | None
         repo_params,
         data={"processed_dir": str(root / "processed")},
         model={"dir": str(tiny_base.parent), "base": "tiny", **(model or {})},
-        train={"output_dir": str(root / "adapter"), "checkpoint_dir": str(root / "ckpt"),
-               "dvclive_dir": str(root / "dvclive"), "metrics_file": str(root / "metrics" / "train.json"),
-               **(train or {})},
-        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
-               **(merge or {})},
-        eval={"metrics_file": str(root / "metrics" / "eval.json"), "report_path": str(root / "eval" / "report.json"),
-              "samples_path": str(root / "eval" / "samples.jsonl"), "plots_dir": str(root / "eval" / "plots"),
-              **(eval or {})},
+        train={
+            "output_dir": str(root / "adapter"),
+            "checkpoint_dir": str(root / "ckpt"),
+            "dvclive_dir": str(root / "dvclive"),
+            "metrics_file": str(root / "metrics" / "train.json"),
+            **(train or {}),
+        },
+        merge={
+            "output_dir": str(root / "merged"),
+            "metrics_file": str(root / "metrics" / "merge.json"),
+            **(merge or {}),
+        },
+        eval={
+            "metrics_file": str(root / "metrics" / "eval.json"),
+            "report_path": str(root / "eval" / "report.json"),
+            "samples_path": str(root / "eval" / "samples.jsonl"),
+            "plots_dir": str(root / "eval" / "plots"),
+            **(eval or {}),
+        },
     )

@@ -68,8 +68,19 @@ def copy_repo(dst: Path) -> Path:
     """Copy the tracked project files (no venv, data or models) into dst for DVC tests."""
     # .dvc/cache and .dvc/tmp too: a run-cache hit would skip the very stages under test.
     ignore = shutil.ignore_patterns(
-        ".venv", ".git", "models", "__pycache__", ".pytest_cache", "processed", "raw",
-        "dvclive", "eval", "metrics", "cache", "tmp", "dvc.lock",
+        ".venv",
+        ".git",
+        "models",
+        "__pycache__",
+        ".pytest_cache",
+        "processed",
+        "raw",
+        "dvclive",
+        "eval",
+        "metrics",
+        "cache",
+        "tmp",
+        "dvc.lock",
     )
     shutil.copytree(ROOT, dst, ignore=ignore, dirs_exist_ok=True)
     return dst

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mediagent.pipeline.base_model import build_tiny
-from mediagent.loading import BaseModelError, check_model_dir, load_tokenizer
 from mediagent.fileio import md5_dir
+from mediagent.loading import BaseModelError, check_model_dir, load_tokenizer
+from mediagent.pipeline.base_model import build_tiny
 from tests.formats import MESSAGES, QWEN3_PROMPT
 
 
@@ -18,8 +18,12 @@ def test_same_params_same_bytes(tmp_path, repo_params, tiny_base):
     build_tiny(repo_params.tiny, again)
     assert md5_dir(again) == md5_dir(tiny_base)
     assert sorted(p.name for p in again.iterdir()) == [
-        "chat_template.jinja", "config.json", "generation_config.json",
-        "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
 
 
@@ -82,7 +86,9 @@ def hub(hub_checkpoint, monkeypatch):
 
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         yield server
 
@@ -95,9 +101,18 @@ def _files(root: Path) -> list[Path]:
 def _model(tmp_path, revision=COMMIT):
     from mediagent.params import ModelParams
 
-    return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="huggingface",
-                       dtype="bfloat16", trust_remote_code=False, quantization="none", gguf="",
-                       chat_template="auto", chat_template_kwargs={"enable_thinking": False})
+    return ModelParams(
+        base=REPO,
+        revision=revision,
+        dir=str(tmp_path / "models"),
+        source="huggingface",
+        dtype="bfloat16",
+        trust_remote_code=False,
+        quantization="none",
+        gguf="",
+        chat_template="auto",
+        chat_template_kwargs={"enable_thinking": False},
+    )
 
 
 def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):
@@ -110,7 +125,9 @@ def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoin
     assert sorted(p.name for p in path.iterdir()) == sorted(wanted + [FETCH_RECORD])  # no .cache, no temp
     record = json.loads((path / FETCH_RECORD).read_text())
     assert record["revision"] == COMMIT and sorted(record["files"]) == wanted
-    assert record["files"]["model-00001-of-00003.safetensors"]["sha256"] == hub.sha256["model-00001-of-00003.safetensors"]
+    assert (
+        record["files"]["model-00001-of-00003.safetensors"]["sha256"] == hub.sha256["model-00001-of-00003.safetensors"]
+    )
     config = json.loads((path / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "bfloat16"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]

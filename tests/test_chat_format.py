@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from mediagent.chat_format import (
-    IGNORE_INDEX, TEMPLATES, ChatFormat, ChatFormatError, freeze, resolve_template,
+    IGNORE_INDEX,
+    TEMPLATES,
+    ChatFormat,
+    ChatFormatError,
+    freeze,
+    resolve_template,
 )
 from mediagent.loading import load_tokenizer
 from rehearsal.checkpoint import QWEN3_CHAT_TEMPLATE
@@ -40,14 +45,19 @@ def test_qwen3_prompt_is_unchanged_byte_for_byte(qwen_tok):
 def test_freeze_sets_only_variables_the_template_reads():
     assert freeze("{{ x }}", {"enable_thinking": False}) == "{{ x }}"
     assert freeze("{% if enable_thinking %}{% endif %}", {"enable_thinking": False}).startswith(
-        "{%- set enable_thinking = false %}")
+        "{%- set enable_thinking = false %}"
+    )
 
 
 def test_labels_are_the_answers_and_their_end_token_only(qwen_tok):
     fmt = ChatFormat.of(qwen_tok)
     assert fmt.end_text == "<|im_end|>" and fmt.stop_ids[0] == qwen_tok.convert_tokens_to_ids("<|im_end|>")
-    messages = [*MESSAGES, {"role": "assistant", "content": "多喝水"}, {"role": "user", "content": "还疼呢？"},
-                {"role": "assistant", "content": "去医院"}]
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": "多喝水"},
+        {"role": "user", "content": "还疼呢？"},
+        {"role": "assistant", "content": "去医院"},
+    ]
     enc = fmt.encode(messages, max_length=4096)
     # the whole conversation as rendered, up to the last answer's end token (the newline after it is not trained)
     assert qwen_tok.decode(enc.input_ids) + "\n" == fmt.render(messages)
@@ -89,4 +99,4 @@ def test_a_base_without_a_template_needs_one_named(qwen_tok, tmp_path):
     # a template whose turns end in plain text has no stop token: refused before training
     plain = ChatFormat(qwen_tok, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     with pytest.raises(ChatFormatError, match="not a special token"):
-        plain.end_text
+        _ = plain.end_text

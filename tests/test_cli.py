@@ -24,8 +24,14 @@ def _project(tmp_path: Path, **sections) -> Path:
 
 
 def _run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
 
 
 def _expected_error(out: subprocess.CompletedProcess, *words: str) -> str:
@@ -42,8 +48,22 @@ def test_help_lists_every_stage_and_command(tmp_path):
     out = _run(tmp_path, "-m", "mediagent", "--help")
     assert out.returncode == 0, out.stderr
     listed = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and line.split()}
-    assert {"serve", "chat", "infer", "review-app", "data", "preflight", "summary", "plots",
-            "process", "base", "train", "merge", "evaluate", "review"} <= listed
+    assert {
+        "serve",
+        "chat",
+        "infer",
+        "review-app",
+        "data",
+        "preflight",
+        "summary",
+        "plots",
+        "process",
+        "base",
+        "train",
+        "merge",
+        "evaluate",
+        "review",
+    } <= listed
     for command in ("serve", "chat", "infer", "review-app", "data", "preflight", "summary", "train"):
         sub = _run(tmp_path, "-m", "mediagent", command, "--help")
         assert sub.returncode == 0 and sub.stdout.startswith(f"Usage: mediagent {command}"), sub.stderr

@@ -43,8 +43,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.authorized():
-            self.reply({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"}
-                                                   for m in MODELS]})
+            self.reply(
+                {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"} for m in MODELS],
+                }
+            )
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -52,23 +56,48 @@ class Handler(BaseHTTPRequestHandler):
         if not self.authorized():
             return
         if body["model"] not in MODELS:
-            return self.reply({"error": {"message": f"The model `{body['model']}` does not exist.",
-                                         "type": "NotFoundError", "code": 404}}, 404)
+            return self.reply(
+                {
+                    "error": {
+                        "message": f"The model `{body['model']}` does not exist.",
+                        "type": "NotFoundError",
+                        "code": 404,
+                    }
+                },
+                404,
+            )
         pieces = ["发烧", "先量", "体温。"]
         if body.get("stream"):  # server-sent events, then [DONE]; HTTP/1.0: the close ends it
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             for piece in ["", *pieces]:  # vLLM's first chunk carries the role, no text
-                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                chunk = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
                 self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             return
-        self.reply({"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                                 "finish_reason": "length"}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+        self.reply(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            }
+        )
 
 
 @pytest.fixture()
@@ -112,8 +141,11 @@ def test_no_server_is_one_line_naming_the_url_and_what_to_do():
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     client = ModelClient(url, start_hint="start one with `make serve`")
-    for ask in (client.names, lambda: list(client.stream("medqa", QUESTION, 4, 0)),
-                lambda: client.complete("medqa", QUESTION, 4, 0)):
+    for ask in (
+        client.names,
+        lambda: list(client.stream("medqa", QUESTION, 4, 0)),
+        lambda: client.complete("medqa", QUESTION, 4, 0),
+    ):
         with pytest.raises(ServerError) as err:
             ask()
         assert isinstance(err.value, UserError) and err.value.kind == "no_server"

@@ -28,8 +28,10 @@ def range_problem(name: str, package: str, installed: str, versions: str) -> str
     """The failure message when ``installed`` is outside ``versions``, else None."""
     if SpecifierSet(versions).contains(installed, prereleases=True):
         return None
-    return (f"{package} {installed} is outside the range compat.{name} was checked against ({versions}): "
-            f"re-check mediagent/compat.py:{name} and widen the range")
+    return (
+        f"{package} {installed} is outside the range compat.{name} was checked against ({versions}): "
+        f"re-check mediagent/compat.py:{name} and widen the range"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(compat.CHECKED))
@@ -40,8 +42,9 @@ def test_installed_library_is_in_the_checked_range_and_has_the_private_api(name)
         pytest.skip(f"{entry.package} is not installed")
     problem = range_problem(name, entry.package, installed, entry.versions)
     assert problem is None, problem
-    assert entry.probe(), (f"{entry.package} {installed} no longer has what compat.{name} uses: "
-                           f"re-check mediagent/compat.py:{name}")
+    assert entry.probe(), (
+        f"{entry.package} {installed} no longer has what compat.{name} uses: re-check mediagent/compat.py:{name}"
+    )
 
 
 def test_range_check_fails_outside_the_range_and_names_the_call():
@@ -49,7 +52,8 @@ def test_range_check_fails_outside_the_range_and_names_the_call():
     assert range_problem("shutdown_engine", "vllm", "0.32.0+cpu", ">=0.32,<0.33") is None
     assert range_problem("shutdown_engine", "vllm", "0.33.0", ">=0.32,<0.33") == (
         "vllm 0.33.0 is outside the range compat.shutdown_engine was checked against (>=0.32,<0.33): "
-        "re-check mediagent/compat.py:shutdown_engine and widen the range")
+        "re-check mediagent/compat.py:shutdown_engine and widen the range"
+    )
 
 
 def test_every_checked_name_is_a_compat_function_and_every_function_is_checked():
@@ -61,7 +65,9 @@ def test_every_checked_name_is_a_compat_function_and_every_function_is_checked()
 
 
 def test_importing_compat_loads_no_library():
-    code = ("import sys, mediagent.compat; "
-            "print(sorted(m for m in ('vllm', 'dvc', 'accelerate', 'huggingface_hub', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, mediagent.compat; "
+        "print(sorted(m for m in ('vllm', 'dvc', 'accelerate', 'huggingface_hub', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

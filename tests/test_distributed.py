@@ -43,18 +43,31 @@ def dist_dir(tmp_path_factory, tiny_base, sample_data) -> Path:
 
 def params_for(repo_params: Params, name: str, processes: int, steps: int = 3, **train) -> Params:
     """Effective batch 4 per optimizer step whatever the process count."""
-    per_process = dict(per_device_train_batch_size=2) if processes == 2 else dict(
-        per_device_train_batch_size=4, micro_batch_size=2)
-    return small(repo_params, max_steps=steps, max_eval_examples=8, learning_rate=0.01,
-                 output_dir=f"models/{name}", checkpoint_dir=f"models/ckpt-{name}",
-                 metrics_file=f"metrics/{name}.json", dvclive_dir=f"dvclive/{name}", **per_process, **train)
+    per_process = (
+        dict(per_device_train_batch_size=2)
+        if processes == 2
+        else dict(per_device_train_batch_size=4, micro_batch_size=2)
+    )
+    return small(
+        repo_params,
+        max_steps=steps,
+        max_eval_examples=8,
+        learning_rate=0.01,
+        output_dir=f"models/{name}",
+        checkpoint_dir=f"models/ckpt-{name}",
+        metrics_file=f"metrics/{name}.json",
+        dvclive_dir=f"dvclive/{name}",
+        **per_process,
+        **train,
+    )
 
 
 def run(cmd: list[str], cwd: Path, params: Params | None = None, env: dict | None = None, timeout: int = 400) -> str:
     if params is not None:
         write_params(params, cwd / "params.yaml")
-    proc = subprocess.run(cmd, cwd=cwd, env={**stage_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env={**stage_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     return out
@@ -76,7 +89,8 @@ def assert_same_adapter(dist_dir: Path, name: str, reference: str, label: str) -
     # share shows as ~1e-2 here
     assert diff <= 2e-4 * scale, (label, diff, scale)
     assert read_json(dist_dir / "models" / name / "adapter_config.json") == read_json(
-        dist_dir / "models" / reference / "adapter_config.json")
+        dist_dir / "models" / reference / "adapter_config.json"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +107,12 @@ def free_port() -> int:
 
 
 def test_ddp_two_processes_match_one_process(dist_dir, repo_params, one_process, tiny_base):
-    out = run([*LAUNCH, "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2", *TRAIN], dist_dir,
-              params_for(repo_params, "ddp", 2), env={"ACCELERATE_USE_CPU": "true"})
+    out = run(
+        [*LAUNCH, "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2", *TRAIN],
+        dist_dir,
+        params_for(repo_params, "ddp", 2),
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     assert "parallelism: MULTI_CPU, 2 processes" in out
     assert out.count("adapter written to") == 1  # only the main process publishes
     assert_same_adapter(dist_dir, "ddp", one_process, "DDP 2 processes")
@@ -116,8 +134,12 @@ def test_ddp_two_processes_match_one_process(dist_dir, repo_params, one_process,
 
 
 def test_fsdp_two_processes_match_one_process(dist_dir, repo_params, one_process, tiny_base):
-    out = run([*LAUNCH, "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2", *TRAIN], dist_dir,
-              params_for(repo_params, "fsdp", 2), env={"ACCELERATE_USE_CPU": "true"})
+    out = run(
+        [*LAUNCH, "--config_file", "configs/accelerate/fsdp.yaml", "--num_processes", "2", *TRAIN],
+        dist_dir,
+        params_for(repo_params, "fsdp", 2),
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     line = next(x for x in out.splitlines() if "parallelism:" in x)
     sharded, total = (int(n) for n in line.split("FSDP2, ")[1].split(" parameter")[0].split(" of "))
     assert sharded == total > 0 and line.endswith("sharded over 2 processes"), line
@@ -185,8 +207,14 @@ def test_deepspeed_zero2_two_processes_match_one_process(dist_dir, repo_params, 
     assert_same_adapter(dist_dir, "zero2", one_process, "DeepSpeed ZeRO-2 2 processes")
 
     # Under ACCELERATE_USE_CPU accelerate quietly drops DeepSpeed for plain DDP: the stage stops.
-    proc = subprocess.run([*LAUNCH, *config, *TRAIN], cwd=dist_dir, env={**stage_env(), "ACCELERATE_USE_CPU": "true"},
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [*LAUNCH, *config, *TRAIN],
+        cwd=dist_dir,
+        env={**stage_env(), "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode != 0
     assert "error: the accelerate config asks for DeepSpeed, but accelerate set up MULTI_CPU" in proc.stderr
 
@@ -197,10 +225,32 @@ def test_two_machines_on_loopback_match_one_machine(dist_dir, repo_params, one_p
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        cmd = [*LAUNCH, "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2", "--num_machines", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, *TRAIN]
-        procs.append(subprocess.Popen(cmd, cwd=dist_dir, env={**stage_env(), "ACCELERATE_USE_CPU": "true"},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            *LAUNCH,
+            "--config_file",
+            "configs/accelerate/ddp.yaml",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            *TRAIN,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=dist_dir,
+                env={**stage_env(), "ACCELERATE_USE_CPU": "true"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "adapter written to" in outs[0] and "adapter written to" not in outs[1]  # machine 0 publishes
@@ -212,8 +262,9 @@ def test_launch_param_trains_through_accelerate(dist_dir, repo_params, one_proce
     """`launch.config` makes the unchanged stage command (what dvc.yaml runs) launch itself."""
     from mediagent.pipeline.train import params_hash
 
-    params = with_overrides(params_for(repo_params, "launched", 2),
-                            launch={"config": "configs/accelerate/ddp.yaml", "processes": 2})
+    params = with_overrides(
+        params_for(repo_params, "launched", 2), launch={"config": "configs/accelerate/ddp.yaml", "processes": 2}
+    )
     out = run([sys.executable, *TRAIN], dist_dir, params)
     assert "launching 2 processes:" in out and "parallelism: MULTI_CPU, 2 processes" in out
     assert_same_adapter(dist_dir, "launched", one_process, "launch.config=ddp.yaml")
@@ -258,14 +309,26 @@ def test_sweep_runs_queued_experiments_at_once_one_device_each(tmp_path):
     env = {**git_env(), "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     dvc = [sys.executable, "-m", "dvc"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"], dvc + ["repro"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+        dvc + ["repro"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "baseline"],
+    ):
         run_ok(cmd, repo, env)
     for r in (8, 32):
         run_ok(dvc + ["exp", "run", "--queue", "-S", f"lora.r={r}", "--name", f"r{r}"], repo, env)
 
-    sweep = subprocess.Popen([sys.executable, "-m", "mediagent.cli", "sweep", "--gpus", "0,1"], cwd=repo, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "mediagent.cli", "sweep", "--gpus", "0,1"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     running = 0  # most experiment workspaces alive at once (DVC runs each in .dvc/tmp/exps/<tmp>)
     deadline = time.monotonic() + 900
     while sweep.poll() is None:
@@ -285,7 +348,7 @@ def test_sweep_runs_queued_experiments_at_once_one_device_each(tmp_path):
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
-                metrics = (((data.get("metrics") or {}).get("metrics/train.json") or {}).get("data") or {})
+                metrics = ((data.get("metrics") or {}).get("metrics/train.json") or {}).get("data") or {}
                 if rev.get("name") in ("r8", "r32"):
                     devices[rev["name"]] = metrics.get("devices")
     assert set(devices) == {"r8", "r32"}, shown

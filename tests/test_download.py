@@ -234,8 +234,9 @@ def test_unreachable_first_mirror_then_the_second(tmp_path, zips, repo_params, s
     for name in (DEV, TEST):
         _serve(server, name, data[name])
     out = tmp_path / "raw"
-    params = with_overrides(repo_params, download={"mirrors": [_closed_port_url(), server["url"]], "out_dir": str(out),
-                                                   "files": blobs})
+    params = with_overrides(
+        repo_params, download={"mirrors": [_closed_port_url(), server["url"]], "out_dir": str(out), "files": blobs}
+    )
     main(params)
     assert {git_blob_id(out / n) for n in (DEV, TEST)} == set(blobs.values())
     assert sorted(p.name for p in out.iterdir()) == sorted([DEV, TEST, "dev_candidates.txt", "test_candidates.txt"])
@@ -251,8 +252,9 @@ def test_mirror_option_replaces_params_and_a_corrupted_copy_names_both_ids(tmp_p
     out = tmp_path / "raw"
     out.mkdir()
     (out / "keep.txt").write_text("already here\n", encoding="utf-8")
-    params = with_overrides(repo_params, download={"mirrors": [_closed_port_url()], "out_dir": str(out),
-                                                   "files": {DEV: blobs[DEV]}})
+    params = with_overrides(
+        repo_params, download={"mirrors": [_closed_port_url()], "out_dir": str(out), "files": {DEV: blobs[DEV]}}
+    )
     with pytest.raises(DownloadError) as err:
         main(params, mirrors=(server["url"],))  # --mirror: only this one is asked
     msg = str(err.value)
@@ -272,7 +274,9 @@ def test_files_from_a_local_folder(tmp_path, zips, repo_params):
         (upload / name).write_bytes(data[name])
     out = tmp_path / "raw"
     # no mirror could be reached: the folder alone is used
-    params = with_overrides(repo_params, download={"mirrors": [_closed_port_url()], "out_dir": str(out), "files": blobs})
+    params = with_overrides(
+        repo_params, download={"mirrors": [_closed_port_url()], "out_dir": str(out), "files": blobs}
+    )
     main(params, source=upload)
     assert {n: git_blob_id(out / n) for n in (DEV, TEST)} == blobs
     with zipfile.ZipFile(io.BytesIO(data[TEST])) as zf:
@@ -305,8 +309,14 @@ def test_files_from_a_local_zip_through_the_command(tmp_path, zips, repo_params)
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text(encoding="utf-8"))
     params["download"].update(mirrors=[_closed_port_url()], out_dir="data/raw", files=blobs)
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "mediagent", "data", "--from", str(upload)], cwd=project,
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent", "data", "--from", str(upload)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     raw = project / "data" / "raw"
     assert {n: git_blob_id(raw / n) for n in (DEV, TEST)} == blobs
@@ -316,8 +326,14 @@ def test_files_from_a_local_zip_through_the_command(tmp_path, zips, repo_params)
     with zipfile.ZipFile(missing, "w") as zf:
         zf.writestr(DEV, data[DEV])
     (raw / TEST).unlink()
-    out = subprocess.run([sys.executable, "-m", "mediagent", "data", "--from", str(missing)], cwd=project,
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent", "data", "--from", str(missing)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 1
     assert f"{missing}: holds no {TEST}" in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -67,8 +67,12 @@ def test_stage_folder_holds_exactly_the_dvc_stages():
 
 
 def test_no_stage_or_command_imports_another():
-    entries = {f"mediagent.{folder}.{p.stem}" for folder in ENTRY_FOLDERS
-               for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__"}
+    entries = {
+        f"mediagent.{folder}.{p.stem}"
+        for folder in ENTRY_FOLDERS
+        for p in (PACKAGE / folder).glob("*.py")
+        if p.stem != "__init__"
+    }
     assert len(entries) >= 12
     for path in PACKAGE.rglob("*.py"):
         if path.name == "cli.py":  # the command group dispatches to them by name, lazily
@@ -82,5 +86,11 @@ def test_closure_follows_helpers():
     """The check itself can fail: a helper's own import is part of the closure."""
     assert "mediagent.params" in closure("mediagent.loading")
     assert "mediagent.errors" in closure("mediagent.chat_format")
-    assert {"mediagent.loading", "mediagent.params", "mediagent.artifacts", "mediagent.fileio",
-            "mediagent.chat_format", "mediagent.errors"} <= closure("mediagent.pipeline.merge")
+    assert {
+        "mediagent.loading",
+        "mediagent.params",
+        "mediagent.artifacts",
+        "mediagent.fileio",
+        "mediagent.chat_format",
+        "mediagent.errors",
+    } <= closure("mediagent.pipeline.merge")

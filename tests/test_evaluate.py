@@ -13,17 +13,30 @@ import pytest
 import torch
 
 from mediagent import eval_metrics, scoring
-from mediagent.pipeline import merge
-from mediagent.pipeline import evaluate as ev
 from mediagent.artifacts import ArtifactError
-from mediagent.vllm_engine import vllm_status
-from mediagent.loading import load_model, load_tokenizer
 from mediagent.chat_format import ChatFormat, conversation
+from mediagent.loading import load_model, load_tokenizer
 from mediagent.params import with_overrides
+from mediagent.pipeline import evaluate as ev
+from mediagent.pipeline import merge
+from mediagent.vllm_engine import vllm_status
 from tests.adapter_kit import SYSTEM, candidates, pipeline_params, sample_pairs, write_adapter, write_processed
 
-MODEL_KEYS = {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "distinct_2",
-              "mean_length", "empty_share", "think_share", "loop_share", "echo_share"}
+MODEL_KEYS = {
+    "loss",
+    "perplexity",
+    "p_at_1",
+    "mrr",
+    "map",
+    "bleu4",
+    "rouge_l",
+    "distinct_2",
+    "mean_length",
+    "empty_share",
+    "think_share",
+    "loop_share",
+    "echo_share",
+}
 SERVE_KEYS = {"rank_servable", "targets_matched", "no_modules_to_save", "vllm_parity", "lora_modules", "ready"}
 
 
@@ -37,9 +50,9 @@ def tok(tiny_base):
 
 def test_selection_metrics_on_a_hand_built_table():
     scores = [
-        [0.9, 0.1, 0.5],        # positive ranked 1st: RR 1, AP 1
-        [0.2, 0.8, 0.5, 0.1],   # positives end up 2nd and 3rd: RR 1/2, AP (1/2 + 2/3) / 2
-        [0.3, 0.2],             # no positive: not counted
+        [0.9, 0.1, 0.5],  # positive ranked 1st: RR 1, AP 1
+        [0.2, 0.8, 0.5, 0.1],  # positives end up 2nd and 3rd: RR 1/2, AP (1/2 + 2/3) / 2
+        [0.3, 0.2],  # no positive: not counted
     ]
     labels = [[1, 0, 0], [1, 0, 1, 0], [0, 0]]
     m = eval_metrics.selection_metrics(scores, labels, np.random.default_rng(0))
@@ -64,7 +77,9 @@ def test_ties_are_broken_at_random_not_by_list_order():
 def test_random_baseline_is_exact():
     # Brute force over every order of 5 candidates with 2 positives vs the closed forms.
     y = [1, 1, 0, 0, 0]
-    per_order = [eval_metrics._first_positive_and_ap(np.array([y[i] for i in perm])) for perm in itertools.permutations(range(5))]
+    per_order = [
+        eval_metrics._first_positive_and_ap(np.array([y[i] for i in perm])) for perm in itertools.permutations(range(5))
+    ]
     exact = {
         "p_at_1": float(np.mean([r == 1 for r, _ in per_order])),
         "mrr": float(np.mean([1 / r for r, _ in per_order])),
@@ -92,13 +107,18 @@ def test_loops_and_echoes_are_detected():
     assert not eval_metrics.echoes("多喝水，注意休息，必要时就医。", question)
     assert eval_metrics.loops("多喝水，多喝水，多喝水，多喝水")
     assert not eval_metrics.loops("多喝水，注意休息，必要时就医。")
-    items = eval_metrics.generation_items(["多喝水多喝水多喝水多喝水", "孩子发烧三天了，一直不退"], ["多喝水", "去医院"],
-                                          [question, question])
+    items = eval_metrics.generation_items(
+        ["多喝水多喝水多喝水多喝水", "孩子发烧三天了，一直不退"], ["多喝水", "去医院"], [question, question]
+    )
     assert items["loop_share"] == [1.0, 0.0] and items["echo_share"] == [0.0, 1.0]
 
 
 def test_clean_generation_strips_and_reports_think(tok):
-    ids = tok("<think>想一想</think>\n\n多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|im_end|>"]) + [100]
+    ids = (
+        tok("<think>想一想</think>\n\n多喝水", add_special_tokens=False)["input_ids"]
+        + tok.convert_tokens_to_ids(["<|im_end|>"])
+        + [100]
+    )
     stop = ChatFormat.of(tok).stop_ids
     assert eval_metrics.clean_generation(tok, ids, stop) == ("多喝水", True)
     ids = tok("多喝水", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["<|endoftext|>"])
@@ -153,7 +173,12 @@ def test_vllm_scorer_equals_transformers_scorer(tiny_base, tok, sample_data, rep
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_base, tok, sample_data, repo_params):
     model = load_model(tiny_base, repo_params.model, torch.float32)
-    by_length = {len(ids): ids for ids in (ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, p["question"])) for p in sample_pairs(sample_data, 20))}
+    by_length = {
+        len(ids): ids
+        for ids in (
+            ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, p["question"])) for p in sample_pairs(sample_data, 20)
+        )
+    }
     prompts = list(by_length.values())[:3]
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
     batched = scoring.generate_hf(model, ChatFormat.of(tok), prompts, max_new_tokens=6, batch_size=3)
@@ -166,14 +191,22 @@ def test_adapter_checks_flag_what_vllm_cannot_serve(tiny_base, tmp_path):
     assert good == {"rank_servable": True, "no_modules_to_save": True, "targets_matched": True, "lora_modules": 8}
     bad, reasons = ev.adapter_checks(
         # vLLM's largest rank is 512; smaller ranks are padded up to its --max-lora-rank
-        write_adapter(tiny_base, tmp_path / "bad", r=640, target_modules=("q_proj", "c_attn"),
-                      modules_to_save=["norm"], save_tokenizer=False),
+        write_adapter(
+            tiny_base,
+            tmp_path / "bad",
+            r=640,
+            target_modules=("q_proj", "c_attn"),
+            modules_to_save=["norm"],
+            save_tokenizer=False,
+        ),
         tiny_base,
     )
     assert bad == {"rank_servable": False, "no_modules_to_save": False, "targets_matched": False, "lora_modules": 2}
     assert "c_attn" in reasons["targets_matched"] and "640" in reasons["rank_servable"]
-    assert "--max-lora-rank 16" in ev.adapter_checks(write_adapter(tiny_base, tmp_path / "r12", r=12), tiny_base)[1][
-        "rank_servable"]
+    assert (
+        "--max-lora-rank 16"
+        in ev.adapter_checks(write_adapter(tiny_base, tmp_path / "r12", r=12), tiny_base)[1]["rank_servable"]
+    )
 
 
 # ---------------------------------------------------------------- the stage on a trained adapter
@@ -186,10 +219,21 @@ def trained(tmp_path_factory, sample_data, tiny_base, repo_params):
     root = tmp_path_factory.mktemp("evaluate")
     write_processed(sample_data, root / "processed", n_train=8, n_val=2, n_test=6, negatives=7, one_per_question=True)
     params = pipeline_params(
-        repo_params, root, tiny_base,
+        repo_params,
+        root,
+        tiny_base,
         # memorise 8 answers: enough steps at a high rate on short sequences
-        train={"max_steps": 16, "learning_rate": 0.005, "max_seq_length": 64, "per_device_train_batch_size": 4,
-               "warmup_steps": 1, "logging_steps": 4, "eval_steps": 16, "save_steps": 16, "max_eval_examples": 2},
+        train={
+            "max_steps": 16,
+            "learning_rate": 0.005,
+            "max_seq_length": 64,
+            "per_device_train_batch_size": 4,
+            "warmup_steps": 1,
+            "logging_steps": 4,
+            "eval_steps": 16,
+            "save_steps": 16,
+            "max_eval_examples": 2,
+        },
         merge={"parity_prompts": 1},
         eval={"max_questions": 6, "max_generations": 3, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
     )
@@ -246,16 +290,31 @@ def test_main_writes_metrics_samples_plots_and_report(trained):
     else:
         assert serve["vllm_parity"] is None and report["serve_ready_reasons"]["vllm_parity"] == "vllm not installed"
     intervals = report["intervals"]
-    assert set(intervals) == {"loss", "perplexity", "p_at_1", "mrr", "map", "bleu4", "rouge_l", "mean_length",
-                              "loop_share", "echo_share"}
+    assert set(intervals) == {
+        "loss",
+        "perplexity",
+        "p_at_1",
+        "mrr",
+        "map",
+        "bleu4",
+        "rouge_l",
+        "mean_length",
+        "loop_share",
+        "echo_share",
+    }
     for key, iv in intervals.items():
         for model in ("base", "tuned", "delta"):
             lo, hi = iv[model]["ci95"]
             assert lo <= iv[model]["value"] <= hi or key == "bleu4", (key, iv)  # corpus BLEU is not a mean
         assert iv["tuned"]["value"] == pytest.approx(metrics["tuned"][key]), key
     assert intervals["loss"]["delta"]["ci95"][1] < 0  # learned: lower loss on every resample
-    assert report["counts"] == {"loss_examples": 6, "loss_tokens": report["counts"]["loss_tokens"],
-                                "selection_questions": 6, "candidates": 48, "generations": 3}
+    assert report["counts"] == {
+        "loss_examples": 6,
+        "loss_tokens": report["counts"]["loss_tokens"],
+        "selection_questions": 6,
+        "candidates": 48,
+        "generations": 3,
+    }
 
     samples = [json.loads(line) for line in (root / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3

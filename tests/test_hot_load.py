@@ -23,7 +23,16 @@ import yaml
 
 from tests.conftest import copy_repo
 from tests.test_serve import (
-    API_KEY, MAX_TOKENS, QUESTION, SYSTEM, chat, free_port, make_adapter, peft_greedy, running_server, stage_env,
+    API_KEY,
+    MAX_TOKENS,
+    QUESTION,
+    SYSTEM,
+    chat,
+    free_port,
+    make_adapter,
+    peft_greedy,
+    running_server,
+    stage_env,
     vllm_skip_reason,
 )
 
@@ -38,8 +47,14 @@ def _run(args: list[str], cwd: Path, env: dict) -> str:
 
 def _command(repo: Path, *args: str, api_key: str | None = API_KEY) -> subprocess.CompletedProcess:
     env = stage_env(**({"API_KEY": api_key} if api_key else {}))
-    return subprocess.run([sys.executable, "-m", "mediagent", "serve", *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mediagent", "serve", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +66,24 @@ def exp_repo(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("exp") / "repo")
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    params["train"].update(max_steps=2, eval_steps=2, save_steps=2, logging_steps=1, max_seq_length=64,
-                           max_eval_examples=2, per_device_train_batch_size=2)
+    params["train"].update(
+        max_steps=2,
+        eval_steps=2,
+        save_steps=2,
+        logging_steps=1,
+        max_seq_length=64,
+        max_eval_examples=2,
+        per_device_train_batch_size=2,
+    )
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
     }
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
@@ -80,8 +104,9 @@ def base(exp_repo) -> Path:
 def server(exp_repo, tmp_path_factory):
     latest = json.loads((exp_repo / "models" / "adapter" / "lineage.json").read_text())["name"]
     log = tmp_path_factory.mktemp("hot-log") / "serve.log"
-    with running_server(exp_repo, ["--exp", ",".join(EXPERIMENTS), "--runtime-lora"], log, latest,
-                        API_KEY=API_KEY) as srv:
+    with running_server(
+        exp_repo, ["--exp", ",".join(EXPERIMENTS), "--runtime-lora"], log, latest, API_KEY=API_KEY
+    ) as srv:
         srv.port, srv.cwd = srv.url.rsplit(":", 1)[1], exp_repo
         yield srv
 
@@ -100,7 +125,7 @@ def _experiment_dir(repo: Path, name: str) -> Path:
         except psutil.Error:
             continue
         if "--lora-modules" in cmd and str(repo) in " ".join(cmd):
-            entries = dict(e.split("=", 1) for e in cmd[cmd.index("--lora-modules") + 1:] if "=" in e)
+            entries = dict(e.split("=", 1) for e in cmd[cmd.index("--lora-modules") + 1 :] if "=" in e)
             return Path(entries[name])
     raise AssertionError("vLLM's command line not found")
 
@@ -155,8 +180,11 @@ def test_load_while_requests_stream(server, hot_adapter):
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                text = "".join(c.choices[0].delta.content or "" for c in chat(client, "r32", stream=True, max_tokens=32)
-                               if c.choices)
+                text = "".join(
+                    c.choices[0].delta.content or ""
+                    for c in chat(client, "r32", stream=True, max_tokens=32)
+                    if c.choices
+                )
                 results.append((t0, time.monotonic(), text))
             except Exception as exc:  # every failure is collected and fails the test below
                 errors.append(repr(exc))
@@ -168,8 +196,7 @@ def test_load_while_requests_stream(server, hot_adapter):
         while not results and not errors:
             time.sleep(0.1)
         t0 = time.monotonic()
-        out = _command(server.cwd, "load", "--adapter", str(hot_adapter), "--name", "hot",
-                       "--port", server.port)
+        out = _command(server.cwd, "load", "--adapter", str(hot_adapter), "--name", "hot", "--port", server.port)
         t1 = time.monotonic()
         time.sleep(1)  # let the streams run on after the load too
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mediagent.fileio import read_jsonl
+
 # The same module-scoped `adapter` and `project` fixtures as the server tests (one each here).
 from tests.test_serve import QUESTION, adapter, peft_greedy, project, stage_env, vllm_skip_reason  # noqa: F401
 
@@ -17,26 +18,32 @@ MAX_TOKENS = 8
 
 
 def _infer(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mediagent", "infer", *map(str, args)], cwd=project, env=stage_env(),
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [sys.executable, "-m", "mediagent", "infer", *map(str, args)],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_answers_good_lines_reports_bad_ones(project, tiny_base, adapter, repo_params, tmp_path):
     reason = vllm_skip_reason()
     if reason:
         pytest.skip(reason)
-    from mediagent.loading import load_tokenizer
     from mediagent.chat_format import ChatFormat, conversation
+    from mediagent.loading import load_tokenizer
 
     lines = [
-        json.dumps({"id": "a", "question": QUESTION}, ensure_ascii=False),     # 1 good
-        '{"question": "头疼',                                                   # 2 invalid JSON
-        json.dumps({"id": "b"}),                                                # 3 no question
-        "",                                                                     # 4 blank: ignored
-        json.dumps({"question": "发烧了吃什么药？"}, ensure_ascii=False),          # 5 good, id = line
-        json.dumps(["not", "an", "object"]),                                    # 6 not an object
+        json.dumps({"id": "a", "question": QUESTION}, ensure_ascii=False),  # 1 good
+        '{"question": "头疼',  # 2 invalid JSON
+        json.dumps({"id": "b"}),  # 3 no question
+        "",  # 4 blank: ignored
+        json.dumps({"question": "发烧了吃什么药？"}, ensure_ascii=False),  # 5 good, id = line
+        json.dumps(["not", "an", "object"]),  # 6 not an object
         json.dumps({"id": "long", "question": "头疼" * 2100}, ensure_ascii=False),  # 7 > max_model_len
-        json.dumps({"id": "c", "question": "   "}),                            # 8 empty question
+        json.dumps({"id": "c", "question": "   "}),  # 8 empty question
     ]
     inp, out, errors = tmp_path / "q.jsonl", tmp_path / "answers.jsonl", tmp_path / "errors.jsonl"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")

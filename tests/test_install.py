@@ -35,7 +35,11 @@ def fake_python(tmp_path: Path, version: str) -> Path:
 def make_install(tmp_path: Path, python: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["make", "--no-print-directory", "install", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -51,8 +55,10 @@ def test_install_below_floor_stops_with_one_error_line(tmp_path, version):
     ours = [line for line in proc.stderr.splitlines() if not MAKE_TRAILER.match(line)]
     floor = makefile_floor()
     assert ours == [
-        (f"error: Python {version} at PYTHON={tmp_path / f'python{version}'}; the pinned packages "
-         f"need {floor}+ — run make install PYTHON=python{floor} (or newer)")
+        (
+            f"error: Python {version} at PYTHON={tmp_path / f'python{version}'}; the pinned packages "
+            f"need {floor}+ — run make install PYTHON=python{floor} (or newer)"
+        )
     ]
     assert "fake python called" not in proc.stdout + proc.stderr  # stopped before `-m venv`
     assert not (tmp_path / "venv").exists()
@@ -83,7 +89,12 @@ def planned_install(tmp_path: Path, gpu: bool, args: tuple[str, ...] = ()) -> st
     env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run(
         ["make", "-n", "--no-print-directory", "install", f"VENV={tmp_path / 'venv'}", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
     )
     return proc.stdout
 

@@ -31,8 +31,9 @@ def test_disk_estimate_matches_saved_base_and_adapter(tmp_path, tiny_base, repo_
     base_bytes, per_weight = tensor_bytes(tiny_base / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
     lora = repo_params.lora
-    peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha,
-                                                  target_modules=list(lora.target_modules)))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=list(lora.target_modules))
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     adapter_bytes, adapter_per_weight = tensor_bytes(tmp_path / "adapter" / "adapter_model.safetensors")
 

@@ -33,11 +33,11 @@ def _batch(vocab: int):
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (4, 40))
     labels = ids.clone()
-    labels[0, :25] = -100          # a prompt, then the answer
-    labels[1, :] = -100            # a row with nothing to learn
-    labels[2, 10:30] = -100        # learned tokens on both sides of a masked span
+    labels[0, :25] = -100  # a prompt, then the answer
+    labels[1, :] = -100  # a row with nothing to learn
+    labels[2, 10:30] = -100  # learned tokens on both sides of a masked span
     mask = torch.ones_like(ids)
-    mask[3, 32:] = 0               # padding at the end of the last row
+    mask[3, 32:] = 0  # padding at the end of the last row
     labels[3, 32:] = -100
     return ids, mask, labels
 
@@ -66,8 +66,9 @@ def test_chunked_equals_full_loss_and_lora_grads(base, chunk, num_items):
     assert any(g.abs().max() > 0 for g in g_full.values())
     for name, want in g_full.items():
         # rtol 1e-5 of each tensor's scale: elements near 0 differ by float32 summation order
-        torch.testing.assert_close(g_chunked[name], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g_chunked[name], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_nothing_to_learn_gives_zero_loss_with_a_graph(base):
@@ -83,5 +84,7 @@ def test_chunked_loss_without_grad_matches(base):
     ids, mask, labels = _batch(base.config.vocab_size)
     with torch.no_grad():
         want = copy.deepcopy(base)(input_ids=ids, attention_mask=mask, labels=labels).loss
-        got = use_chunked_loss(copy.deepcopy(base), chunk_tokens=16)(input_ids=ids, attention_mask=mask, labels=labels).loss
+        got = use_chunked_loss(copy.deepcopy(base), chunk_tokens=16)(
+            input_ids=ids, attention_mask=mask, labels=labels
+        ).loss
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

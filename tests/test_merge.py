@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mediagent.pipeline import merge
 from mediagent.artifacts import ArtifactError
-from mediagent.loading import load_model, load_tokenizer
-from tests.formats import MESSAGES, QWEN3_PROMPT
 from mediagent.fileio import md5_dir
+from mediagent.loading import load_model, load_tokenizer
 from mediagent.params import with_overrides
+from mediagent.pipeline import merge
 from tests.adapter_kit import write_adapter, write_processed
+from tests.formats import MESSAGES, QWEN3_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,12 @@ def stage_params(repo_params, tiny_base: Path, root: Path, **merge_overrides):
         data={"processed_dir": str(root / "processed")},
         model={"dir": str(tiny_base.parent), "base": "tiny"},
         train={"output_dir": str(root / "adapter")},
-        merge={"output_dir": str(root / "merged"), "metrics_file": str(root / "metrics" / "merge.json"),
-               "parity_prompts": 2, **merge_overrides},
+        merge={
+            "output_dir": str(root / "merged"),
+            "metrics_file": str(root / "metrics" / "merge.json"),
+            "parity_prompts": 2,
+            **merge_overrides,
+        },
     )
 
 
@@ -54,8 +58,16 @@ def merged(repo_params, tiny_base, workdir):
 def test_merge_parity_tied_reload_and_lineage(tiny_base, workdir, merged):
     params, out = merged, workdir / "merged"
     metrics = json.loads((workdir / "metrics" / "merge.json").read_text())
-    assert set(metrics) == {"max_abs_diff", "mean_abs_diff", "prompts", "tokens", "tolerance", "dtype", "shards",
-                            "reference_max_abs_logit"}
+    assert set(metrics) == {
+        "max_abs_diff",
+        "mean_abs_diff",
+        "prompts",
+        "tokens",
+        "tolerance",
+        "dtype",
+        "shards",
+        "reference_max_abs_logit",
+    }
     assert metrics["dtype"] == "float32" and metrics["shards"] == 1
     assert metrics["prompts"] == 2 and metrics["tokens"] > 40
     assert metrics["max_abs_diff"] <= params.merge.tolerance
@@ -74,8 +86,15 @@ def test_merge_parity_tied_reload_and_lineage(tiny_base, workdir, merged):
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", "lineage.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "lineage.json",
+    } <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
     tok = load_tokenizer(out)
     assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == QWEN3_PROMPT
@@ -134,7 +153,9 @@ def test_adapter_from_another_base_is_refused(repo_params, tiny_base, tmp_path, 
 
 
 def test_quantized_base_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes"}})
+    )
     with pytest.raises(merge.MergeError, match="quantized"):
         merge.base_dtype(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
@@ -154,8 +175,8 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
     """
     from safetensors import safe_open
 
-    from rehearsal.checkpoint import QWEN3_CHAT_TEMPLATE, build_checkpoint
     from mediagent.pipeline import train
+    from rehearsal.checkpoint import QWEN3_CHAT_TEMPLATE, build_checkpoint
 
     base = build_checkpoint(tmp_path / "models" / "base" / "rehearsal" / "qwen3-8b-small")
     assert load_tokenizer(base).chat_template == QWEN3_CHAT_TEMPLATE  # the hub's, not ours
@@ -164,9 +185,17 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
     params = with_overrides(
         repo_params,
         model={"base": "rehearsal/qwen3-8b-small", "dtype": "bfloat16"},
-        train={"max_steps": 2, "per_device_train_batch_size": 2, "max_seq_length": 96, "eval_steps": 2,
-               "save_steps": 2, "logging_steps": 1, "warmup_steps": 0, "max_eval_examples": 2,
-               "learning_rate": 0.01},
+        train={
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "max_seq_length": 96,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "warmup_steps": 0,
+            "max_eval_examples": 2,
+            "learning_rate": 0.01,
+        },
         lora={"r": 8, "lora_alpha": 16},
         merge={"parity_prompts": 2, "max_shard_size": "30MB"},
     )
@@ -176,9 +205,7 @@ def test_untied_bf16_sharded_base_through_train_and_merge(tmp_path, monkeypatch,
     metrics = json.loads(Path(params.merge.metrics_file).read_text())
     assert metrics["dtype"] == "bfloat16" and metrics["shards"] >= 2
     assert 0 < metrics["max_abs_diff"] <= metrics["tolerance"]
-    assert metrics["tolerance"] == pytest.approx(
-        params.merge.relative_tolerance * metrics["reference_max_abs_logit"]
-    )
+    assert metrics["tolerance"] == pytest.approx(params.merge.relative_tolerance * metrics["reference_max_abs_logit"])
     out = Path(params.merge.output_dir)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) == metrics["shards"] and (out / "model.safetensors.index.json").is_file()

@@ -19,8 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_serve import (API_KEY, MAX_TOKENS, SYSTEM, chat, make_adapter, peft_greedy, running_server, stage_env,
-                              vllm_skip_reason, write_project)
+from tests.test_serve import (
+    API_KEY,
+    MAX_TOKENS,
+    SYSTEM,
+    chat,
+    make_adapter,
+    peft_greedy,
+    running_server,
+    stage_env,
+    vllm_skip_reason,
+    write_project,
+)
 
 QUESTIONS = ["头疼怎么办？", "孩子发烧38.5度怎么办？", "胃痛吃什么药？", "失眠多梦怎么调理？"]
 
@@ -31,19 +41,38 @@ def served(tmp_path_factory, repo_params, tiny_base):
     if reason:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("mixed")
-    adapters = {name: make_adapter(tiny_base, root / name, r=8, seed=seed)
-                for seed, name in enumerate(("a", "b", "c", "d"))}
+    adapters = {
+        name: make_adapter(tiny_base, root / name, r=8, seed=seed) for seed, name in enumerate(("a", "b", "c", "d"))
+    }
     project = write_project(root / "project", repo_params, tiny_base, adapters["a"])
     env = {"API_KEY": API_KEY}
     if os.environ.get("MEDIAGENT_VLLM_PLUGINS"):  # to show the failure without the fix
         env["VLLM_PLUGINS"] = os.environ["MEDIAGENT_VLLM_PLUGINS"]
-    with running_server(project, ["--adapter", f"{adapters['a']},{adapters['b']}", "--runtime-lora"],
-                        root / "serve.log", "a", **env) as srv:
+    with running_server(
+        project, ["--adapter", f"{adapters['a']},{adapters['b']}", "--runtime-lora"], root / "serve.log", "a", **env
+    ) as srv:
         # the two runtime slots (serve.runtime_max_loras) get adapters c and d
         for name in ("c", "d"):
-            out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "load", "--adapter", str(adapters[name]),
-                                  "--name", name, "--port", srv.url.rsplit(":", 1)[1]], cwd=project,
-                                 env=stage_env(API_KEY=API_KEY), capture_output=True, text=True, timeout=300)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mediagent",
+                    "serve",
+                    "load",
+                    "--adapter",
+                    str(adapters[name]),
+                    "--name",
+                    name,
+                    "--port",
+                    srv.url.rsplit(":", 1)[1],
+                ],
+                cwd=project,
+                env=stage_env(API_KEY=API_KEY),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert out.returncode == 0, out.stderr[-2000:]
         lineage = {n: json.loads((p / "lineage.json").read_text())["name"] for n, p in adapters.items()}
         models = {"base": None, lineage["a"]: "a", lineage["b"]: "b", "medqa": "a", "c": "c", "d": "d"}
@@ -62,8 +91,11 @@ def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
     srv, models, adapters, lineage = served
     client = srv.client()
     # alone, one at a time: every model (so every LoRA slot has held its adapter) x every question
-    solo = {(m, q): _ids(chat(client, m, question=q, extra_body={"return_token_ids": True}))
-            for m in models for q in QUESTIONS}
+    solo = {
+        (m, q): _ids(chat(client, m, question=q, extra_body={"return_token_ids": True}))
+        for m in models
+        for q in QUESTIONS
+    }
     tok = load_tokenizer(tiny_base)
     prompt = ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, QUESTIONS[0]))
     for model, source in models.items():  # the solo answers are the right model's (peft, float32)
@@ -73,11 +105,16 @@ def test_mixed_concurrent_answers_equal_solo_and_peft(served, tiny_base):
 
     jobs = [(m, q) for q in QUESTIONS for m in models] * 2  # 48 requests, the base among five adapter names
     with ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda job: _ids(chat(client, job[0], question=job[1],
-                                                   extra_body={"return_token_ids": True})), jobs))
+        got = list(
+            pool.map(
+                lambda job: _ids(chat(client, job[0], question=job[1], extra_body={"return_token_ids": True})), jobs
+            )
+        )
     wrong = [(m, q) for (m, q), ids in zip(jobs, got) if ids != solo[(m, q)]]
-    print(f"\n{len(jobs)} concurrent requests over {len(models)} models: {len(wrong)} wrong "
-          f"({sum(m == 'base' for m, _ in wrong)} of them base)")
+    print(
+        f"\n{len(jobs)} concurrent requests over {len(models)} models: {len(wrong)} wrong "
+        f"({sum(m == 'base' for m, _ in wrong)} of them base)"
+    )
     assert not wrong, f"{len(wrong)} of {len(jobs)} answers came from another model: {wrong[:6]}"
 
 

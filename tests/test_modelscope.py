@@ -49,9 +49,18 @@ def ms(ms_checkpoint, tmp_path, monkeypatch):
 def _model(tmp_path, revision=COMMIT):
     from mediagent.params import ModelParams
 
-    return ModelParams(base=REPO, revision=revision, dir=str(tmp_path / "models"), source="modelscope",
-                       dtype="bfloat16", trust_remote_code=False, quantization="none", gguf="",
-                       chat_template="auto", chat_template_kwargs={"enable_thinking": False})
+    return ModelParams(
+        base=REPO,
+        revision=revision,
+        dir=str(tmp_path / "models"),
+        source="modelscope",
+        dtype="bfloat16",
+        trust_remote_code=False,
+        quantization="none",
+        gguf="",
+        chat_template="auto",
+        chat_template_kwargs={"enable_thinking": False},
+    )
 
 
 def _files(root: Path) -> list[Path]:
@@ -137,6 +146,9 @@ def test_own_check_catches_a_file_changed_after_the_client(tmp_path, ms_checkpoi
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(BaseModelError, match=r"model-00001-of-00003.safetensors: downloaded bytes do not match "
-                                             r"the ModelScope file listing's sha256"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"model-00001-of-00003.safetensors: downloaded bytes do not match "
+        r"the ModelScope file listing's sha256",
+    ):
         verify_download(folder, digests, "modelscope")

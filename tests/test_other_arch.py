@@ -36,10 +36,19 @@ def gemma_base(tmp_path_factory, tiny_base) -> Path:
     tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     tok.chat_template = None  # a pretrained base ships none: the params name it
     config = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=2048, sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<end_of_turn>"),
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=2048,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<end_of_turn>"),
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
@@ -57,14 +66,34 @@ def pipeline(tmp_path_factory, gemma_base, sample_data, repo_params):
     root = tmp_path_factory.mktemp("gemma-pipeline")
     write_processed(sample_data, root / "processed", n_train=16, n_val=2, n_test=4, negatives=3, one_per_question=True)
     params = pipeline_params(
-        repo_params, root, gemma_base,
-        model={"dir": str(gemma_base.parent.parent), "base": BASE_ID, "chat_template": "gemma",
-               "chat_template_kwargs": {}},
-        train={"max_steps": 6, "per_device_train_batch_size": 4, "max_seq_length": 128, "eval_steps": 3,
-               "save_steps": 3, "logging_steps": 1, "warmup_steps": 0, "max_eval_examples": 2, "learning_rate": 0.01},
+        repo_params,
+        root,
+        gemma_base,
+        model={
+            "dir": str(gemma_base.parent.parent),
+            "base": BASE_ID,
+            "chat_template": "gemma",
+            "chat_template_kwargs": {},
+        },
+        train={
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "max_seq_length": 128,
+            "eval_steps": 3,
+            "save_steps": 3,
+            "logging_steps": 1,
+            "warmup_steps": 0,
+            "max_eval_examples": 2,
+            "learning_rate": 0.01,
+        },
         merge={"parity_prompts": 2},
-        eval={"max_questions": 4, "max_generations": 2, "max_new_tokens": 8, "max_seq_length": 128,
-              "bootstrap_resamples": 200},
+        eval={
+            "max_questions": 4,
+            "max_generations": 2,
+            "max_new_tokens": 8,
+            "max_seq_length": 128,
+            "bootstrap_resamples": 200,
+        },
     )
     train.main(params)
     merge.main(params)
@@ -108,14 +137,18 @@ def test_the_served_prompt_is_the_trained_one(pipeline, gemma_base, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     # json round trip: tuples -> lists, which safe_dump writes
-    (project / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True),
-                                         encoding="utf-8")
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True), encoding="utf-8"
+    )
     name = json.loads((root / "adapter" / "lineage.json").read_text())["name"]
     with running_server(project, [], tmp_path / "serve.log", name, API_KEY=API_KEY) as srv:
         messages = conversation(SYSTEM, QUESTION)
         body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
-        req = urllib.request.Request(f"{srv.url}/tokenize", data=body, headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        req = urllib.request.Request(
+            f"{srv.url}/tokenize",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             served = json.loads(r.read())["tokens"]
         fmt = ChatFormat.of(load_tokenizer(root / "adapter"))

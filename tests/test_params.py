@@ -35,7 +35,7 @@ def test_every_param_named_in_dvc_yaml_exists():
     for key in interpolated:
         _lookup(raw, key)
     stages = yaml.safe_load(text)["stages"]
-    for name, stage in stages.items():
+    for stage in stages.values():
         for entry in stage.get("params", []):
             _lookup(raw, entry)
         module = stage["cmd"].removeprefix("python -m ")
@@ -72,22 +72,26 @@ def test_every_key_is_required(repo_params):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for section, values in raw.items():
         for key in values:
-            trimmed = {s: ({k: v for k, v in vals.items() if k != key} if s == section else vals)
-                       for s, vals in raw.items()}
+            trimmed = {
+                s: ({k: v for k, v in vals.items() if k != key} if s == section else vals) for s, vals in raw.items()
+            }
             with pytest.raises(ParamsError, match=rf"{section}\.{key}: missing required param"):
                 parse_params(trimmed)
 
 
-@pytest.mark.parametrize(("section", "key", "value", "message"), [
-    ("train", "loss", "foo", "train.loss: 'foo' is not one of: chunked, full"),
-    ("train", "optim", "adam", "train.optim: 'adam' is not one of: adamw_torch_fused, adamw_torch, adafactor"),
-    ("model", "dtype", "fp32", "model.dtype: 'fp32' is not one of: auto, float32, bfloat16, float16"),
-    ("lora", "bias", "all", "lora.bias: 'all' is not one of: none"),
-    ("eval", "selection_score", "best", "eval.selection_score: 'best' is not one of: mean, pmi"),
-    ("train", "micro_batch_size", "big", "train.micro_batch_size: expected int or auto, got 'big'"),
-    ("train", "gradient_checkpointing", "yes", "train.gradient_checkpointing: expected bool or auto, got 'yes'"),
-    ("launch", "processes", True, "launch.processes: expected int or auto, got True"),
-])
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "loss", "foo", "train.loss: 'foo' is not one of: chunked, full"),
+        ("train", "optim", "adam", "train.optim: 'adam' is not one of: adamw_torch_fused, adamw_torch, adafactor"),
+        ("model", "dtype", "fp32", "model.dtype: 'fp32' is not one of: auto, float32, bfloat16, float16"),
+        ("lora", "bias", "all", "lora.bias: 'all' is not one of: none"),
+        ("eval", "selection_score", "best", "eval.selection_score: 'best' is not one of: mean, pmi"),
+        ("train", "micro_batch_size", "big", "train.micro_batch_size: expected int or auto, got 'big'"),
+        ("train", "gradient_checkpointing", "yes", "train.gradient_checkpointing: expected bool or auto, got 'yes'"),
+        ("launch", "processes", True, "launch.processes: expected int or auto, got True"),
+    ],
+)
 def test_a_choice_outside_its_type_names_the_allowed_values(repo_params, section, key, value, message):
     with pytest.raises(ParamsError) as err:
         with_overrides(repo_params, **{section: {key: value}})
@@ -98,16 +102,26 @@ def test_a_bad_choice_is_the_stage_s_last_line(tmp_path):
     """From params.yaml to the one `error:` line, before any data or model is touched."""
     text = (ROOT / "params.yaml").read_text(encoding="utf-8")
     (tmp_path / "params.yaml").write_text(text.replace("loss: chunked ", "loss: foo "), encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.train"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent.pipeline.train"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert last == "error: invalid params in params.yaml: train.loss: 'foo' is not one of: chunked, full"
 
 
 def test_the_types_decide_what_loads(repo_params):
-    p = with_overrides(repo_params, train={"micro_batch_size": 4, "memory_budget": 24, "gradient_checkpointing": True},
-                       launch={"processes": 2})
+    p = with_overrides(
+        repo_params,
+        train={"micro_batch_size": 4, "memory_budget": 24, "gradient_checkpointing": True},
+        launch={"processes": 2},
+    )
     assert (p.train.micro_batch_size, p.train.memory_budget, p.train.gradient_checkpointing) == (4, 24, True)
     assert p.launch.processes == 2
 

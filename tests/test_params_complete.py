@@ -24,8 +24,11 @@ WHERE = "mediagent/training_config.py"
 
 def _plan(train) -> dict:
     """The memory plan of a run that fits as configured (the plan's own choices are DERIVED)."""
-    return {"per_device_train_batch_size": train.per_device_train_batch_size,
-            "gradient_accumulation_steps": train.gradient_accumulation_steps, "gradient_checkpointing": False}
+    return {
+        "per_device_train_batch_size": train.per_device_train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_checkpointing": False,
+    }
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -36,8 +39,18 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def unchosen(library: str, fields: dict, kwargs: dict, from_params: set[str], derived: dict,
-             fixed: dict, no_effect: dict, section: str, fixed_name: str, no_effect_name: str) -> list[str]:
+def unchosen(
+    library: str,
+    fields: dict,
+    kwargs: dict,
+    from_params: set[str],
+    derived: dict,
+    fixed: dict,
+    no_effect: dict,
+    section: str,
+    fixed_name: str,
+    no_effect_name: str,
+) -> list[str]:
     """One line per field whose value nobody chose, per list entry naming no field, per double entry."""
     problems = []
     for name, f in sorted(fields.items()):
@@ -48,12 +61,15 @@ def unchosen(library: str, fields: dict, kwargs: dict, from_params: set[str], de
                 f"{library}.{name}: nobody chose it, so {library}'s default {_default(f)!r} decides — add a "
                 f"{section}.{name} param (params.yaml and mediagent/params.py), or {name!r}: (value, why) to "
                 f"{fixed_name}, or, if it cannot change the adapter or its metrics, {name!r}: why to "
-                f"{no_effect_name} in {WHERE}")
+                f"{no_effect_name} in {WHERE}"
+            )
         elif name not in from_params | derived.keys() | fixed.keys():
             problems.append(f"{library}.{name}: set in {WHERE} but in none of its lists — name it in one, with why")
     for name in sorted((derived.keys() | fixed.keys() | no_effect.keys()) - fields.keys()):
-        problems.append(f"{library}.{name}: listed in {WHERE} but the installed {library} has no such field "
-                        f"(renamed or removed?) — update the entry")
+        problems.append(
+            f"{library}.{name}: listed in {WHERE} but the installed {library} has no such field "
+            f"(renamed or removed?) — update the entry"
+        )
     for name in sorted(fixed.keys() & (no_effect.keys() | derived.keys() | from_params)):
         problems.append(f"{library}.{name}: in {fixed_name} and also set elsewhere — keep one source")
     return problems
@@ -65,9 +81,18 @@ def test_every_trainer_setting_that_changes_a_run_is_chosen(repo_params):
     train = repo_params.train
     fields = _fields(TrainingArguments)
     from_params = {f.name for f in dataclasses.fields(train)} & fields.keys()
-    problems = unchosen("TrainingArguments", fields, tc.training_kwargs(train, torch.float32, _plan(train)),
-                        from_params - tc.DERIVED_TRAINING.keys(), tc.DERIVED_TRAINING, tc.FIXED_TRAINING,
-                        tc.NO_EFFECT_TRAINING, "train", "FIXED_TRAINING", "NO_EFFECT_TRAINING")
+    problems = unchosen(
+        "TrainingArguments",
+        fields,
+        tc.training_kwargs(train, torch.float32, _plan(train)),
+        from_params - tc.DERIVED_TRAINING.keys(),
+        tc.DERIVED_TRAINING,
+        tc.FIXED_TRAINING,
+        tc.NO_EFFECT_TRAINING,
+        "train",
+        "FIXED_TRAINING",
+        "NO_EFFECT_TRAINING",
+    )
     assert not problems, "\n".join(problems)
 
 
@@ -76,8 +101,18 @@ def test_every_lora_setting_that_changes_the_adapter_is_chosen(repo_params):
 
     fields = _fields(LoraConfig)
     from_params = {f.name for f in dataclasses.fields(repo_params.lora)}
-    problems = unchosen("LoraConfig", fields, tc.lora_kwargs(repo_params.lora), from_params, {}, tc.FIXED_LORA,
-                        tc.NO_EFFECT_LORA, "lora", "FIXED_LORA", "NO_EFFECT_LORA")
+    problems = unchosen(
+        "LoraConfig",
+        fields,
+        tc.lora_kwargs(repo_params.lora),
+        from_params,
+        {},
+        tc.FIXED_LORA,
+        tc.NO_EFFECT_LORA,
+        "lora",
+        "FIXED_LORA",
+        "NO_EFFECT_LORA",
+    )
     assert not problems, "\n".join(problems)
 
 
@@ -104,10 +139,13 @@ def test_every_reason_is_given():
             assert isinstance(why, str) and why.strip(), f"{name}: say why"
 
 
-@pytest.mark.parametrize(("alias", "library_values"), [
-    ("Scheduler", "transformers.trainer_utils:SchedulerType"),
-    ("Optimizer", "transformers.training_args:OptimizerNames"),
-])
+@pytest.mark.parametrize(
+    ("alias", "library_values"),
+    [
+        ("Scheduler", "transformers.trainer_utils:SchedulerType"),
+        ("Optimizer", "transformers.training_args:OptimizerNames"),
+    ],
+)
 def test_choices_exist_in_the_installed_transformers(alias, library_values):
     import importlib
 
@@ -131,7 +169,8 @@ def test_evaluation_answers_ignore_the_base_s_generation_config(tiny_base, repo_
     model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
     ids = torch.tensor(prompts)
     # what transformers does with the base's settings when they are not overridden
-    library = model.generate(input_ids=ids, max_new_tokens=16, min_new_tokens=16, eos_token_id=fmt.stop_ids,
-                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    library = model.generate(
+        input_ids=ids, max_new_tokens=16, min_new_tokens=16, eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id
+    )[0, ids.shape[1] :].tolist()
     assert library != greedy[0]
     assert generate_hf(model, fmt, prompts, max_new_tokens=16, batch_size=1, min_new_tokens=16) == greedy

@@ -48,8 +48,10 @@ def git_env() -> dict:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
     }
 
 
@@ -66,7 +68,10 @@ def test_repro_then_experiment(tmp_path):
     assert _ran(first) == set(STAGES)
     processed = repo / "data" / "processed"
     assert sorted(p.name for p in processed.iterdir()) == [
-        "test.jsonl", "test_candidates.jsonl", "train.jsonl", "val.jsonl",
+        "test.jsonl",
+        "test_candidates.jsonl",
+        "train.jsonl",
+        "val.jsonl",
     ]
     lineage = json.loads((repo / "models" / "adapter" / "lineage.json").read_text())
     assert lineage["params"]["lora"]["r"] == 16

@@ -32,19 +32,30 @@ from tests.test_ui import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM, chromium  # noqa
 # dvc.yaml's plots draw the workspace revision in this colour (DVC's first).
 DATA_RGB = (0x94, 0x5D, 0xD6)
 # Chromium with no network: a proxy that refuses and no name resolving. file:// still loads.
-OFFLINE_FLAGS = ["--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--host-resolver-rules=MAP * ~NOTFOUND"]
-PATHS = {"train": {"dvclive_dir": "runs/live"}, "eval": {"plots_dir": "results/eval-plots"},
-         "review": {"plots_file": "results/review/wins.json"}}
+OFFLINE_FLAGS = [
+    "--proxy-server=127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
+PATHS = {
+    "train": {"dvclive_dir": "runs/live"},
+    "eval": {"plots_dir": "results/eval-plots"},
+    "review": {"plots_file": "results/review/wins.json"},
+}
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "DVC_NO_ANALYTICS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "DVC_NO_ANALYTICS": "1",
+    }
 
 
 def _mediagent(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mediagent", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "mediagent", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=_env()
+    )
 
 
 def _params(root: Path) -> None:
@@ -73,18 +84,22 @@ def project(tmp_path_factory) -> Path:
     live.log_metric("train/loss", 2.2)  # the run's summary: one step, not a curve
     live.end()
 
-    results = {"random": {"p_at_1": 0.1, "mrr": 0.29, "map": 0.29},
-               "base": {"p_at_1": 0.25, "mrr": 0.43, "map": 0.4, "rouge_l": 0.05, "distinct_2": 0.3},
-               "tuned": {"p_at_1": 0.5, "mrr": 0.62, "map": 0.6, "rouge_l": 0.12, "distinct_2": 0.4}}
+    results = {
+        "random": {"p_at_1": 0.1, "mrr": 0.29, "map": 0.29},
+        "base": {"p_at_1": 0.25, "mrr": 0.43, "map": 0.4, "rouge_l": 0.05, "distinct_2": 0.3},
+        "tuned": {"p_at_1": 0.5, "mrr": 0.62, "map": 0.6, "rouge_l": 0.12, "distinct_2": 0.4},
+    }
     plots_dir = root / PATHS["eval"]["plots_dir"]
     plots_dir.mkdir(parents=True)
     (plots_dir / "selection.json").write_text(json.dumps(plot_rows(results), indent=2) + "\n", encoding="utf-8")
     labels = [[1] + [0] * 9] * 6
-    (plots_dir / "ranks.csv").write_text(rank_csv({"base": [1, 3, 2, 5, 1, 10], "tuned": [1, 1, 2, 1, 3, 1]}, labels),
-                                         encoding="utf-8")
+    (plots_dir / "ranks.csv").write_text(
+        rank_csv({"base": [1, 3, 2, 5, 1, 10], "tuned": [1, 1, 2, 1, 3, 1]}, labels), encoding="utf-8"
+    )
 
-    judgments = [Judgment("dr-li", f"q{i}", "base", "tuned", choice)
-                 for i, choice in enumerate(["B", "B", "A", "tie", "B", "B"])]
+    judgments = [
+        Judgment("dr-li", f"q{i}", "base", "tuned", choice) for i, choice in enumerate(["B", "B", "A", "tie", "B", "B"])
+    ]
     judgments += [Judgment("dr-wang", f"q{i}", "tuned", "medqa-v2", choice) for i, choice in enumerate("ABBA")]
     write_json(root / PATHS["review"]["plots_file"], summarise(judgments)[1])
     return root
@@ -106,8 +121,8 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     pos, idat, header = 8, b"", None
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         pos += 12 + length
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
@@ -121,7 +136,7 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
     assert len(raw) == height * (stride + 1)
     rows, prev = [], bytearray(stride)
     for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for x in range(stride):  # undo the row filter (PNG spec, section 9)
             a = line[x - bpp] if x >= bpp else 0
             b = prev[x]
@@ -136,7 +151,7 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
                 p = a + b - c
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
                 line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        rows.append(bytes(line) if bpp == 4 else bytes(v for i in range(0, stride, 3) for v in (*line[i:i + 3], 255)))
+        rows.append(bytes(line) if bpp == 4 else bytes(v for i in range(0, stride, 3) for v in (*line[i : i + 3], 255)))
         prev = line
     return width, height, rows
 
@@ -144,8 +159,13 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 def test_pngs_of_the_three_families(plotted):
     folder, listed = plotted
     written = {p.name for p in folder.glob("*.png")}
-    assert {"train-loss.png", "train-eval-loss.png", "eval-selection.png", "eval-ranks.png",
-            "review-wins.png"} <= written, written
+    assert {
+        "train-loss.png",
+        "train-eval-loss.png",
+        "eval-selection.png",
+        "eval-ranks.png",
+        "review-wins.png",
+    } <= written, written
     assert "train-train-loss.png" not in written  # one step: skipped, said so on stderr
     assert {Path(p).name for p in listed} == written | {"index.html", "offline_template.html"}
     assert not list(folder.parent.glob(".plots.*")), "the temporary folder was left behind"
@@ -155,7 +175,7 @@ def test_pngs_of_the_three_families(plotted):
         assert 5_000 < len(data) < 2_000_000, (name, len(data))
         width, height, rows = decode_png(data)
         assert 200 <= width <= 2000 and 200 <= height <= 2000, (name, width, height)
-        pixels = {row[i:i + 4] for row in rows for i in range(0, len(row), 4)}
+        pixels = {row[i : i + 4] for row in rows for i in range(0, len(row), 4)}
         assert len(pixels) > 20, f"{name}: {len(pixels)} colours, not a chart"  # text is anti-aliased
         assert bytes((*DATA_RGB, 255)) in pixels, f"{name}: no mark in the data colour"
 
@@ -184,13 +204,17 @@ def test_page_renders_in_a_browser_without_network(plotted, chromium):  # noqa: 
             driver.get("http://example.com/")
         driver.get((folder / "index.html").as_uri())
         # vega-embed draws each plot into an element of class `marks` (canvas by default).
-        done = ("const divs = [...document.querySelectorAll('body > div')];"
-                "return divs.length && divs.every(d => d.querySelector('.marks')) ? divs.length : 0;")
-        n = WebDriverWait(driver, 60, poll_frequency=0.2).until(lambda d: d.execute_script(done),
-                                                                 message="plots not drawn")
+        done = (
+            "const divs = [...document.querySelectorAll('body > div')];"
+            "return divs.length && divs.every(d => d.querySelector('.marks')) ? divs.length : 0;"
+        )
+        n = WebDriverWait(driver, 60, poll_frequency=0.2).until(
+            lambda d: d.execute_script(done), message="plots not drawn"
+        )
         assert n >= 5, n
         # Every plot shows data, not just axes: a pixel in the data colour on each canvas.
-        coloured = driver.execute_script("""
+        coloured = driver.execute_script(
+            """
             const [r, g, b] = arguments[0];
             return [...document.querySelectorAll('body > div')].map(div => {
                 const c = div.querySelector('canvas.marks');
@@ -200,7 +224,9 @@ def test_page_renders_in_a_browser_without_network(plotted, chromium):  # noqa: 
                 for (let i = 0; i < px.length; i += 4)
                     if (px[i] === r && px[i + 1] === g && px[i + 2] === b) hits++;
                 return hits;
-            });""", list(DATA_RGB))
+            });""",
+            list(DATA_RGB),
+        )
         assert all(coloured), coloured
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "example.com" not in e["message"]]
         assert not errors, errors

@@ -82,14 +82,18 @@ def test_orderings(repo_params):
     assert long["activations"] > pf.train_plan(arch, repo_params, "bfloat16")["activations"]
     n = pf.param_counts(arch)  # QLoRA: NF4 linears; embeddings, head, norms upcast to float32 by peft;
     # the largest linear (gate/up, 4096 x 12288) dequantized to bf16 twice
-    assert pf.train_plan(arch, repo_params, "bfloat16", weight_bits=4)["weights"] == \
-        -(-n["linear"] * 4.127 // 8) + 4 * (n["embed"] + n["head"] + n["other"]) + 2 * 2 * 4096 * 12288
+    assert (
+        pf.train_plan(arch, repo_params, "bfloat16", weight_bits=4)["weights"]
+        == -(-n["linear"] * 4.127 // 8) + 4 * (n["embed"] + n["head"] + n["other"]) + 2 * 2 * 4096 * 12288
+    )
     short = pf.train_plan(arch, repo_params, "bfloat16", seq_len=128)  # data shorter than the cap
     assert short["logits"] * 4 == pf.train_plan(arch, repo_params, "bfloat16")["logits"]
     assert pf.train_plan(arch, repo_params, "bfloat16", seq_len=4096) == pf.train_plan(arch, repo_params, "bfloat16")
     tiny = json.loads(_tiny_config(repo_params))
-    assert pf.train_peak_bytes(tiny, repo_params) == pf.train_plan(pf.Arch.from_config(tiny), repo_params,
-                                                                   pf.resolve_dtype_name("auto"))["peak"]
+    assert (
+        pf.train_peak_bytes(tiny, repo_params)
+        == pf.train_plan(pf.Arch.from_config(tiny), repo_params, pf.resolve_dtype_name("auto"))["peak"]
+    )
     gc = _params(repo_params, gradient_checkpointing=True)
     assert pf.train_plan(arch, gc, "bfloat16")["peak"] == pf.train_plan(arch, gc, "bfloat16")["peak_gc"]
 
@@ -101,10 +105,20 @@ def test_logits_dominate_small_models(repo_params):
 
 def _tiny_config(repo_params) -> str:
     t = repo_params.tiny
-    return json.dumps({"model_type": "qwen3", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-                       "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-                       "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "vocab_size": 151936,
-                       "tie_word_embeddings": t.tie_word_embeddings, "torch_dtype": "float32"})
+    return json.dumps(
+        {
+            "model_type": "qwen3",
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "vocab_size": 151936,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "torch_dtype": "float32",
+        }
+    )
 
 
 # ---------------------------------------------------------------- published figures
@@ -116,11 +130,24 @@ def test_llama_factory_table_7b(repo_params):
     Its setting: a LLaMA-2-7B-shaped model, batch 1, 1024 tokens, gradient checkpointing
     on (its default); plus ~1 GB for the CUDA runtime the plan leaves out.
     """
-    llama7b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-               "tie_word_embeddings": False, "torch_dtype": "float16"}
-    p = _params(repo_params, per_device_train_batch_size=1, per_device_eval_batch_size=1, max_seq_length=1024,
-                gradient_checkpointing=True)
+    llama7b = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+    }
+    p = _params(
+        repo_params,
+        per_device_train_batch_size=1,
+        per_device_eval_batch_size=1,
+        max_seq_length=1024,
+        gradient_checkpointing=True,
+    )
     arch = pf.Arch.from_config(llama7b)
     lora16 = pf.train_plan(arch, p, "bfloat16")["peak"] + 1 * GB
     qlora4 = pf.train_plan(arch, p, "bfloat16", weight_bits=4)["peak"] + 1 * GB
@@ -138,7 +165,8 @@ def test_candidate_counts_from_processed_file(repo_params, sample_data, tmp_path
     pairs = sample_pairs(sample_data, 12)
     rows = candidates(pairs[:5], pairs, negatives=3)
     (tmp_path / "test_candidates.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     p = with_overrides(repo_params, data={"processed_dir": str(tmp_path)}, eval={"max_questions": 4})
     counts = pf.candidate_counts(p)
     assert counts["questions"] == 4 and counts["candidates"] == 16
@@ -223,19 +251,49 @@ def measure(config: dict, params, knobs: dict) -> dict:
     # layer-heavy cases below. A fixed threshold returns freed tensors to the OS, so the
     # peak RSS measures what was alive at once, which is what the plan (and a GPU) counts.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config), json.dumps(params.to_dict()),
-                          json.dumps(knobs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(config), json.dumps(params.to_dict()), json.dumps(knobs)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-VOCAB152K = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 151936, "tie_word_embeddings": True}
-LAYERS = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
-          "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096, "tie_word_embeddings": False}
+VOCAB152K = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+LAYERS = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 4096,
+    "tie_word_embeddings": False,
+}
 # weights dominate: where a 4-bit base shows
-WIDE = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 4096, "tie_word_embeddings": False}
+WIDE = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 4096,
+    "tie_word_embeddings": False,
+}
 BATCH8 = dict(per_device_train_batch_size=8, max_seq_length=256)
 CASES = {
     # the tiny default's shape (152k vocab, tied): the fp32 logits are nearly everything
@@ -245,12 +303,18 @@ CASES = {
     "vocab152k-chunked-2x4": (VOCAB152K, BATCH8, dict(chunked=True, micro=2)),
     # small vocab, more and wider layers: the per-layer activation formula dominates
     "layers-vocab4k": (LAYERS, dict(per_device_train_batch_size=4, max_seq_length=512), dict(chunked=False, micro=4)),
-    "layers-vocab4k-gc": (LAYERS, dict(per_device_train_batch_size=4, max_seq_length=512),
-                          dict(chunked=False, micro=4, gc=True)),
+    "layers-vocab4k-gc": (
+        LAYERS,
+        dict(per_device_train_batch_size=4, max_seq_length=512),
+        dict(chunked=False, micro=4, gc=True),
+    ),
     # QLoRA vs LoRA on the same weights-heavy model (float32 compute on a CPU)
     "wide-lora": (WIDE, dict(per_device_train_batch_size=2, max_seq_length=128), dict(chunked=True, micro=2)),
-    "wide-qlora-nf4": (WIDE, dict(per_device_train_batch_size=2, max_seq_length=128),
-                       dict(chunked=True, micro=2, quantization="nf4")),
+    "wide-qlora-nf4": (
+        WIDE,
+        dict(per_device_train_batch_size=2, max_seq_length=128),
+        dict(chunked=True, micro=2, quantization="nf4"),
+    ),
 }
 
 
@@ -262,12 +326,20 @@ def test_estimate_within_20_percent_of_measured_cpu_training(case, repo_params):
     got = measure(config, params, knobs)
     used = got["peak"] - got["before"]
     learned = knobs["micro"] * (train["max_seq_length"] - int(train["max_seq_length"] * knobs["prompt_share"]))
-    estimate = pf.train_plan(pf.Arch.from_config({"model_type": "qwen3", **config}), params, "float32",
-                             weight_bits=4 if knobs["quantization"] == "nf4" else None,
-                             gradient_checkpointing=knobs["gc"], micro_batch=knobs["micro"],
-                             chunked_loss=knobs["chunked"], learned_tokens=learned)["peak"]
-    print(f"{case}: estimate {estimate / 2**20:.0f} MiB, measured peak RSS {got['peak'] / 2**20:.0f} MiB "
-          f"- runtime {got['before'] / 2**20:.0f} MiB = {used / 2**20:.0f} MiB ({estimate / used:.2f}x)")
+    estimate = pf.train_plan(
+        pf.Arch.from_config({"model_type": "qwen3", **config}),
+        params,
+        "float32",
+        weight_bits=4 if knobs["quantization"] == "nf4" else None,
+        gradient_checkpointing=knobs["gc"],
+        micro_batch=knobs["micro"],
+        chunked_loss=knobs["chunked"],
+        learned_tokens=learned,
+    )["peak"]
+    print(
+        f"{case}: estimate {estimate / 2**20:.0f} MiB, measured peak RSS {got['peak'] / 2**20:.0f} MiB "
+        f"- runtime {got['before'] / 2**20:.0f} MiB = {used / 2**20:.0f} MiB ({estimate / used:.2f}x)"
+    )
     assert estimate == pytest.approx(used, rel=0.20)
 
 
@@ -275,8 +347,9 @@ def test_estimate_within_20_percent_of_measured_cpu_training(case, repo_params):
 
 
 def _preflight_json(*args: str) -> dict:
-    out = subprocess.run(["make", "-s", "preflight", *args, "JSON=1"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        ["make", "-s", "preflight", *args, "JSON=1"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -307,8 +380,11 @@ def test_plan_order_and_explicit_values_win(repo_params):
     # a fixed micro-batch and checkpointing are kept even where the plan would choose otherwise
     fixed = _params(repo_params, micro_batch_size=2, gradient_checkpointing=True)
     got = pf.choose_plan(config, fixed, 80 * gib, "bfloat16")["plan"]
-    assert (got["per_device_train_batch_size"], got["gradient_accumulation_steps"], got["gradient_checkpointing"]) \
-        == (2, 4, True)
+    assert (got["per_device_train_batch_size"], got["gradient_accumulation_steps"], got["gradient_checkpointing"]) == (
+        2,
+        4,
+        True,
+    )
     # nothing fits 8 GiB without 4-bit: the error names the options
     small = pf.choose_plan(config, repo_params, 8 * gib, "bfloat16")
     assert not small["fits"] and "too big" in pf.format_choice(small)

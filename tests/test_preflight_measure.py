@@ -34,8 +34,14 @@ from tests.adapter_kit import write_processed
 from tests.test_train import stage_env, write_params
 
 # one epoch of 64 examples in batches of 4: 16 optimizer steps; --measure runs 6, times steps 2..6
-EPOCH = {"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-         "max_seq_length": 128, "max_eval_examples": 16}
+EPOCH = {
+    "max_steps": -1,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_seq_length": 128,
+    "max_eval_examples": 16,
+}
 
 
 @pytest.fixture
@@ -53,8 +59,15 @@ def full_epoch_seconds(folder: Path, params) -> tuple[int, float]:
     """(steps, seconds) of a whole epoch of the train stage: its first step's start to its last step's end."""
     run = with_overrides(params, train={"logging_steps": 1, "eval_steps": 1000, "save_steps": 1000})
     write_params(run, folder / "params.yaml")
-    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.train"], cwd=folder, env=stage_env(),
-                         capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent.pipeline.train"],
+        cwd=folder,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # the stage's own job line: what preflight computes before it runs
     assert "job: 64 examples, " in out.stderr and "16 optimizer steps per epoch of 4 examples" in out.stderr
@@ -84,8 +97,10 @@ def test_measure_extrapolates_a_full_tiny_epoch_within_25_percent(setup):
         extrapolated.append(measured["epoch_seconds"])
         epochs.append(seconds)
     ratio = statistics.median(extrapolated) / statistics.median(epochs)
-    print(f"--measure 6 extrapolated {extrapolated} s; full epochs of 16 steps measured {epochs} s; "
-          f"ratio of medians {ratio:.2f}")
+    print(
+        f"--measure 6 extrapolated {extrapolated} s; full epochs of 16 steps measured {epochs} s; "
+        f"ratio of medians {ratio:.2f}"
+    )
     assert 0.75 <= ratio <= 1.25
 
 
@@ -104,8 +119,12 @@ def test_job_size_counts_what_the_train_stage_encodes(setup, tiny_base):
     size = job_size(examples, tokens, source, params.train)
     assert (size["steps_per_epoch"], size["steps"], size["effective_batch"]) == (16, 16, 4)
     # micro-batches of 2 with accumulation 2: the same 16 optimizer steps; 3 epochs, 48; a step cap wins
-    assert job_size(examples, tokens, "", params.train, {"per_device_train_batch_size": 2,
-                                                         "gradient_accumulation_steps": 2})["steps"] == 16
+    assert (
+        job_size(
+            examples, tokens, "", params.train, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+        )["steps"]
+        == 16
+    )
     assert job_size(65, tokens, "", params.train)["steps"] == 17  # a last, partial batch is a step
     three = with_overrides(params, train={"num_train_epochs": 3}).train
     assert job_size(examples, tokens, "", three)["steps"] == 48
@@ -134,8 +153,11 @@ def test_real_sample_mean_tokens_per_example(tmp_path, shared_sample, repo_param
     """SAMPLE_TOKENS_PER_EXAMPLE is what the 500 real pairs measure through the process stage's output."""
     from mediagent.pipeline.process import main as process
 
-    params = with_overrides(repo_params, data={"raw_dir": str(shared_sample), "processed_dir": str(tmp_path / "p")},
-                            process={"val_ratio": 0.0, "test_ratio": 0.001, "metrics_file": str(tmp_path / "m.json")})
+    params = with_overrides(
+        repo_params,
+        data={"raw_dir": str(shared_sample), "processed_dir": str(tmp_path / "p")},
+        process={"val_ratio": 0.0, "test_ratio": 0.001, "metrics_file": str(tmp_path / "m.json")},
+    )
     process(params)
     examples, tokens, _ = count_split(tmp_path / "p" / "train.jsonl", params, load_tokenizer(tiny_base))
     assert examples >= 495
@@ -143,9 +165,11 @@ def test_real_sample_mean_tokens_per_example(tmp_path, shared_sample, repo_param
 
 
 def test_preflight_json_for_the_real_job_before_any_download(tmp_path, monkeypatch, repo_params):
-    official = with_overrides(repo_params, data={"raw_dir": repo_params.download.out_dir},
-                              train={"max_steps": -1, "per_device_train_batch_size": 16,
-                                     "gradient_accumulation_steps": 2})
+    official = with_overrides(
+        repo_params,
+        data={"raw_dir": repo_params.download.out_dir},
+        train={"max_steps": -1, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2},
+    )
     write_params(official, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)  # no processed split, no base on disk
     result = CliRunner().invoke(preflight, ["--base", "Qwen/Qwen3-8B", "--memory-gb", "24", "--json"])
@@ -164,8 +188,15 @@ def test_preflight_json_for_the_real_job_before_any_download(tmp_path, monkeypat
 
 
 def test_gpu_kind_from_device_names():
-    names = {"NVIDIA A10": "a10", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA H100 80GB HBM3": "h100",
-             "NVIDIA L4": "l4", "NVIDIA L40S": "l40s", "NVIDIA A10G": None, "Tesla V100-SXM2-16GB": None}
+    names = {
+        "NVIDIA A10": "a10",
+        "NVIDIA A100-SXM4-80GB": "a100",
+        "NVIDIA H100 80GB HBM3": "h100",
+        "NVIDIA L4": "l4",
+        "NVIDIA L40S": "l40s",
+        "NVIDIA A10G": None,
+        "Tesla V100-SXM2-16GB": None,
+    }
     assert {name: gpu_kind(name) for name in names} == names
 
 

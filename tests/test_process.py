@@ -59,8 +59,10 @@ def _run(repo_params, raw: Path, tmp: Path, **process) -> tuple[dict[str, bytes]
 
 def _texts(sample: Path = SAMPLE) -> dict[str, str]:
     """The sample's tables as text (answer.csv is GBK on disk)."""
-    return {"question.csv": (sample / "question.csv").read_text(encoding="utf-8"),
-            "answer.csv": (sample / "answer.csv").read_text(encoding="gbk")}
+    return {
+        "question.csv": (sample / "question.csv").read_text(encoding="utf-8"),
+        "answer.csv": (sample / "answer.csv").read_text(encoding="gbk"),
+    }
 
 
 def _write(raw: Path, files: dict[str, bytes]) -> Path:
@@ -98,7 +100,9 @@ def test_same_output_for_every_encoding_and_line_ending(tmp_path, repo_params):
     # question.csv can only hold that line in GB18030, and the file is then GB18030.
     texts["question.csv"] += "10000999,孩子发烧・咳嗽三天了怎么办？\n"
     texts["answer.csv"] += "20000999,10000999,先测体温，多喝水，咳嗽加重或高烧不退请就医。\n"
-    base, base_metrics = _run(repo_params, _write(tmp_path / "utf8", {k: v.encode() for k, v in texts.items()}), tmp_path / "o0")
+    base, base_metrics = _run(
+        repo_params, _write(tmp_path / "utf8", {k: v.encode() for k, v in texts.items()}), tmp_path / "o0"
+    )
     assert base_metrics["encoding"] == {"question": "utf-8", "answer": "utf-8"}
     assert base_metrics["rows_read"] == {"question": 103, "answer": 130}
     assert sum(base_metrics["examples"].values()) == 130
@@ -115,8 +119,13 @@ def test_same_output_for_every_encoding_and_line_ending(tmp_path, repo_params):
         "gbk": ({"question.csv": q_gbk, "answer.csv": a_gbk}, ("gb18030", "gbk")),
         "gb18030": ({k: v.encode("gb18030") for k, v in texts.items()}, ("gb18030", "gbk")),
         "crlf": ({k: v.encode() for k, v in crlf.items()}, ("utf-8", "utf-8")),
-        "gbk-crlf": ({"question.csv": _gbk_where_possible(crlf["question.csv"])[0],
-                      "answer.csv": crlf["answer.csv"].encode("gbk")}, ("gb18030", "gbk")),
+        "gbk-crlf": (
+            {
+                "question.csv": _gbk_where_possible(crlf["question.csv"])[0],
+                "answer.csv": crlf["answer.csv"].encode("gbk"),
+            },
+            ("gb18030", "gbk"),
+        ),
     }
     for i, (name, (files, (q_enc, a_enc))) in enumerate(variants.items(), 1):
         outputs, metrics = _run(repo_params, _write(tmp_path / name, files), tmp_path / f"o{i}")
@@ -186,7 +195,7 @@ def _candidate_rows(qids: list[int], answers: dict[int, list[int]]) -> dict[int,
     lists = {}
     for i, qid in enumerate(qids):
         others = [a for a in all_answers if a not in answers[qid]]
-        others = others[7 * i % len(others):] + others[: 7 * i % len(others)]  # a different mix per list
+        others = others[7 * i % len(others) :] + others[: 7 * i % len(others)]  # a different mix per list
         lists[qid] = [(a, 1) for a in answers[qid]] + [(a, 0) for a in others[: 100 - len(answers[qid])]]
     return lists
 
@@ -214,12 +223,17 @@ def test_official_split_and_candidate_lists_keep_labels_and_order(tmp_path, repo
     test_lists[missing_neg_q][-1] = (29999999, 0)
     test_lists[no_pos_q] = [(28888800 + i, 1) if label else (a, 0) for i, (a, label) in enumerate(test_lists[no_pos_q])]
     test_lists[19999999] = [(a, int(i == 0)) for i, a in enumerate(answers[qids[0]] + answers[qids[1]])]
-    questions = [f"{short_q},痛？" if line.startswith(f"{short_q},") else line for line in texts["question.csv"].splitlines()]
-    raw = _write(tmp_path / "raw", {
-        "question.csv": ("\n".join(questions) + "\n").encode(),
-        "answer.csv": (SAMPLE / "answer.csv").read_bytes(),
-        "dev_candidates.txt": _candidate_file(dev_lists).encode(),  # as `make data` unzips it
-    })
+    questions = [
+        f"{short_q},痛？" if line.startswith(f"{short_q},") else line for line in texts["question.csv"].splitlines()
+    ]
+    raw = _write(
+        tmp_path / "raw",
+        {
+            "question.csv": ("\n".join(questions) + "\n").encode(),
+            "answer.csv": (SAMPLE / "answer.csv").read_bytes(),
+            "dev_candidates.txt": _candidate_file(dev_lists).encode(),  # as `make data` unzips it
+        },
+    )
     with zipfile.ZipFile(raw / "test_candidates.zip", "w") as zf:
         zf.writestr("test_candidates.txt", _candidate_file(test_lists))
 
@@ -244,7 +258,9 @@ def test_official_split_and_candidate_lists_keep_labels_and_order(tmp_path, repo
         assert [(c["ans_id"], c["label"]) for c in rec["candidates"]] == expected  # file order, official labels
         assert all(c["content"] == answer_text[c["ans_id"]] for c in rec["candidates"])  # cleaned texts
         assert rec["question"] == question_text[qid] and rec["system"] == repo_params.process.system_prompt
-    assert metrics["candidate_questions"] == len(got) and metrics["candidates"] == sum(len(r["candidates"]) for r in got.values())
+    assert metrics["candidate_questions"] == len(got) and metrics["candidates"] == sum(
+        len(r["candidates"]) for r in got.values()
+    )
     assert metrics["official_test_questions_not_in_input"] == 1
     assert metrics["dropped"]["candidates_answer_missing"] == 1 + len(answers[no_pos_q])
     assert metrics["dropped"]["candidate_lists_question_missing"] == 1
@@ -261,9 +277,21 @@ def test_embedded_sample_keeps_answers_of_a_question_together(tmp_path, repo_par
     raw = SAMPLE
     outputs, metrics = _run(repo_params, raw, tmp_path)
     assert set(metrics) == {
-        "rows_read", "encoding", "answers_without_questions", "questions_without_answers", "split_method",
-        "candidate_lists_short", "official_test_questions_not_in_input", "dropped", "pii_masked", "examples",
-        "questions", "candidate_questions", "candidates", "length", "twin_answers_moved",
+        "rows_read",
+        "encoding",
+        "answers_without_questions",
+        "questions_without_answers",
+        "split_method",
+        "candidate_lists_short",
+        "official_test_questions_not_in_input",
+        "dropped",
+        "pii_masked",
+        "examples",
+        "questions",
+        "candidate_questions",
+        "candidates",
+        "length",
+        "twin_answers_moved",
     }
     assert set(metrics["dropped"]) == set(DROP_REASONS) and not any(metrics["dropped"].values())
     assert set(metrics["length"]) == {f"{w}_{s}" for w in ("question", "answer") for s in ("p50", "p95", "max")}
@@ -337,12 +365,14 @@ def test_first_answer_only_candidate_cap_and_limit(tmp_path, repo_params):
 
 
 def test_clean_texts_and_mask_pii():
-    raw = pa.array([
-        "\u3000\u3000发烧&nbsp;三天\r\n怎么办？\u200b",
-        "<p>血糖<7，体温>38</p><br/>&lt;b&gt;加粗&lt;/b&gt;",
-        "a\x00b\x07c\td\u00a0\u00a0e",
-        "",
-    ])
+    raw = pa.array(
+        [
+            "\u3000\u3000发烧&nbsp;三天\r\n怎么办？\u200b",
+            "<p>血糖<7，体温>38</p><br/>&lt;b&gt;加粗&lt;/b&gt;",
+            "a\x00b\x07c\td\u00a0\u00a0e",
+            "",
+        ]
+    )
     assert clean_texts(raw).to_pylist() == ["发烧 三天 怎么办？", "血糖<7，体温>38 加粗", "abc d e", ""]
 
     texts = [
@@ -364,29 +394,48 @@ def test_clean_texts_and_mask_pii():
 
 
 def test_chatml_line_is_the_data_contract():
-    question, answer, system = '他说"头疼"\\怎么办', "路径C:\\temp \"引号\"\u2028结束", '系统"提示"'
+    question, answer, system = '他说"头疼"\\怎么办', '路径C:\\temp "引号"\u2028结束', '系统"提示"'
     line = chatml_line(7, 70, question, answer, system)
-    assert line == (
-        '{"messages":[{"role":"system","content":"系统\\"提示\\""},'
-        '{"role":"user","content":"他说\\"头疼\\"\\\\怎么办"},'
-        '{"role":"assistant","content":"路径C:\\\\temp \\"引号\\"\u2028结束"}],"question_id":7,"ans_id":70}\n'
-    ).encode()
+    assert (
+        line
+        == (
+            '{"messages":[{"role":"system","content":"系统\\"提示\\""},'
+            '{"role":"user","content":"他说\\"头疼\\"\\\\怎么办"},'
+            '{"role":"assistant","content":"路径C:\\\\temp \\"引号\\"\u2028结束"}],"question_id":7,"ans_id":70}\n'
+        ).encode()
+    )
     assert orjson.loads(line) == {
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
-                     {"role": "assistant", "content": answer}],
-        "question_id": 7, "ans_id": 70,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ],
+        "question_id": 7,
+        "ans_id": 70,
     }
 
 
 def test_candidate_lines_group_lists_in_order():
-    cands = pd.DataFrame({"question_id": [5, 5, 9], "ans_id": [50, 51, 90],
-                          "content": ['答"甲"', "答乙", "C:\\x"], "label": [1, 0, 1]})
+    cands = pd.DataFrame(
+        {"question_id": [5, 5, 9], "ans_id": [50, 51, 90], "content": ['答"甲"', "答乙", "C:\\x"], "label": [1, 0, 1]}
+    )
     lines = list(candidate_lines(cands, {5: '问"一"', 9: "问二\\"}, "系统"))
     expected = [
-        {"question_id": 5, "system": "系统", "question": '问"一"', "candidates": [
-            {"ans_id": 50, "content": '答"甲"', "label": 1}, {"ans_id": 51, "content": "答乙", "label": 0}]},
-        {"question_id": 9, "system": "系统", "question": "问二\\", "candidates": [
-            {"ans_id": 90, "content": "C:\\x", "label": 1}]},
+        {
+            "question_id": 5,
+            "system": "系统",
+            "question": '问"一"',
+            "candidates": [
+                {"ans_id": 50, "content": '答"甲"', "label": 1},
+                {"ans_id": 51, "content": "答乙", "label": 0},
+            ],
+        },
+        {
+            "question_id": 9,
+            "system": "系统",
+            "question": "问二\\",
+            "candidates": [{"ans_id": 90, "content": "C:\\x", "label": 1}],
+        },
     ]
     assert lines == [orjson.dumps(e) + b"\n" for e in expected]
 
@@ -418,8 +467,10 @@ def test_duplicates_dropped_and_counted(tmp_path, repo_params):
         f"99999995,{other_qid},{answer}\n",  # the same answer text to another question: kept
         "99999996,88888888,这个回答的问题不在文件里。\n",  # an orphan: counted, then dropped
     ]
-    raw = _write(tmp_path / "raw", {"question.csv": "".join(q_lines + extra_q).encode(),
-                                     "answer.csv": "".join(a_lines + extra_a).encode()})
+    raw = _write(
+        tmp_path / "raw",
+        {"question.csv": "".join(q_lines + extra_q).encode(), "answer.csv": "".join(a_lines + extra_a).encode()},
+    )
     outputs, metrics = _run(repo_params, raw, tmp_path)
     assert metrics["dropped"]["question_duplicate_rows"] == 1
     assert metrics["dropped"]["answer_duplicate_rows"] == 1
@@ -444,36 +495,68 @@ def _bad_cases(texts: dict[str, str]) -> dict[str, tuple[dict, dict, list[str]]]
     extra_field = a.splitlines(keepends=True)
     extra_field[7] = extra_field[7].rstrip("\n") + ",多出来的字段\n"
     # More answers, so that the damage lies past the 64 KB head that encoding detection reads.
-    a_bytes = (a + "".join(f"{30000000 + i},10000001,第{i}条补充回答：多喝水，注意休息，按时复诊。\n"
-                           for i in range(2000))).encode()
+    a_bytes = (
+        a + "".join(f"{30000000 + i},10000001,第{i}条补充回答：多喝水，注意休息，按时复诊。\n" for i in range(2000))
+    ).encode()
     assert len(a_bytes) > 3 * 64 * 1024
     cut = a_bytes.index(b"\n", len(a_bytes) * 3 // 4) + 4  # inside a row, past the 64 KB head
     bad_utf8 = a_bytes[:cut] + b"\xff" + a_bytes[cut:]
     bad_line = bad_utf8.count(b"\n", 0, cut) + 1
     return {
-        "undecodable byte": ({"answer.csv": bad_utf8}, {},
-                             ["answer.csv", f"byte offset {cut} ", f"(line {bad_line},", "as utf-8"]),
+        "undecodable byte": (
+            {"answer.csv": bad_utf8},
+            {},
+            ["answer.csv", f"byte offset {cut} ", f"(line {bad_line},", "as utf-8"],
+        ),
         "missing file": ({"answer.csv": None}, {}, ["no answer table", "answer.csv", "make data"]),
-        "utf-16": ({"question.csv": q.encode("utf-16")}, {}, ["question.csv", "looks like UTF-16", "re-save it as UTF-8"]),
-        "renamed column": ({"question.csv": q.replace("question_id,content", "question_id,text", 1)}, {},
-                           ["question.csv", "missing column(s) content", "rename"]),
+        "utf-16": (
+            {"question.csv": q.encode("utf-16")},
+            {},
+            ["question.csv", "looks like UTF-16", "re-save it as UTF-8"],
+        ),
+        "renamed column": (
+            {"question.csv": q.replace("question_id,content", "question_id,text", 1)},
+            {},
+            ["question.csv", "missing column(s) content", "rename"],
+        ),
         "tab delimiter": ({"answer.csv": a.replace(",", "\t")}, {}, ["answer.csv", "tab-separated", "','"]),
         "semicolon delimiter": ({"question.csv": q.replace(",", ";")}, {}, ["question.csv", "semicolon-separated"]),
         "empty file": ({"question.csv": ""}, {}, ["question.csv", "file is empty"]),
         "header only": ({"answer.csv": "ans_id,question_id,content\n"}, {}, ["answer.csv", "no data rows"]),
-        "conflicting duplicate ids": ({"question.csv": conflict}, {},
-                                      ["question.csv", f"question_id {dup_id} on data rows [3, 103]", "unique"]),
+        "conflicting duplicate ids": (
+            {"question.csv": conflict},
+            {},
+            ["question.csv", f"question_id {dup_id} on data rows [3, 103]", "unique"],
+        ),
         "non-integer id": ({"question.csv": non_int}, {}, ["question.csv", "'question_id'", "data row 2", "'abc'"]),
-        "empty id": ({"question.csv": q_lines[0] + "," + q_lines[1].split(",", 1)[1] + "".join(q_lines[2:])}, {},
-                     ["question.csv", "'question_id'", "data row 1", "''"]),
-        "extra field": ({"answer.csv": "".join(extra_field)}, {}, ["answer.csv", "Row #8", "Expected 3 columns, got 4"]),
-        "bad label": ({"dev_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,1\n",
-                       "test_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,2\n"}, {},
-                      ["test_candidates", "column 'label' must be 0 or 1"]),
-        "nothing left": ({}, {"min_answer_chars": 1500, "max_answer_chars": 2000},
-                         ["no question/answer pairs left", "answer_too_short"]),
-        "half the official files": ({"dev_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,1\n"}, {},
-                                    ["dev_candidates.txt is present but test_candidates"]),
+        "empty id": (
+            {"question.csv": q_lines[0] + "," + q_lines[1].split(",", 1)[1] + "".join(q_lines[2:])},
+            {},
+            ["question.csv", "'question_id'", "data row 1", "''"],
+        ),
+        "extra field": (
+            {"answer.csv": "".join(extra_field)},
+            {},
+            ["answer.csv", "Row #8", "Expected 3 columns, got 4"],
+        ),
+        "bad label": (
+            {
+                "dev_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,1\n",
+                "test_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,2\n",
+            },
+            {},
+            ["test_candidates", "column 'label' must be 0 or 1"],
+        ),
+        "nothing left": (
+            {},
+            {"min_answer_chars": 1500, "max_answer_chars": 2000},
+            ["no question/answer pairs left", "answer_too_short"],
+        ),
+        "half the official files": (
+            {"dev_candidates.txt": "question_id,ans_id,cnt,label\n1,2,0,1\n"},
+            {},
+            ["dev_candidates.txt is present but test_candidates"],
+        ),
     }
 
 
@@ -507,20 +590,34 @@ def test_cli_runs_from_params_yaml(tmp_path, repo_params):
     params["data"] = {"raw_dir": str(SAMPLE), "processed_dir": str(tmp_path / "processed")}
     params["process"]["metrics_file"] = str(tmp_path / "process.json")
     (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
-    proc = subprocess.run([sys.executable, "-m", "mediagent.pipeline.process"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mediagent.pipeline.process"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == sorted(OUTPUT_FILES)
-    assert json.loads((tmp_path / "process.json").read_text(encoding="utf-8"))["rows_read"] == {"question": 102, "answer": 129}
+    assert json.loads((tmp_path / "process.json").read_text(encoding="utf-8"))["rows_read"] == {
+        "question": 102,
+        "answer": 129,
+    }
 
 
 def test_cli_exits_nonzero_with_the_message(tmp_path, repo_params):
-    raw = _write(tmp_path / "raw", {"question.csv": b"question_id\tcontent\n1\tx\n", "answer.csv": b"ans_id,question_id,content\n1,1,y\n"})
+    raw = _write(
+        tmp_path / "raw",
+        {"question.csv": b"question_id\tcontent\n1\tx\n", "answer.csv": b"ans_id,question_id,content\n1,1,y\n"},
+    )
     params = repo_params.to_dict()
     params["data"] = {"raw_dir": str(raw), "processed_dir": str(tmp_path / "processed")}
     (tmp_path / "params.yaml").write_text(json.dumps(params, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
     proc = subprocess.run(
-        [sys.executable, "-m", "mediagent.pipeline.process"], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "mediagent.pipeline.process"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 1
@@ -534,12 +631,22 @@ def test_cli_exits_nonzero_with_the_message(tmp_path, repo_params):
 
 def test_dvc_repro_runs_once_then_skips(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
 
     def repro() -> str:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "process"], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", "process"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
 

@@ -21,9 +21,21 @@ def test_nf4_trains_merges_evaluates_and_serves(tmp_path, sample_data, tiny_base
     root = tmp_path
     write_processed(sample_data, root / "processed", n_train=16, n_val=4, n_test=4, negatives=3, one_per_question=True)
     params = pipeline_params(
-        repo_params, root, tiny_base, model={"quantization": "nf4"},
-        train={"max_steps": 6, "learning_rate": 0.01, "max_seq_length": 64, "per_device_train_batch_size": 4,
-               "warmup_steps": 1, "logging_steps": 2, "eval_steps": 6, "save_steps": 6, "max_eval_examples": 4},
+        repo_params,
+        root,
+        tiny_base,
+        model={"quantization": "nf4"},
+        train={
+            "max_steps": 6,
+            "learning_rate": 0.01,
+            "max_seq_length": 64,
+            "per_device_train_batch_size": 4,
+            "warmup_steps": 1,
+            "logging_steps": 2,
+            "eval_steps": 6,
+            "save_steps": 6,
+            "max_eval_examples": 4,
+        },
         merge={"parity_prompts": 2},
         eval={"max_questions": 4, "max_generations": 2, "max_new_tokens": 8, "max_seq_length": 64, "batch_size": 8},
     )
@@ -40,9 +52,11 @@ def test_nf4_trains_merges_evaluates_and_serves(tmp_path, sample_data, tiny_base
     q = m["quantized"]  # and against the adapter on the 4-bit base it was trained on
     assert q["quantization"] == "nf4" and 0 < q["max_abs_diff"] <= q["bound"]
     assert q["bound"] == pytest.approx(params.merge.quantized_relative_tolerance * m["reference_max_abs_logit"])
-    print(f"QLoRA merge parity: merged vs base+adapter {m['max_abs_diff']:.3g}; merged vs adapter on NF4 base "
-          f"max {q['max_abs_diff']:.3g} mean {q['mean_abs_diff']:.3g} (bound {q['bound']:.3g}, "
-          f"max |logit| {m['reference_max_abs_logit']:.3g})")
+    print(
+        f"QLoRA merge parity: merged vs base+adapter {m['max_abs_diff']:.3g}; merged vs adapter on NF4 base "
+        f"max {q['max_abs_diff']:.3g} mean {q['mean_abs_diff']:.3g} (bound {q['bound']:.3g}, "
+        f"max |logit| {m['reference_max_abs_logit']:.3g})"
+    )
     config = json.loads((root / "merged" / "config.json").read_text())
     assert "quantization_config" not in config  # never the 4-bit weights
 

@@ -39,8 +39,10 @@ def test_a_bad_profile_leaves_params_yaml_as_it_was(tmp_path):
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
     before = params.read_bytes()
-    for body, match in (("train:\n  max_stepz: 3\n", "train.max_stepz is not a key"),
-                        ("eval:\n  selection_score: best\n", "eval.selection_score: .best. is not one of: mean, pmi")):
+    for body, match in (
+        ("train:\n  max_stepz: 3\n", "train.max_stepz is not a key"),
+        ("eval:\n  selection_score: best\n", "eval.selection_score: .best. is not one of: mean, pmi"),
+    ):
         bad = tmp_path / "bad.yaml"
         bad.write_text(body, encoding="utf-8")
         with pytest.raises(UserError, match=match):
@@ -50,8 +52,15 @@ def test_a_bad_profile_leaves_params_yaml_as_it_was(tmp_path):
 
 def test_quality_without_data_is_one_error_line(tmp_path):
     env = {**os.environ, "MEDQA_SHARED_DATA": str(tmp_path / "nowhere"), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "quality.run", "--report", str(tmp_path / "r.json")], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "quality.run", "--report", str(tmp_path / "r.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 1 and last.startswith("error: cMedQA2 files not found"), out.stderr
     assert "make demo" in last and "Traceback" not in out.stderr
@@ -62,6 +71,9 @@ def test_table_shows_each_metric_with_its_interval():
     entry = {"value": 3.5, "ci95": [3.4, 3.6]}
     report = {m: {"loss": entry, "p_at_1": {"value": 0.25}} for m in ("base", "tuned", "delta")}
     lines = table(report).splitlines()
-    assert lines[2] == "| held-out loss (nats/token) | 3.500 [3.400, 3.600] | 3.500 [3.400, 3.600] | 3.500 [3.400, 3.600] |"
+    assert (
+        lines[2]
+        == "| held-out loss (nats/token) | 3.500 [3.400, 3.600] | 3.500 [3.400, 3.600] | 3.500 [3.400, 3.600] |"
+    )
     assert lines[3] == "| P@1 | 0.250 | 0.250 | 0.250 |"
     assert table(report, "zh").splitlines()[2].startswith("| 留出集损失")

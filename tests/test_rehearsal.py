@@ -12,13 +12,12 @@ import os
 import subprocess
 import sys
 
-from rehearsal.data import official_layout
-from mediagent.fileio import git_blob_id
-from rehearsal.hosts import FileHost
 from mediagent.commands import data as data_command
-from mediagent.pipeline import process
-from mediagent.fileio import read_jsonl
+from mediagent.fileio import git_blob_id, read_jsonl
 from mediagent.params import with_overrides
+from mediagent.pipeline import process
+from rehearsal.data import official_layout
+from rehearsal.hosts import FileHost
 from tests.conftest import ROOT
 
 
@@ -39,7 +38,9 @@ def test_official_layout_downloads_and_gives_lists_of_100(tmp_path, shared_sampl
         )
         data_command.main(params)
         assert host.count() == 4
-    assert {"question.csv", "answer.csv", "dev_candidates.txt", "test_candidates.txt"} <= {p.name for p in raw.iterdir()}
+    assert {"question.csv", "answer.csv", "dev_candidates.txt", "test_candidates.txt"} <= {
+        p.name for p in raw.iterdir()
+    }
 
     process.main(params)
     metrics = json.loads((tmp_path / "process.json").read_text())
@@ -63,8 +64,15 @@ def test_missing_data_folder_is_one_error_line_before_any_work(tmp_path):
     report = tmp_path / "report.json"
     report.write_text('{"previous": true}\n', encoding="utf-8")
     env = {**os.environ, "MEDQA_SHARED_DATA": str(data), "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "rehearsal.run", "--report", str(report)], cwd=ROOT, env=env, check=False,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rehearsal.run", "--report", str(report)],
+        cwd=ROOT,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: cMedQA2 files missing in {data}: dev_candidates.zip, test_candidates.zip — "), last

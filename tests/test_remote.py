@@ -54,9 +54,7 @@ def test_push_pull_adapter_through_s3_endpoint(tmp_path, s3_endpoint):
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     keys = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **keys).create_bucket(
-        Bucket=BUCKET
-    )
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **keys).create_bucket(Bucket=BUCKET)
     repo = tmp_path / "repo"
     repo.mkdir()
     dvc = [sys.executable, "-m", "dvc"]

@@ -21,15 +21,30 @@ from mediagent.params import ParamsError, with_overrides
 from mediagent.pipeline.review import cohens_kappa, main, wilson_interval
 from tests.conftest import ROOT
 
+
 def judgment(reviewer, qid, a, b, choice, unsafe=(), comment=""):
-    return {"reviewer": reviewer, "question_id": qid, "model_a": a, "model_b": b, "choice": choice,
-            "winner": {"A": a, "B": b}.get(choice), "unsafe": list(unsafe), "comment": comment}
+    return {
+        "reviewer": reviewer,
+        "question_id": qid,
+        "model_a": a,
+        "model_b": b,
+        "choice": choice,
+        "winner": {"A": a, "B": b}.get(choice),
+        "unsafe": list(unsafe),
+        "comment": comment,
+    }
 
 
 def run_stage(tmp_path: Path, repo_params, rows: list[dict] | None, raw: str | None = None) -> dict:
-    params = with_overrides(repo_params, review={
-        "judgments_file": str(tmp_path / "judgments.jsonl"), "answers_file": str(tmp_path / "answers.jsonl"),
-        "metrics_file": str(tmp_path / "metrics" / "review.json"), "plots_file": str(tmp_path / "plots" / "w.json")})
+    params = with_overrides(
+        repo_params,
+        review={
+            "judgments_file": str(tmp_path / "judgments.jsonl"),
+            "answers_file": str(tmp_path / "answers.jsonl"),
+            "metrics_file": str(tmp_path / "metrics" / "review.json"),
+            "plots_file": str(tmp_path / "plots" / "w.json"),
+        },
+    )
     path = tmp_path / "judgments.jsonl"
     tmp_path.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
@@ -65,16 +80,16 @@ def test_cohens_kappa_known_table():
 def test_counts_ties_unsafe_and_kappa(tmp_path, repo_params):
     rows = [
         # pair (base, medqa) seen in both A/B orders; counted from base's side ("base vs medqa")
-        judgment("dr-li", "q1", "medqa", "base", "A", unsafe=["base"]),   # medqa wins
-        judgment("dr-li", "q2", "base", "medqa", "B"),                    # medqa wins
+        judgment("dr-li", "q1", "medqa", "base", "A", unsafe=["base"]),  # medqa wins
+        judgment("dr-li", "q2", "base", "medqa", "B"),  # medqa wins
         judgment("dr-li", "q3", "base", "medqa", "tie", unsafe=["base", "medqa"]),
-        judgment("dr-li", "q4", "base", "medqa", "A"),                    # base wins
-        judgment("dr-wang", "q1", "medqa", "base", "A"),                  # medqa wins (agrees)
-        judgment("dr-wang", "q2", "base", "medqa", "A"),                  # base wins (disagrees)
-        judgment("dr-wang", "q3", "base", "medqa", "tie"),                # agrees
-        judgment("dr-wang", "q4", "medqa", "base", "tie", comment="x"),   # replaced below
-        judgment("dr-wang", "q4", "medqa", "base", "B"),                  # base wins (agrees), last wins
-        judgment("dr-li", "q1", "exp-r32", "medqa", "A"),                 # another pair
+        judgment("dr-li", "q4", "base", "medqa", "A"),  # base wins
+        judgment("dr-wang", "q1", "medqa", "base", "A"),  # medqa wins (agrees)
+        judgment("dr-wang", "q2", "base", "medqa", "A"),  # base wins (disagrees)
+        judgment("dr-wang", "q3", "base", "medqa", "tie"),  # agrees
+        judgment("dr-wang", "q4", "medqa", "base", "tie", comment="x"),  # replaced below
+        judgment("dr-wang", "q4", "medqa", "base", "B"),  # base wins (agrees), last wins
+        judgment("dr-li", "q1", "exp-r32", "medqa", "A"),  # another pair
     ]
     m = run_stage(tmp_path, repo_params, rows)
     assert (m["judgments"], m["duplicates"], m["reviewers"], m["questions"]) == (9, 1, 2, 4)
@@ -99,14 +114,29 @@ def test_empty_and_missing_judgments_give_zero_counts(tmp_path, repo_params):
     empty = run_stage(tmp_path / "a", repo_params, None, raw="")
     missing = run_stage(tmp_path / "b", repo_params, None)
     for m in (empty, missing):
-        assert m == {"judgments": 0, "duplicates": 0, "reviewers": 0, "questions": 0, "pairs": {}, "unsafe": {},
-                     "agreement": {}, "_plot": []}
+        assert m == {
+            "judgments": 0,
+            "duplicates": 0,
+            "reviewers": 0,
+            "questions": 0,
+            "pairs": {},
+            "unsafe": {},
+            "agreement": {},
+            "_plot": [],
+        }
 
 
 def test_only_ties_give_an_uninformative_interval(tmp_path, repo_params):
     m = run_stage(tmp_path, repo_params, [judgment("r", "q1", "a", "b", "tie")])
-    assert m["pairs"]["a vs b"] == {"judgments": 1, "wins": 0, "losses": 0, "ties": 1, "win_rate": 0.5,
-                                    "win_rate_low": 0.0, "win_rate_high": 1.0}
+    assert m["pairs"]["a vs b"] == {
+        "judgments": 1,
+        "wins": 0,
+        "losses": 0,
+        "ties": 1,
+        "win_rate": 0.5,
+        "win_rate_low": 0.0,
+        "win_rate_high": 1.0,
+    }
 
 
 def test_bad_line_names_file_and_line(tmp_path, repo_params):
@@ -127,13 +157,21 @@ def test_bad_line_names_file_and_line(tmp_path, repo_params):
 
 def test_stage_command_reports_bad_line_without_traceback(tmp_path, repo_params):
     params = repo_params.to_dict()
-    params["review"].update(judgments_file="j.jsonl", answers_file="a.jsonl", metrics_file="m.json",
-                            plots_file="p.json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(params)), allow_unicode=True),
-                                          encoding="utf-8")
+    params["review"].update(
+        judgments_file="j.jsonl", answers_file="a.jsonl", metrics_file="m.json", plots_file="p.json"
+    )
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(json.loads(json.dumps(params)), allow_unicode=True), encoding="utf-8"
+    )
     (tmp_path / "j.jsonl").write_text("not json\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.review"], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent.pipeline.review"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: j.jsonl:1: not valid JSON")
     assert "Traceback" not in out.stderr and not (tmp_path / "m.json").exists()
@@ -152,11 +190,23 @@ def test_append_is_durable_and_a_torn_last_line_is_dropped(tmp_path):
 
 def test_review_params_are_checked(repo_params):
     with pytest.raises(ParamsError) as err:
-        with_overrides(repo_params, review={"max_questions": 0, "temperature": -1, "metrics_file": "review/j.jsonl",
-                                            "judgments_file": "review/j.jsonl", "colour": "red"})
+        with_overrides(
+            repo_params,
+            review={
+                "max_questions": 0,
+                "temperature": -1,
+                "metrics_file": "review/j.jsonl",
+                "judgments_file": "review/j.jsonl",
+                "colour": "red",
+            },
+        )
     msg = str(err.value)
-    for part in ("review.colour: unknown param", "review.max_questions: must be >= 1",
-                 "review.temperature: must be >= 0", "must be four different files"):
+    for part in (
+        "review.colour: unknown param",
+        "review.max_questions: must be >= 1",
+        "review.temperature: must be >= 0",
+        "must be four different files",
+    ):
         assert part in msg
 
 
@@ -168,6 +218,7 @@ def test_review_stage_reads_the_judgments_file():
 
 def test_fresh_clone_has_an_empty_judgments_file():
     # committed empty, so `dvc repro` in a fresh clone gives zero counts instead of a missing dep
-    tracked = subprocess.run(["git", "ls-files", "review/judgments.jsonl"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "review/judgments.jsonl"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
     assert tracked == ["review/judgments.jsonl"]

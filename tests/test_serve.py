@@ -61,12 +61,17 @@ def make_adapter(base: Path, out: Path, r: int = 8, base_id: str = "tiny", seed:
 
 def write_project(dst: Path, params: Params, base: Path, adapter: Path) -> Path:
     """A directory whose params.yaml points the stages at the test's base and adapter."""
-    p = with_overrides(params, model={"dir": str(base.parent), "base": "tiny"},
-                       train={"output_dir": str(adapter)}, merge={"output_dir": str(dst / "merged")})
+    p = with_overrides(
+        params,
+        model={"dir": str(base.parent), "base": "tiny"},
+        train={"output_dir": str(adapter)},
+        merge={"output_dir": str(dst / "merged")},
+    )
     dst.mkdir(parents=True, exist_ok=True)
     # json round trip: tuples -> lists, which safe_dump writes
-    (dst / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(p.to_dict())), allow_unicode=True),
-                                     encoding="utf-8")
+    (dst / "params.yaml").write_text(
+        yaml.safe_dump(json.loads(json.dumps(p.to_dict())), allow_unicode=True), encoding="utf-8"
+    )
     return dst
 
 
@@ -89,9 +94,10 @@ def peft_greedy(base: Path, adapter: Path | None, prompt_ids: list[int], max_new
     model.eval()
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
-    gen = out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
+    gen = out[0, len(prompt_ids) :].tolist()
     eos = set(model.generation_config.eos_token_id or [])
     for i, t in enumerate(gen):  # vLLM does not return the stop token; transformers does
         if t in eos:
@@ -140,13 +146,20 @@ def running_server(cwd: Path, args: list[str], log: Path, adapter_name: str, **e
     """``mediagent serve <args>`` in ``cwd``, ready (``/health``) when entered, SIGTERMed on exit."""
     port = free_port()
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mediagent", "serve", "--port", str(port), *args], cwd=cwd,
-                                env=stage_env(**env), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mediagent", "serve", "--port", str(port), *args],
+            cwd=cwd,
+            env=stage_env(**env),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     try:
         while True:
-            assert proc.poll() is None, f"mediagent.commands.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert proc.poll() is None, (
+                f"mediagent.commands.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+            )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                     if r.status == 200:
@@ -173,8 +186,7 @@ def server(project, adapter, tmp_path_factory):
     if reason:
         pytest.skip(reason)
     name = json.loads((adapter / "lineage.json").read_text())["name"]
-    with running_server(project, [], tmp_path_factory.mktemp("serve-log") / "serve.log", name,
-                        API_KEY=API_KEY) as srv:
+    with running_server(project, [], tmp_path_factory.mktemp("serve-log") / "serve.log", name, API_KEY=API_KEY) as srv:
         yield srv
 
 
@@ -183,8 +195,12 @@ SYSTEM = "你是一个专业的医疗助手。"
 
 def chat(client, model: str, question: str = QUESTION, system: str = SYSTEM, **kw):
     return client.chat.completions.create(
-        model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-        max_tokens=kw.pop("max_tokens", MAX_TOKENS), temperature=0, **kw)
+        model=model,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=kw.pop("max_tokens", MAX_TOKENS),
+        temperature=0,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------- server tests (in order; the last stops it)
@@ -196,14 +212,16 @@ def test_lists_base_lineage_name_and_alias(server):
 
 
 def test_adapter_answer_equals_peft_greedy_and_differs_from_base(server, tiny_base, adapter):
-    from mediagent.loading import load_tokenizer
     from mediagent.chat_format import ChatFormat, conversation
+    from mediagent.loading import load_tokenizer
 
     client = server.client()
     tok = load_tokenizer(adapter)
     prompt = ChatFormat.of(tok).prompt_ids(conversation(SYSTEM, QUESTION))
-    replies = {m: chat(client, m, extra_body={"return_token_ids": True}).choices[0]
-               for m in ("base", "medqa", server.adapter_name)}
+    replies = {
+        m: chat(client, m, extra_body={"return_token_ids": True}).choices[0]
+        for m in ("base", "medqa", server.adapter_name)
+    }
     # the served chat template renders exactly the training prompt
     got_prompt = chat(client, "medqa", max_tokens=1, extra_body={"return_token_ids": True}).prompt_token_ids
     assert got_prompt == prompt
@@ -219,8 +237,11 @@ def test_adapter_answer_equals_peft_greedy_and_differs_from_base(server, tiny_ba
 def test_streaming_matches_non_streaming(server):
     client = server.client()
     whole = chat(client, "medqa").choices[0].message.content
-    chunks = [c.choices[0].delta.content for c in chat(client, "medqa", stream=True)
-              if c.choices and c.choices[0].delta.content]
+    chunks = [
+        c.choices[0].delta.content
+        for c in chat(client, "medqa", stream=True)
+        if c.choices and c.choices[0].delta.content
+    ]
     assert len(chunks) > 1
     assert "".join(chunks) == whole
 
@@ -241,8 +262,7 @@ def test_bad_requests_get_4xx_and_server_stays_up(server):
     import openai
 
     client = server.client()
-    good = json.dumps({"model": "medqa", "max_tokens": 4,
-                       "messages": [{"role": "user", "content": QUESTION}]}).encode()
+    good = json.dumps({"model": "medqa", "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}]}).encode()
 
     def still_up():
         code, body = _post(server.url, good)
@@ -292,29 +312,62 @@ def test_chat_client_one_shot(server, project, repo_params):
     # the client sends process.system_prompt
     expected = chat(server.client(), "medqa", system=repo_params.process.system_prompt).choices[0].message.content
     out = subprocess.run(
-        [sys.executable, "-m", "mediagent", "chat", "--base-url", f"{server.url}/v1", "--question", QUESTION,
-         "--temperature", "0", "--max-tokens", str(MAX_TOKENS)],
-        cwd=project, env=stage_env(API_KEY=API_KEY), capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "mediagent",
+            "chat",
+            "--base-url",
+            f"{server.url}/v1",
+            "--question",
+            QUESTION,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            str(MAX_TOKENS),
+        ],
+        cwd=project,
+        env=stage_env(API_KEY=API_KEY),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"
     # without the key: a clear message, non-zero exit
-    out = subprocess.run([sys.executable, "-m", "mediagent", "chat", "--base-url", f"{server.url}/v1", "-q", "x"],
-                         cwd=project, env=stage_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent", "chat", "--base-url", f"{server.url}/v1", "-q", "x"],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "API key" in out.stderr
 
 
 def test_runtime_loading_is_off_without_the_flag(server, adapter, project):
     body = json.dumps({"lora_name": "x", "lora_path": str(adapter)}).encode()
     for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-        req = urllib.request.Request(f"{server.url}{route}", data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        req = urllib.request.Request(
+            f"{server.url}{route}",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=60)
         assert e.value.code in (404, 405), route
     # the load command says so, after its own checks passed
     port = server.url.rsplit(":", 1)[1]
-    out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "load", "--adapter", str(adapter), "--port", port],
-                         cwd=project, env=stage_env(API_KEY=API_KEY), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent", "serve", "load", "--adapter", str(adapter), "--port", port],
+        cwd=project,
+        env=stage_env(API_KEY=API_KEY),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "runtime LoRA loading off" in out.stderr, out.stderr
     assert {m.id for m in server.client().models.list().data} == {"base", server.adapter_name, "medqa"}
 
@@ -336,8 +389,14 @@ def test_sigterm_stops_everything(server):
 
 
 def _serve_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mediagent", "serve", "--port", str(free_port()), *args], cwd=project,
-                          env=stage_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mediagent", "serve", "--port", str(free_port()), *args],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_missing_adapter_fails_before_vllm(project, tmp_path):
@@ -369,8 +428,14 @@ def test_runtime_lora_needs_loopback_or_key(project):
     assert out.returncode == 1 and "--runtime-lora on 0.0.0.0" in out.stderr and "API_KEY" in out.stderr
     assert "starting vLLM" not in out.stderr
     for args, env in ((["--host", "0.0.0.0"], {"API_KEY": "k"}), ([], {})):  # with a key, or on loopback
-        out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--runtime-lora", "--dry-run", *args],
-                             cwd=project, env=stage_env(**env), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "mediagent", "serve", "--runtime-lora", "--dry-run", *args],
+            cwd=project,
+            env=stage_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in out.stdout
 
@@ -378,19 +443,42 @@ def test_runtime_lora_needs_loopback_or_key(project):
 def test_open_host_needs_a_key_or_an_explicit_opt_out(project):
     """make serve HOST=0.0.0.0: refused without API_KEY, before vLLM; with a key or ALLOW_NO_AUTH=1 it goes on."""
     env = {k: v for k, v in stage_env().items() if k not in ("API_KEY", "VLLM_API_KEY", "ALLOW_NO_AUTH")}
-    out = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0"], cwd=project, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 1 and last.startswith("error: refusing to serve on 0.0.0.0 without an API key")
     assert "API_KEY" in last and "ALLOW_NO_AUTH=1" in last and "starting vLLM" not in out.stderr
-    keyed = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0", "--dry-run"], cwd=project,
-                           env={**env, "API_KEY": "k"}, capture_output=True, text=True, timeout=120)
+    keyed = subprocess.run(
+        [sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0", "--dry-run"],
+        cwd=project,
+        env={**env, "API_KEY": "k"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert keyed.returncode == 0 and "--host 0.0.0.0" in keyed.stdout and "VLLM_API_KEY=***" in keyed.stdout
-    opted = subprocess.run([sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0", "--dry-run"], cwd=project,
-                           env={**env, "ALLOW_NO_AUTH": "1"}, capture_output=True, text=True, timeout=120)
+    opted = subprocess.run(
+        [sys.executable, "-m", "mediagent", "serve", "--host", "0.0.0.0", "--dry-run"],
+        cwd=project,
+        env={**env, "ALLOW_NO_AUTH": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert opted.returncode == 0 and "WITHOUT an API key" in opted.stderr and "VLLM_API_KEY" not in opted.stdout
-    recipe = subprocess.run(["make", "-n", "serve", "HOST=0.0.0.0", "ALLOW_NO_AUTH=1", "TP=2", "DP=1"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60).stdout
+    recipe = subprocess.run(
+        ["make", "-n", "serve", "HOST=0.0.0.0", "ALLOW_NO_AUTH=1", "TP=2", "DP=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "--allow-no-auth" in recipe and "--tensor-parallel 2" in recipe and "--data-parallel 1" in recipe
 
 
@@ -434,9 +522,14 @@ def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
     assert flag("--max-loras") == "3"  # two adapters + the alias
     assert lora_modules([a, b16], "medqa") == [f"{a.name}={a.path}", f"{b16.name}={b16.path}", f"medqa={a.path}"]
     i = cmd.index("--lora-target-modules")
-    assert cmd[i + 1:i + 8] == sorted(LORA_TARGETS)  # only what the adapters adapt: not the LM head
-    assert cmd[cmd.index("--lora-modules") + 1:] == lora_modules([a, b16], "medqa")
-    assert (flag("--served-model-name"), flag("--host"), flag("--port"), flag("--dtype")) == ("base", "127.0.0.1", "8123", "float32")
+    assert cmd[i + 1 : i + 8] == sorted(LORA_TARGETS)  # only what the adapters adapt: not the LM head
+    assert cmd[cmd.index("--lora-modules") + 1 :] == lora_modules([a, b16], "medqa")
+    assert (flag("--served-model-name"), flag("--host"), flag("--port"), flag("--dtype")) == (
+        "base",
+        "127.0.0.1",
+        "8123",
+        "float32",
+    )
     assert flag("--chat-template") == str(adapter.resolve() / "chat_template.jinja")
     assert flag("--max-model-len") == str(params.serve.max_model_len)
     with pytest.raises(ServeError, match="would be called"):
@@ -448,13 +541,13 @@ def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
     assert rflag("--max-lora-rank") == str(params.serve.runtime_max_lora_rank)
     assert rflag("--max-loras") == str(2 + params.serve.runtime_max_loras)
     i = rcmd.index("--lora-target-modules")
-    assert rcmd[i + 1:rcmd.index("--lora-modules")] == sorted(params.lora.target_modules)
+    assert rcmd[i + 1 : rcmd.index("--lora-modules")] == sorted(params.lora.target_modules)
 
     merged = Merged(path=tmp_path, name="medqa-m", lineage={}, chat_template=tmp_path / "t.jinja")
     mcmd = build_command(params, [], merged, "0.0.0.0", 9000)
     assert "--enable-lora" not in mcmd
     i = mcmd.index("--served-model-name")
-    assert mcmd[i + 1:i + 3] == ["medqa-m", "medqa"]
+    assert mcmd[i + 1 : i + 3] == ["medqa-m", "medqa"]
 
     env = server_env(params, "s3cret", gpu=False, environ={"PATH": "/bin", "VLLM_API_KEY": "old"}, cpus=[0, 1])
     assert env["VLLM_API_KEY"] == "s3cret" and "s3cret" not in " ".join(cmd)
@@ -472,16 +565,31 @@ def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
 
 def test_make_aliases_pass_the_options():
     """`make serve/load/unload` are thin aliases: each variable becomes its option."""
+
     def recipe(*args: str) -> str:  # -n prints the recipes without running them
-        out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return [line for line in out.stdout.splitlines() if "mediagent serve" in line][-1]
 
     assert recipe("serve", "EXP=r8,r32", "RUNTIME_LORA=1", "PORT=9001").split("mediagent serve", 1)[1].split() == [
-        "--port", "9001", "--exp", "r8,r32", "--runtime-lora"]
+        "--port",
+        "9001",
+        "--exp",
+        "r8,r32",
+        "--runtime-lora",
+    ]
     assert recipe("load", "EXP=r8", "NAME=x").split("mediagent serve", 1)[1].split() == [
-        "load", "--exp", "r8", "--name", "x"]
+        "load",
+        "--exp",
+        "r8",
+        "--name",
+        "x",
+    ]
     assert recipe("load", "ADAPTER=a/b").split("mediagent serve", 1)[1].split() == ["load", "--adapter", "a/b"]
     assert recipe("unload", "NAME=x", "PORT=9001").split("mediagent serve", 1)[1].split() == [
-        "unload", "--name", '"x"', "--port", "9001"]
+        "unload",
+        "--name",
+        '"x"',
+        "--port",
+        "9001",
+    ]

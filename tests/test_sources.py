@@ -29,8 +29,11 @@ from tests.conftest import ROOT
 SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
 SAMPLE = ROOT / "data" / "sample"
 SYSTEM = "你是一个专业的医疗助手，能够提供准确的医疗咨询。"  # params.yaml's process.system_prompt
-THREE_TURNS = [("我咳嗽三天了。", "有发热吗？"), ("有点低烧，三十七度八。", "可能是上呼吸道感染。"),
-               ("需要吃抗生素吗？", "病毒感染不需要抗生素，多休息多喝水。")]
+THREE_TURNS = [
+    ("我咳嗽三天了。", "有发热吗？"),
+    ("有点低烧，三十七度八。", "可能是上呼吸道感染。"),
+    ("需要吃抗生素吗？", "病毒感染不需要抗生素，多休息多喝水。"),
+]
 
 
 def _params(repo_params, tmp: Path, sources: list[dict], **process):
@@ -70,53 +73,124 @@ def _by_question(rows: list[dict]) -> dict[str, dict]:
 
 def test_every_format_becomes_dialogues_with_counts_per_source(tmp_path, repo_params):
     alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(json.dumps([
-        {"instruction": "孩子发烧三十九度怎么办", "input": "三岁，精神尚可", "output": "先物理降温，超过三十八度五可用退烧药。"},
-        {"instruction": "还需要去医院吗", "output": "持续高烧超过三天就去医院。",
-         "history": [["孩子发烧了", "多少度？"], ["三十九度", "先物理降温。"]]},
-    ], ensure_ascii=False), encoding="utf-8")
-    sharegpt = _jsonl(tmp_path / "chat.jsonl", [
-        {"dialog": [{"speaker": "患者", "text": q if i == 0 else "然后呢？"}, {"speaker": "医生", "text": a}]}
-        for i, (q, a) in enumerate(THREE_TURNS[:2])], encoding="gbk")
+    alpaca.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": "孩子发烧三十九度怎么办",
+                    "input": "三岁，精神尚可",
+                    "output": "先物理降温，超过三十八度五可用退烧药。",
+                },
+                {
+                    "instruction": "还需要去医院吗",
+                    "output": "持续高烧超过三天就去医院。",
+                    "history": [["孩子发烧了", "多少度？"], ["三十九度", "先物理降温。"]],
+                },
+            ],
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
+    sharegpt = _jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"dialog": [{"speaker": "患者", "text": q if i == 0 else "然后呢？"}, {"speaker": "医生", "text": a}]}
+            for i, (q, a) in enumerate(THREE_TURNS[:2])
+        ],
+        encoding="gbk",
+    )
     messages = tmp_path / "openai.jsonl"
-    messages.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": [
-        {"role": "system", "content": "你是儿科医生。"}, {"role": "user", "content": "宝宝湿疹怎么护理"},
-        {"role": "assistant", "content": "保湿为主，避免过热。"}]}, ensure_ascii=False).encode())
+    messages.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "你是儿科医生。"},
+                    {"role": "user", "content": "宝宝湿疹怎么护理"},
+                    {"role": "assistant", "content": "保湿为主，避免过热。"},
+                ]
+            },
+            ensure_ascii=False,
+        ).encode()
+    )
     table = tmp_path / "export.csv"
-    pd.DataFrame({"department": ["内科", "外科"], "title": ["胃疼", "擦伤"],
-                  "ask": ["饭后胃疼是怎么回事", "擦伤后怎么消毒"], "reply": ["可能是胃炎，建议做胃镜。", "用碘伏消毒，保持干燥。"]}
-                 ).to_csv(table, index=False, encoding="gbk")
+    pd.DataFrame(
+        {
+            "department": ["内科", "外科"],
+            "title": ["胃疼", "擦伤"],
+            "ask": ["饭后胃疼是怎么回事", "擦伤后怎么消毒"],
+            "reply": ["可能是胃炎，建议做胃镜。", "用碘伏消毒，保持干燥。"],
+        }
+    ).to_csv(table, index=False, encoding="gbk")
     tsv = tmp_path / "export.tsv"  # 𠮷 is outside GBK: the file needs GB18030
     tsv.write_bytes("ask\treply\n𠮷字怎么读，头晕要紧吗\t多休息，持续不缓解请就医。\n".encode("gb18030"))
     book = tmp_path / "export.xlsx"
-    pd.DataFrame({"question": ["腰疼怎么办", "牙龈出血"], "answer": ["注意休息，必要时理疗。", "可能是牙龈炎，请看牙科。"]}
-                 ).to_excel(book, index=False)
-    rows, metrics = _run(repo_params, tmp_path, [
-        {"path": str(alpaca), "format": "alpaca", "name": "alpaca"},
-        {"path": str(sharegpt), "format": "sharegpt", "name": "sharegpt",
-         "columns": {"messages": "dialog", "role": "speaker", "content": "text", "user": "患者", "assistant": "医生"}},
-        {"path": str(messages), "format": "messages", "name": "messages"},
-        {"path": str(tmp_path / "export.*sv"), "format": "table", "name": "tables", "system_prompt": "你是全科医生。",
-         "columns": {"question": "ask", "answer": "reply"}},
-        {"path": str(book), "format": "table", "name": "xlsx"},
-    ], test_ratio=0.0, val_ratio=0.0)
+    pd.DataFrame(
+        {"question": ["腰疼怎么办", "牙龈出血"], "answer": ["注意休息，必要时理疗。", "可能是牙龈炎，请看牙科。"]}
+    ).to_excel(book, index=False)
+    rows, metrics = _run(
+        repo_params,
+        tmp_path,
+        [
+            {"path": str(alpaca), "format": "alpaca", "name": "alpaca"},
+            {
+                "path": str(sharegpt),
+                "format": "sharegpt",
+                "name": "sharegpt",
+                "columns": {
+                    "messages": "dialog",
+                    "role": "speaker",
+                    "content": "text",
+                    "user": "患者",
+                    "assistant": "医生",
+                },
+            },
+            {"path": str(messages), "format": "messages", "name": "messages"},
+            {
+                "path": str(tmp_path / "export.*sv"),
+                "format": "table",
+                "name": "tables",
+                "system_prompt": "你是全科医生。",
+                "columns": {"question": "ask", "answer": "reply"},
+            },
+            {"path": str(book), "format": "table", "name": "xlsx"},
+        ],
+        test_ratio=0.0,
+        val_ratio=0.0,
+    )
     q = _by_question(rows)
     assert len(rows) == 10
     assert _dialogue(q["孩子发烧三十九度怎么办 三岁，精神尚可"]) == [
-        ("system", SYSTEM), ("user", "孩子发烧三十九度怎么办 三岁，精神尚可"), ("assistant", "先物理降温，超过三十八度五可用退烧药。")]
+        ("system", SYSTEM),
+        ("user", "孩子发烧三十九度怎么办 三岁，精神尚可"),
+        ("assistant", "先物理降温，超过三十八度五可用退烧药。"),
+    ]
     assert _dialogue(q["还需要去医院吗"]) == [
-        ("system", SYSTEM), ("user", "孩子发烧了"), ("assistant", "多少度？"), ("user", "三十九度"),
-        ("assistant", "先物理降温。"), ("user", "还需要去医院吗"), ("assistant", "持续高烧超过三天就去医院。")]
+        ("system", SYSTEM),
+        ("user", "孩子发烧了"),
+        ("assistant", "多少度？"),
+        ("user", "三十九度"),
+        ("assistant", "先物理降温。"),
+        ("user", "还需要去医院吗"),
+        ("assistant", "持续高烧超过三天就去医院。"),
+    ]
     assert _dialogue(q["然后呢？"])[1:] == [("user", "然后呢？"), ("assistant", THREE_TURNS[1][1])]
     assert _dialogue(q["宝宝湿疹怎么护理"])[0] == ("system", "你是儿科医生。")  # the record's own system turn
-    assert _dialogue(q["饭后胃疼是怎么回事"]) == [("system", "你是全科医生。"), ("user", "饭后胃疼是怎么回事"),
-                                          ("assistant", "可能是胃炎，建议做胃镜。")]
+    assert _dialogue(q["饭后胃疼是怎么回事"]) == [
+        ("system", "你是全科医生。"),
+        ("user", "饭后胃疼是怎么回事"),
+        ("assistant", "可能是胃炎，建议做胃镜。"),
+    ]
     assert _dialogue(q["𠮷字怎么读，头晕要紧吗"])[2] == ("assistant", "多休息，持续不缓解请就医。")
     assert _dialogue(q["牙龈出血"])[2] == ("assistant", "可能是牙龈炎，请看牙科。")
     src = metrics["sources"]
     assert {k: (v["format"], v["rows_read"], v["examples"]) for k, v in src.items()} == {
-        "alpaca": ("alpaca", 2, 2), "sharegpt": ("sharegpt", 2, 2), "messages": ("messages", 1, 1),
-        "tables": ("table", 3, 3), "xlsx": ("table", 2, 2)}
+        "alpaca": ("alpaca", 2, 2),
+        "sharegpt": ("sharegpt", 2, 2),
+        "messages": ("messages", 1, 1),
+        "tables": ("table", 3, 3),
+        "xlsx": ("table", 2, 2),
+    }
     assert src["sharegpt"]["encoding"] == {str(sharegpt): "gbk"}
     assert src["messages"]["encoding"] == {str(messages): "utf-8-sig"}
     assert src["tables"]["encoding"] == {str(table): "gbk", str(tsv): "gb18030"}
@@ -125,27 +199,46 @@ def test_every_format_becomes_dialogues_with_counts_per_source(tmp_path, repo_pa
 
 
 def test_dialogue_as_alternating_strings(tmp_path, repo_params):
-    chat = _jsonl(tmp_path / "qa.jsonl", [{"dialogue": ["问：头疼三天了怎么办", "答：有发热吗？", "问:没有发热", "答：先休息观察。"]}])
-    rows, _ = _run(repo_params, tmp_path, [{"path": str(chat), "format": "messages", "columns": {"messages": "dialogue"}}])
-    assert [_dialogue(r)[1:] for r in rows] == [[("user", "头疼三天了怎么办"), ("assistant", "有发热吗？"),
-                                                 ("user", "没有发热"), ("assistant", "先休息观察。")]]
+    chat = _jsonl(
+        tmp_path / "qa.jsonl",
+        [{"dialogue": ["问：头疼三天了怎么办", "答：有发热吗？", "问:没有发热", "答：先休息观察。"]}],
+    )
+    rows, _ = _run(
+        repo_params, tmp_path, [{"path": str(chat), "format": "messages", "columns": {"messages": "dialogue"}}]
+    )
+    assert [_dialogue(r)[1:] for r in rows] == [
+        [("user", "头疼三天了怎么办"), ("assistant", "有发热吗？"), ("user", "没有发热"), ("assistant", "先休息观察。")]
+    ]
     odd = _jsonl(tmp_path / "odd.jsonl", [{"dialogue": ["问：头疼三天了怎么办", "答：有发热吗？", "问：没有发热"]}])
     with pytest.raises(ProcessError, match="odd.jsonl line 1: the dialogue ends with a user turn"):
         _run(repo_params, tmp_path, [{"path": str(odd), "format": "messages", "columns": {"messages": "dialogue"}}])
 
 
 def test_cleaning_and_drops_are_counted_per_source(tmp_path, repo_params, caplog):
-    own = _jsonl(tmp_path / "own.jsonl", [
-        {"instruction": "我的电话13812345678，<b>胃疼</b>", "output": "请来门诊。"},  # masked, tags stripped
-        {"instruction": "头疼怎么回事", "output": "嗯"},  # answer too short: the dialogue goes
-        {"instruction": "头疼怎么办", "output": "休息。", "history": [["医生你好", "x" * 3000]]},  # a long earlier answer
-        {"instruction": "我的电话13812345678，<b>胃疼</b>", "output": "请来门诊。"},  # a repeat
-    ])
+    own = _jsonl(
+        tmp_path / "own.jsonl",
+        [
+            {"instruction": "我的电话13812345678，<b>胃疼</b>", "output": "请来门诊。"},  # masked, tags stripped
+            {"instruction": "头疼怎么回事", "output": "嗯"},  # answer too short: the dialogue goes
+            {
+                "instruction": "头疼怎么办",
+                "output": "休息。",
+                "history": [["医生你好", "x" * 3000]],
+            },  # a long earlier answer
+            {"instruction": "我的电话13812345678，<b>胃疼</b>", "output": "请来门诊。"},  # a repeat
+        ],
+    )
     short = _jsonl(tmp_path / "short.jsonl", [{"instruction": "疼", "output": "休息一下。"}])
     caplog.set_level("WARNING")
-    rows, metrics = _run(repo_params, tmp_path, [{"path": str(own), "format": "alpaca", "name": "own"},
-                                                 {"path": str(short), "format": "alpaca", "name": "short"},
-                                                 {"path": str(SAMPLE), "format": "cmedqa2", "name": "cmedqa2"}])
+    rows, metrics = _run(
+        repo_params,
+        tmp_path,
+        [
+            {"path": str(own), "format": "alpaca", "name": "own"},
+            {"path": str(short), "format": "alpaca", "name": "short"},
+            {"path": str(SAMPLE), "format": "cmedqa2", "name": "cmedqa2"},
+        ],
+    )
     mine = [r for r in rows if r["question_id"] >= 1 << 56]
     assert [_dialogue(r)[1:] for r in mine] == [[("user", "我的电话[PHONE]， 胃疼"), ("assistant", "请来门诊。")]]
     own_drops = {k: v for k, v in metrics["sources"]["own"]["dropped"].items() if v}
@@ -154,8 +247,10 @@ def test_cleaning_and_drops_are_counted_per_source(tmp_path, repo_params, caplog
     assert metrics["sources"]["short"]["dropped"]["question_too_short"] == 1
     assert metrics["sources"]["cmedqa2"]["examples"] == 129 and len(rows) == 130
     assert metrics["dropped"]["answer_too_short"] == 1 and metrics["pii_masked"]["phone"] == 3  # 2 + the sample's
-    assert any("data.sources[1] (short): all 1 records dropped" in r.getMessage() and "question_too_short" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "data.sources[1] (short): all 1 records dropped" in r.getMessage() and "question_too_short" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +258,9 @@ def fmt(tiny_base):
     return ChatFormat.of(load_tokenizer(tiny_base))
 
 
-@pytest.mark.parametrize("train_on, learned", [
-    ("all_turns", [a for _, a in THREE_TURNS]), ("last_turn", [THREE_TURNS[-1][1]])])
+@pytest.mark.parametrize(
+    "train_on, learned", [("all_turns", [a for _, a in THREE_TURNS]), ("last_turn", [THREE_TURNS[-1][1]])]
+)
 def test_train_on_chooses_which_turns_carry_loss(tmp_path, repo_params, fmt, tiny_base, train_on, learned):
     chat = _jsonl(tmp_path / "chat.jsonl", [_sharegpt(THREE_TURNS)])
     rows, _ = _run(repo_params, tmp_path, [{"path": str(chat), "format": "sharegpt"}], train_on=train_on)
@@ -172,14 +268,17 @@ def test_train_on_chooses_which_turns_carry_loss(tmp_path, repo_params, fmt, tin
     assert [m["content"] for m in row["messages"][1:]] == [t for pair in THREE_TURNS for t in pair]
     enc = fmt.encode(row["messages"], max_length=4096)
     tok = fmt.tokenizer
-    assert tok.decode([i for i, y in zip(enc.input_ids, enc.labels) if y != IGNORE_INDEX]) == \
-        "".join(f"{a}<|im_end|>" for a in learned)
+    assert tok.decode([i for i, y in zip(enc.input_ids, enc.labels) if y != IGNORE_INDEX]) == "".join(
+        f"{a}<|im_end|>" for a in learned
+    )
     # held-out loss scores every assistant turn whichever turns were learned
     model = load_model(tiny_base, repo_params.model)
     every_turn = fmt.encode([{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]], 4096)
     assert answer_loss(model, fmt, [row], 4096, 1)["tokens"] == sum(y != IGNORE_INDEX for y in every_turn.labels)
-    assert sum(y != IGNORE_INDEX for y in every_turn.labels) > sum(y != IGNORE_INDEX for y in enc.labels) or \
-        train_on == "all_turns"
+    assert (
+        sum(y != IGNORE_INDEX for y in every_turn.labels) > sum(y != IGNORE_INDEX for y in enc.labels)
+        or train_on == "all_turns"
+    )
 
 
 def test_twins_in_and_across_sources_share_a_split(tmp_path, repo_params):
@@ -190,15 +289,31 @@ def test_twins_in_and_across_sources_share_a_split(tmp_path, repo_params):
     for name in ("dev_candidates.csv", "test_candidates.csv"):
         (official / name).write_text(f"question_id,ans_id,cnt,label\n{heldout_id},1,0,1\n", encoding="utf-8")
     # the same questions as cMedQA2's, full-width and spaced, with other answers; some twice in one source
-    twins = [{"instruction": " ".join(t.replace("?", "？")), "output": f"另一个回答{i}。"}
-             for i, t in enumerate(sample_q["content"][:40])]
+    twins = [
+        {"instruction": " ".join(t.replace("?", "？")), "output": f"另一个回答{i}。"}
+        for i, t in enumerate(sample_q["content"][:40])
+    ]
     own = _jsonl(tmp_path / "own.jsonl", twins + [{**t, "output": t["output"] + "补充。"} for t in twins[:10]])
-    copy = _jsonl(tmp_path / "copy.jsonl", [{"question": "口腔溃疡反复发作怎么办", "answer": "补充维生素。"}] * 1
-                  + [{"question": twins[1]["instruction"], "answer": "另一个回答1。"}])
-    rows, metrics = _run(repo_params, tmp_path, [
-        {"path": str(SAMPLE), "format": "cmedqa2"}, {"path": str(own), "format": "alpaca", "name": "own"},
-        {"path": str(copy), "format": "alpaca", "name": "copy", "columns": {"question": "question", "answer": "answer"}},
-    ], heldout_candidates_dir=str(official))
+    copy = _jsonl(
+        tmp_path / "copy.jsonl",
+        [{"question": "口腔溃疡反复发作怎么办", "answer": "补充维生素。"}] * 1
+        + [{"question": twins[1]["instruction"], "answer": "另一个回答1。"}],
+    )
+    rows, metrics = _run(
+        repo_params,
+        tmp_path,
+        [
+            {"path": str(SAMPLE), "format": "cmedqa2"},
+            {"path": str(own), "format": "alpaca", "name": "own"},
+            {
+                "path": str(copy),
+                "format": "alpaca",
+                "name": "copy",
+                "columns": {"question": "question", "answer": "answer"},
+            },
+        ],
+        heldout_candidates_dir=str(official),
+    )
     splits: dict[str, set] = {}
     for r in rows:
         first_user = next(m["content"] for m in r["messages"] if m["role"] == "user")
@@ -220,24 +335,81 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[dict], list[str]]]:
             pd.DataFrame({"question": ["头疼"], "answer": ["休息。"]}).to_excel(xw, sheet_name=sheet, index=False)
     chat = _sharegpt(THREE_TURNS[:1])
     cases = {
-        "missing_column": ([{"path": str(table), "format": "table", "columns": {"answer": "reply"}}],
-                           [f"{table} row 2", "'question'", "data.sources[0].columns.question"]),
-        "unknown_role": ([{"path": str(_jsonl(tmp / "role.jsonl", [chat, {"conversations": [
-            {"from": "human", "value": "头疼"}, {"from": "doctor", "value": "休息。"}]}])), "format": "sharegpt"}],
-            ["role.jsonl line 2 turn 2", "'doctor'", "data.sources[0].columns.assistant"]),
-        "ends_with_user": ([{"path": str(_jsonl(tmp / "open.jsonl", [{"messages": [
-            {"role": "user", "content": "头疼"}, {"role": "assistant", "content": "休息。"},
-            {"role": "user", "content": "还疼"}]}])), "format": "messages"}],
-            ["open.jsonl line 1", "ends with a user turn"]),
-        "empty_answer": ([{"path": str(_jsonl(tmp / "empty.jsonl", [{"instruction": "头疼", "output": "休息。"},
-                                                                   {"instruction": "胃疼", "output": " ", "id": "A7"}])),
-                           "format": "alpaca"}], ["empty.jsonl line 2 (id A7)", "'output'", "is empty"]),
-        "malformed_json": ([{"path": str(tmp / "broken.jsonl"), "format": "sharegpt"}],
-                           ["broken.jsonl line 3", "malformed JSON"]),
+        "missing_column": (
+            [{"path": str(table), "format": "table", "columns": {"answer": "reply"}}],
+            [f"{table} row 2", "'question'", "data.sources[0].columns.question"],
+        ),
+        "unknown_role": (
+            [
+                {
+                    "path": str(
+                        _jsonl(
+                            tmp / "role.jsonl",
+                            [
+                                chat,
+                                {
+                                    "conversations": [
+                                        {"from": "human", "value": "头疼"},
+                                        {"from": "doctor", "value": "休息。"},
+                                    ]
+                                },
+                            ],
+                        )
+                    ),
+                    "format": "sharegpt",
+                }
+            ],
+            ["role.jsonl line 2 turn 2", "'doctor'", "data.sources[0].columns.assistant"],
+        ),
+        "ends_with_user": (
+            [
+                {
+                    "path": str(
+                        _jsonl(
+                            tmp / "open.jsonl",
+                            [
+                                {
+                                    "messages": [
+                                        {"role": "user", "content": "头疼"},
+                                        {"role": "assistant", "content": "休息。"},
+                                        {"role": "user", "content": "还疼"},
+                                    ]
+                                }
+                            ],
+                        )
+                    ),
+                    "format": "messages",
+                }
+            ],
+            ["open.jsonl line 1", "ends with a user turn"],
+        ),
+        "empty_answer": (
+            [
+                {
+                    "path": str(
+                        _jsonl(
+                            tmp / "empty.jsonl",
+                            [
+                                {"instruction": "头疼", "output": "休息。"},
+                                {"instruction": "胃疼", "output": " ", "id": "A7"},
+                            ],
+                        )
+                    ),
+                    "format": "alpaca",
+                }
+            ],
+            ["empty.jsonl line 2 (id A7)", "'output'", "is empty"],
+        ),
+        "malformed_json": (
+            [{"path": str(tmp / "broken.jsonl"), "format": "sharegpt"}],
+            ["broken.jsonl line 3", "malformed JSON"],
+        ),
         "xlsx_two_sheets": ([{"path": str(book), "format": "table"}], [str(book), "内科", "sheet: 内科"]),
     }
     (tmp / "broken.jsonl").write_text(
-        "".join(json.dumps(chat, ensure_ascii=False) + "\n" for _ in range(2)) + '{"conversations": [\n', encoding="utf-8")
+        "".join(json.dumps(chat, ensure_ascii=False) + "\n" for _ in range(2)) + '{"conversations": [\n',
+        encoding="utf-8",
+    )
     return cases
 
 
@@ -264,8 +436,14 @@ def test_bad_source_ends_the_command_with_one_error_line(tmp_path, repo_params):
     raw["data"].update(raw_dir=str(tmp_path), processed_dir=str(tmp_path / "processed"), sources=sources)
     raw["process"]["metrics_file"] = str(tmp_path / "process.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "mediagent.pipeline.process"], cwd=tmp_path, capture_output=True,
-                          text=True, check=False, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mediagent.pipeline.process"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "broken.jsonl line 3: malformed JSON" in last and "fix that line" in last
@@ -286,20 +464,45 @@ def mixed_run(tmp_path_factory, repo_params, tiny_base):
     from mediagent.pipeline import evaluate, merge, train
 
     tmp_path = tmp_path_factory.mktemp("mixed")
-    chat = _jsonl(tmp_path / "chat.jsonl", [_sharegpt([(f"{q}（第{i}位患者）", a) for q, a in THREE_TURNS])
-                                            for i in range(20)])
-    params = pipeline_params(
-        repo_params, tmp_path, tiny_base,
-        train={"max_steps": 4, "max_seq_length": 128, "per_device_train_batch_size": 4, "warmup_steps": 1,
-               "logging_steps": 2, "eval_steps": 4, "save_steps": 4, "max_eval_examples": 4},
-        merge={"parity_prompts": 1},
-        eval={"backend": "hf", "scorer": "hf", "max_questions": 0, "max_generations": 2, "max_new_tokens": 4,
-              "max_seq_length": 128, "batch_size": 8},
+    chat = _jsonl(
+        tmp_path / "chat.jsonl", [_sharegpt([(f"{q}（第{i}位患者）", a) for q, a in THREE_TURNS]) for i in range(20)]
     )
-    params = with_overrides(params, data={"raw_dir": str(tmp_path), "sources": [
-        {"path": str(SAMPLE), "format": "cmedqa2", "name": "cmedqa2"},
-        {"path": str(chat), "format": "sharegpt", "name": "dialogues"}]},
-        process={"metrics_file": str(tmp_path / "metrics" / "process.json"), "train_on": "last_turn"})
+    params = pipeline_params(
+        repo_params,
+        tmp_path,
+        tiny_base,
+        train={
+            "max_steps": 4,
+            "max_seq_length": 128,
+            "per_device_train_batch_size": 4,
+            "warmup_steps": 1,
+            "logging_steps": 2,
+            "eval_steps": 4,
+            "save_steps": 4,
+            "max_eval_examples": 4,
+        },
+        merge={"parity_prompts": 1},
+        eval={
+            "backend": "hf",
+            "scorer": "hf",
+            "max_questions": 0,
+            "max_generations": 2,
+            "max_new_tokens": 4,
+            "max_seq_length": 128,
+            "batch_size": 8,
+        },
+    )
+    params = with_overrides(
+        params,
+        data={
+            "raw_dir": str(tmp_path),
+            "sources": [
+                {"path": str(SAMPLE), "format": "cmedqa2", "name": "cmedqa2"},
+                {"path": str(chat), "format": "sharegpt", "name": "dialogues"},
+            ],
+        },
+        process={"metrics_file": str(tmp_path / "metrics" / "process.json"), "train_on": "last_turn"},
+    )
     main(params)
     train.main(params)
     merge.main(params)
@@ -337,13 +540,17 @@ def test_mixed_run_serves_a_multi_turn_dialogue_as_trained(mixed_run, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     # json round trip: tuples -> lists, which safe_dump writes
-    (project / "params.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True),
-                                         encoding="utf-8")
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True), encoding="utf-8"
+    )
     name = json.loads((root / "adapter" / "lineage.json").read_text())["name"]
     with running_server(project, [], tmp_path / "serve.log", name, API_KEY=API_KEY) as srv:
         body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
-        req = urllib.request.Request(f"{srv.url}/tokenize", data=body, headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        req = urllib.request.Request(
+            f"{srv.url}/tokenize",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             served = json.loads(r.read())["tokens"]
         assert served == ChatFormat.of(load_tokenizer(root / "adapter")).prompt_ids(messages)
@@ -359,8 +566,13 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
     cm = tmp_path / "cmedqa2"
     cm.mkdir()
     qs = pd.DataFrame({"question_id": range(1, 41), "content": [f"第{i}个问题：头疼怎么办？" for i in range(1, 41)]})
-    ans = pd.DataFrame({"ans_id": range(101, 141), "question_id": range(1, 41),
-                        "content": ["短" if i == 40 else f"第{i}个回答：多休息。" for i in range(1, 41)]})
+    ans = pd.DataFrame(
+        {
+            "ans_id": range(101, 141),
+            "question_id": range(1, 41),
+            "content": ["短" if i == 40 else f"第{i}个回答：多休息。" for i in range(1, 41)],
+        }
+    )
     qs.to_csv(cm / "question.csv", index=False)
     ans.to_csv(cm / "answer.csv", index=False)
 
@@ -368,12 +580,18 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
         return "".join(f"{qid},{a},0,{int(a == pos)}\n" for a in (pos, 101, 102))
 
     (cm / "dev_candidates.csv").write_text("question_id,ans_id,cnt,label\n" + rows(38, 138), encoding="utf-8")
-    (cm / "test_candidates.csv").write_text("question_id,ans_id,cnt,label\n" + rows(39, 139) + rows(40, 140) + rows(3, 103),
-                                            encoding="utf-8")
-    own = _jsonl(tmp_path / "own.jsonl", [{"instruction": f"自己的问题{i}：胃疼怎么办？", "output": f"自己的回答{i}。"}
-                                          for i in range(60)])
-    out, metrics = _run(repo_params, tmp_path, [{"path": str(cm), "format": "cmedqa2"},
-                                                {"path": str(own), "format": "alpaca", "name": "own"}])
+    (cm / "test_candidates.csv").write_text(
+        "question_id,ans_id,cnt,label\n" + rows(39, 139) + rows(40, 140) + rows(3, 103), encoding="utf-8"
+    )
+    own = _jsonl(
+        tmp_path / "own.jsonl",
+        [{"instruction": f"自己的问题{i}：胃疼怎么办？", "output": f"自己的回答{i}。"} for i in range(60)],
+    )
+    out, metrics = _run(
+        repo_params,
+        tmp_path,
+        [{"path": str(cm), "format": "cmedqa2"}, {"path": str(own), "format": "alpaca", "name": "own"}],
+    )
     assert metrics["split_method"] == "official"
     split_of = {r["question_id"]: r["split"] for r in out}
     assert split_of[38] == "val.jsonl" and split_of[39] == split_of[3] == "test.jsonl" and 40 not in split_of
@@ -384,13 +602,21 @@ def test_official_lists_with_own_sources(tmp_path, repo_params):
     assert metrics["dropped"]["answer_too_short"] == 1 and metrics["dropped"]["candidates_answer_missing"] == 1
 
 
-@pytest.mark.parametrize("entry, problem", [
-    ({"path": "a.xml", "format": "xml"}, "data.sources[0].format: 'xml' is not one of: cmedqa2, alpaca, table, sharegpt, messages"),
-    ({"path": "a.csv", "format": "table", "columns": {"messages": "m"}},
-     "data.sources[0].columns.messages: unknown for format table (known: question, answer, system, id)"),
-    ({"path": "a.csv", "format": "table", "encoding": "gbk"}, "data.sources[0].encoding: unknown param"),
-    ({"format": "table"}, "data.sources[0].path: missing required param"),
-])
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        (
+            {"path": "a.xml", "format": "xml"},
+            "data.sources[0].format: 'xml' is not one of: cmedqa2, alpaca, table, sharegpt, messages",
+        ),
+        (
+            {"path": "a.csv", "format": "table", "columns": {"messages": "m"}},
+            "data.sources[0].columns.messages: unknown for format table (known: question, answer, system, id)",
+        ),
+        ({"path": "a.csv", "format": "table", "encoding": "gbk"}, "data.sources[0].encoding: unknown param"),
+        ({"format": "table"}, "data.sources[0].path: missing required param"),
+    ],
+)
 def test_sources_params_are_checked_when_params_load(repo_params, entry, problem):
     with pytest.raises(ParamsError, match=re.escape(problem)):
         with_overrides(repo_params, data={"sources": [entry]})

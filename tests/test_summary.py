@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from mediagent.params import with_overrides
 from mediagent.commands.summary import main
+from mediagent.params import with_overrides
 
 
 def test_table_has_one_row_per_model_and_marks_missing_values(tmp_path, repo_params, capsys):
@@ -16,9 +16,12 @@ def test_table_has_one_row_per_model_and_marks_missing_values(tmp_path, repo_par
         "serve_ready": {"ready": False, "vllm_parity": False, "rank_servable": True},
     }
     (tmp_path / "eval.json").write_text(json.dumps(metrics))
-    params = with_overrides(repo_params, model={"base": "Qwen/Qwen3-8B"},
-                            eval={"metrics_file": str(tmp_path / "eval.json")},
-                            merge={"metrics_file": str(tmp_path / "missing.json")})
+    params = with_overrides(
+        repo_params,
+        model={"base": "Qwen/Qwen3-8B"},
+        eval={"metrics_file": str(tmp_path / "eval.json")},
+        merge={"metrics_file": str(tmp_path / "missing.json")},
+    )
     lines = main(params).splitlines()
     assert lines[0].split() == ["model", "loss", "P@1", "MRR", "MAP", "BLEU-4", "ROUGE-L"]
     assert lines[1].split() == ["random", "-", "0.1250", "0.3300", "0.3100", "-", "-"]
@@ -31,9 +34,12 @@ def test_table_has_one_row_per_model_and_marks_missing_values(tmp_path, repo_par
 def test_the_tiny_defaults_table_says_its_ranking_is_noise(tmp_path, repo_params):
     (tmp_path / "eval.json").write_text(json.dumps({"base": {"p_at_1": 0.25}, "tuned": {"p_at_1": 0.08}}))
     (tmp_path / "report.json").write_text(json.dumps({"counts": {"selection_questions": 12}}))
-    params = with_overrides(repo_params, model={"base": "tiny"},
-                            eval={"metrics_file": str(tmp_path / "eval.json"), "report_path": str(tmp_path / "report.json")},
-                            merge={"metrics_file": str(tmp_path / "missing.json")})
+    params = with_overrides(
+        repo_params,
+        model={"base": "tiny"},
+        eval={"metrics_file": str(tmp_path / "eval.json"), "report_path": str(tmp_path / "report.json")},
+        merge={"metrics_file": str(tmp_path / "missing.json")},
+    )
     note = main(params).splitlines()[-1]
     assert note.startswith("note: model.base tiny is random weights")
     assert "on 12 questions are noise, and tuned can rank below base" in note and "make quality" in note

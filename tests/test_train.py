@@ -20,27 +20,56 @@ import pandas as pd
 import pytest
 import yaml
 
-from mediagent.errors import UserError
-from mediagent.loading import BaseModelError, load_tokenizer
 from mediagent.chat_format import TEMPLATES, ChatFormat
+from mediagent.errors import UserError
 from mediagent.fileio import md5_dir
+from mediagent.loading import BaseModelError, load_tokenizer
 from mediagent.params import Params, ParamsError, with_overrides
 from mediagent.pipeline.train import encode_split, main
 from tests.adapter_kit import write_processed
 from tests.conftest import ROOT
 
 ADAPTER_FILES = [
-    "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-    "lineage.json", "tokenizer.json", "tokenizer_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "lineage.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
 ]
 METRIC_KEYS = {
-    "train_loss", "eval_loss", "eval_loss_step0", "steps", "trainable_params", "total_params",
-    "train_examples", "train_truncated", "train_dropped", "val_examples", "val_truncated",
-    "val_dropped", "train_dropped_turns", "val_dropped_turns", "nonpad_fraction", "plan", "budget_bytes", "estimate_bytes", "peak_bytes", "devices",
+    "train_loss",
+    "eval_loss",
+    "eval_loss_step0",
+    "steps",
+    "trainable_params",
+    "total_params",
+    "train_examples",
+    "train_truncated",
+    "train_dropped",
+    "val_examples",
+    "val_truncated",
+    "val_dropped",
+    "train_dropped_turns",
+    "val_dropped_turns",
+    "nonpad_fraction",
+    "plan",
+    "budget_bytes",
+    "estimate_bytes",
+    "peak_bytes",
+    "devices",
 }
 # Small but real: short sequences and few steps keep each run to seconds on two cores.
-SMALL = dict(max_seq_length=128, per_device_train_batch_size=4, per_device_eval_batch_size=16,
-             max_eval_examples=32, logging_steps=2, eval_steps=4, save_steps=4, warmup_steps=1)
+SMALL = dict(
+    max_seq_length=128,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=16,
+    max_eval_examples=32,
+    logging_steps=2,
+    eval_steps=4,
+    save_steps=4,
+    warmup_steps=1,
+)
 
 
 @pytest.fixture
@@ -74,7 +103,9 @@ def read_json(path: str | Path) -> dict:
 
 def test_labels_cover_exactly_the_answer(workdir, tiny_base):
     tok = load_tokenizer(tiny_base)
-    rows = [json.loads(line) for line in (workdir / "data/processed/train.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line) for line in (workdir / "data/processed/train.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     messages = rows[0]["messages"]
     fmt = ChatFormat.of(tok)
     enc = fmt.encode(messages, max_length=4096)
@@ -122,9 +153,17 @@ def test_training_lowers_heldout_loss(workdir, repo_params):
     assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == TEMPLATES["chatml"]
     lineage = read_json(adapter / "lineage.json")
     assert set(lineage) == {"name", "base", "data", "params", "plan", "world_size", "git_commit", "versions", "metrics"}
-    assert lineage["plan"] == metrics["plan"] == {
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-        "chunked_loss": True, "quantization": "none"}
+    assert (
+        lineage["plan"]
+        == metrics["plan"]
+        == {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False,
+            "chunked_loss": True,
+            "quantization": "none",
+        }
+    )
     assert lineage["world_size"] == 1
     assert 0 < metrics["estimate_bytes"] < metrics["budget_bytes"] and metrics["peak_bytes"] > 0
     assert lineage["name"].startswith("medqa-" + lineage["data"]["train_md5"][:8] + "-")
@@ -155,8 +194,9 @@ def test_same_seed_same_bytes_other_rank_other_adapter(workdir, repo_params):
 
 
 def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
-    params = small(repo_params, max_steps=6, per_device_train_batch_size=2, save_steps=2, eval_steps=6,
-                   max_eval_examples=8)
+    params = small(
+        repo_params, max_steps=6, per_device_train_batch_size=2, save_steps=2, eval_steps=6, max_eval_examples=8
+    )
     write_params(params, workdir / "params.yaml")
     cmd = [sys.executable, "-m", "mediagent.pipeline.train"]
     with open(workdir / "first.log", "w") as log:
@@ -168,7 +208,9 @@ def test_killed_run_resumes_from_its_checkpoint(workdir, repo_params):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    saved = sorted(int(p.parent.name.split("-")[1]) for p in workdir.glob("models/checkpoints/checkpoint-*/trainer_state.json"))
+    saved = sorted(
+        int(p.parent.name.split("-")[1]) for p in workdir.glob("models/checkpoints/checkpoint-*/trainer_state.json")
+    )
     assert saved and saved[-1] < 6 and not Path("models/adapter").exists()
 
     rerun = subprocess.run(cmd, cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
@@ -212,10 +254,22 @@ def test_micro_batches_train_the_same_adapter(workdir, repo_params):
     the chunked and the full loss too."""
 
     runs = {}
-    for name, train in {"8x1": dict(micro_batch_size=8), "2x4": dict(micro_batch_size=2),
-                        "8x1-full": dict(micro_batch_size=8, loss="full")}.items():
-        main(small(repo_params, max_steps=3, per_device_train_batch_size=8, max_eval_examples=8,
-                   learning_rate=0.01, output_dir=f"models/{name}", **train))
+    for name, train in {
+        "8x1": dict(micro_batch_size=8),
+        "2x4": dict(micro_batch_size=2),
+        "8x1-full": dict(micro_batch_size=8, loss="full"),
+    }.items():
+        main(
+            small(
+                repo_params,
+                max_steps=3,
+                per_device_train_batch_size=8,
+                max_eval_examples=8,
+                learning_rate=0.01,
+                output_dir=f"models/{name}",
+                **train,
+            )
+        )
         runs[name] = _adapter_weights(f"models/{name}")
         plan = read_json(f"models/{name}/lineage.json")["plan"]
         micro = train["micro_batch_size"]
@@ -240,18 +294,34 @@ def test_plan_picks_smaller_micro_batches_for_a_small_budget(workdir, repo_param
 
     from mediagent import memory
 
-    params = small(repo_params, max_steps=1, per_device_train_batch_size=8, max_eval_examples=8,
-                   per_device_eval_batch_size=1, loss="full")
+    params = small(
+        repo_params,
+        max_steps=1,
+        per_device_train_batch_size=8,
+        max_eval_examples=8,
+        per_device_eval_batch_size=1,
+        loss="full",
+    )
     config = json.loads(Path("models/base/tiny/config.json").read_text())
-    needs = {m: memory.train_plan(memory.Arch.from_config(config), params, "float32", micro_batch=m,
-                                  gradient_checkpointing=False)["peak"] + memory.RUNTIME_BYTES for m in (8, 4, 2)}
+    needs = {
+        m: memory.train_plan(
+            memory.Arch.from_config(config), params, "float32", micro_batch=m, gradient_checkpointing=False
+        )["peak"]
+        + memory.RUNTIME_BYTES
+        for m in (8, 4, 2)
+    }
     # between what 2 and 4 sequences need: the plan must pick 2 x 4
     budget_gib = (needs[2] + needs[4]) / 2 / (1 - memory.MARGIN) / memory.GIB
     with caplog.at_level(logging.INFO):
         main(with_overrides(params, train={"memory_budget": budget_gib}))
     plan = read_json("metrics/train.json")["plan"]
-    assert plan == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
-                    "gradient_checkpointing": False, "chunked_loss": False, "quantization": "none"}
+    assert plan == {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "gradient_checkpointing": False,
+        "chunked_loss": False,
+        "quantization": "none",
+    }
     assert "chosen: micro-batch 2 x 4 accumulation steps" in caplog.text
 
     with pytest.raises(UserError) as err:

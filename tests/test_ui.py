@@ -30,13 +30,22 @@ import pytest
 import yaml
 
 from mediagent.commands.review_app import ASSETS, LANGUAGES, ab_order, page_language
+
 # The serve tests' module-scoped fixtures: one tiny base + adapter and one vLLM server here.
 from tests.test_serve import API_KEY, adapter, free_port, project, server, stage_env  # noqa: F401
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,850"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1100,850",
+]
 QUESTIONS = [  # (id, question, reference)
     ("q-fever", "孩子发烧38.5度，精神还可以，需要马上去医院吗？", "精神好可先物理降温，超过三天或精神差及时就医。"),
     ("q-cough", "咳嗽两周了还没好，需要拍胸片吗？", "咳嗽超过两周建议就诊，医生会决定是否拍胸片。"),
@@ -46,8 +55,19 @@ SCRIPT = '<script>window.__xss = 1; alert(1)</script><img src=x onerror="window.
 MARKUP = "**bold** <b>not bold</b> &amp; [link](javascript:alert(1))"
 MAX_TOKENS = 16
 # every judgment line holds these (mediagent.judgments), in either page language
-JUDGMENT_FIELDS = {"reviewer", "question_id", "model_a", "model_b", "choice", "winner", "unsafe", "comment", "seed",
-                   "answer_md5", "time"}
+JUDGMENT_FIELDS = {
+    "reviewer",
+    "question_id",
+    "model_a",
+    "model_b",
+    "choice",
+    "winner",
+    "unsafe",
+    "comment",
+    "seed",
+    "answer_md5",
+    "time",
+}
 WAIT_S = 180
 
 
@@ -66,8 +86,10 @@ def chromium() -> None:
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
         out = subprocess.run(sudo + cmd, capture_output=True, text=True, env=env, timeout=1200)
         if out.returncode:
-            pytest.skip(f"could not install chromium ({' '.join(cmd)} exited {out.returncode}): "
-                        f"{(out.stderr or out.stdout).strip()[-500:]}")
+            pytest.skip(
+                f"could not install chromium ({' '.join(cmd)} exited {out.returncode}): "
+                f"{(out.stderr or out.stdout).strip()[-500:]}"
+            )
     assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), "apt installed chromium but not at /usr/bin"
 
 
@@ -140,11 +162,21 @@ def ui_project(project, tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     (root / "processed").mkdir()
     system = params["process"]["system_prompt"]
-    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": q},
-                          {"role": "assistant", "content": a}], "question_id": qid, "ans_id": f"a-{qid}"}
-            for qid, q, a in QUESTIONS]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ],
+            "question_id": qid,
+            "ans_id": f"a-{qid}",
+        }
+        for qid, q, a in QUESTIONS
+    ]
     (root / "processed" / "test.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return root
 
 
@@ -159,9 +191,13 @@ class App:
     def start(self) -> App:
         port = self.server_url.rsplit(":", 1)[1]
         with self.log.open("ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mediagent", "review-app", "--ui-port", str(self.port),
-                                          "--port", port], cwd=self.cwd, env=stage_env(API_KEY=API_KEY),
-                                         stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mediagent", "review-app", "--ui-port", str(self.port), "--port", port],
+                cwd=self.cwd,
+                env=stage_env(API_KEY=API_KEY),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
         start = time.monotonic()
         while True:
             assert self.proc.poll() is None, f"mediagent.commands.review_app exited:\n{self.log.read_text()[-3000:]}"
@@ -171,7 +207,9 @@ class App:
                         return self
             except (urllib.error.URLError, OSError):
                 pass
-            assert time.monotonic() - start < 60, f"mediagent.commands.review_app not up in 60 s:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() - start < 60, (
+                f"mediagent.commands.review_app not up in 60 s:\n{self.log.read_text()[-3000:]}"
+            )
             time.sleep(0.3)
 
     def stop(self) -> None:
@@ -208,16 +246,26 @@ def get(url: str, headers: dict | None = None) -> tuple[int, dict, str]:
 
 
 def review_stage(cwd: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mediagent.pipeline.review"], cwd=cwd, env=stage_env(), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent.pipeline.review"],
+        cwd=cwd,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads((cwd / "metrics" / "review.json").read_text(encoding="utf-8"))
 
 
 def reference_answer(server, system: str, model: str, question: str) -> str:
     reply = server.client().chat.completions.create(
-        model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-        max_tokens=MAX_TOKENS, temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        model=model,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
     return reply.choices[0].message.content
 
 
@@ -225,8 +273,14 @@ def reference_answer(server, system: str, model: str, question: str) -> str:
 
 
 def test_refuses_non_loopback_host_without_flag(ui_project):
-    out = subprocess.run([sys.executable, "-m", "mediagent", "review-app", "--host", "0.0.0.0", "--ui-port", str(free_port())],
-                         cwd=ui_project, env=stage_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mediagent", "review-app", "--host", "0.0.0.0", "--ui-port", str(free_port())],
+        cwd=ui_project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "refusing to listen on 0.0.0.0" in out.stderr and "--allow-remote" in out.stderr
 
@@ -234,7 +288,7 @@ def test_refuses_non_loopback_host_without_flag(ui_project):
 def test_page_headers_no_key_and_host_check(app):
     status, headers, html = get(app.url + "/")
     assert status == 200 and "script-src 'self'" in headers["content-security-policy"]
-    assert "<script src=\"static/app.js\"" in html  # relative: works under a proxy's prefix (test_ui_proxy)
+    assert '<script src="static/app.js"' in html  # relative: works under a proxy's prefix (test_ui_proxy)
     status, _, body = get(app.url + "/api/config")
     assert status == 200 and set(json.loads(body)["models"]) >= {"base", "medqa"}
     for path in ("/", "/static/app.js", "/api/config"):
@@ -255,8 +309,16 @@ def test_arena_streams_two_served_models(app, browser, server, ui_project):
         by_id(browser, field).send_keys(str(value))
         assert by_id(browser, field).get_attribute("value") == str(value)
     by_id(browser, "arena-ask").click()
-    panes = wait(browser, lambda d: (p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) and len(p) == 2
-                 and all(x.get_attribute("data-done") == "1" for x in p) and p, "both answers")
+    panes = wait(
+        browser,
+        lambda d: (
+            (p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane"))
+            and len(p) == 2
+            and all(x.get_attribute("data-done") == "1" for x in p)
+            and p
+        ),
+        "both answers",
+    )
     system = yaml.safe_load((ui_project / "params.yaml").read_text(encoding="utf-8"))["process"]["system_prompt"]
     shown = {}
     for pane in panes:
@@ -284,8 +346,14 @@ def test_arena_streams_two_served_models(app, browser, server, ui_project):
         by_id(browser, "arena-temperature").send_keys("0.7")
         select(browser, "arena-model-3", server.adapter_name)
         by_id(browser, "arena-ask").click()
-        wait(browser, lambda d: len(p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) == 3
-             and all(x.get_attribute("data-done") == "1" for x in p), "three answers")
+        wait(
+            browser,
+            lambda d: (
+                len(p := d.find_elements(By.CSS_SELECTOR, "#arena-answers .pane")) == 3
+                and all(x.get_attribute("data-done") == "1" for x in p)
+            ),
+            "three answers",
+        )
         screenshot(browser, "ui-arena.png")
 
 
@@ -329,9 +397,13 @@ def test_review_records_resumes_after_restart_and_renders_text(review_app, brows
     a2, b2 = ab_order(0, QUESTIONS[1][0], pair)
     cache = folder / "review" / "answers.jsonl"
     cache.parent.mkdir(exist_ok=True)
-    cache.write_text("".join(json.dumps({"model": m, "question_id": QUESTIONS[1][0], "answer": t},
-                                        ensure_ascii=False) + "\n" for m, t in ((a2, SCRIPT), (b2, MARKUP))),
-                     encoding="utf-8")
+    cache.write_text(
+        "".join(
+            json.dumps({"model": m, "question_id": QUESTIONS[1][0], "answer": t}, ensure_ascii=False) + "\n"
+            for m, t in ((a2, SCRIPT), (b2, MARKUP))
+        ),
+        encoding="utf-8",
+    )
     app.stop()
     app.start()  # the cache is read at start
 
@@ -341,8 +413,10 @@ def test_review_records_resumes_after_restart_and_renders_text(review_app, brows
     assert by_id(browser, "review-question").get_attribute("textContent") == QUESTIONS[0][1]
     assert by_id(browser, "review-reference").get_attribute("textContent") == QUESTIONS[0][2]
     model_a, model_b = ab_order(0, qid, pair)
-    cached = {(r["model"], r["question_id"]): r["answer"]
-              for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}
+    cached = {
+        (r["model"], r["question_id"]): r["answer"]
+        for r in map(json.loads, cache.read_text(encoding="utf-8").splitlines())
+    }
     assert by_id(browser, "answer-a").get_attribute("textContent") == cached[(model_a, qid)]
     assert by_id(browser, "answer-b").get_attribute("textContent") == cached[(model_b, qid)]
     by_id(browser, "unsafe-b").click()
@@ -359,7 +433,10 @@ def test_review_records_resumes_after_restart_and_renders_text(review_app, brows
     base_wins = int(model_a == "base")
     assert metrics["judgments"] == 1 and metrics["reviewers"] == 1
     assert {k: metrics["pairs"]["base vs medqa"][k] for k in ("wins", "losses", "ties")} == {
-        "wins": base_wins, "losses": 1 - base_wins, "ties": 0}
+        "wins": base_wins,
+        "losses": 1 - base_wins,
+        "ties": 0,
+    }
     assert metrics["unsafe"][model_b] == {"answers": 1, "flagged": 1, "rate": 1.0}
 
     # Restart: the reviewer comes back (name remembered by the browser) to the next unjudged question.
@@ -392,8 +469,12 @@ def test_review_records_resumes_after_restart_and_renders_text(review_app, brows
 
 def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(review_app):
     def post(path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(review_app.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            review_app.url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, json.loads(r.read())
@@ -403,20 +484,29 @@ def test_other_reviewer_starts_at_the_first_question_and_no_double_judgment(revi
     # dr-test judges the first question (its answers are generated then and cached)
     status, first = post("/api/review/next", {"reviewer": "dr-test", "models": ["base", "medqa"]})
     assert status == 200 and first["question_id"] == QUESTIONS[0][0], first
-    status, body = post("/api/review/judge", {"reviewer": "dr-test", "models": ["base", "medqa"],
-                                              "question_id": QUESTIONS[0][0], "choice": "A"})
+    status, body = post(
+        "/api/review/judge",
+        {"reviewer": "dr-test", "models": ["base", "medqa"], "question_id": QUESTIONS[0][0], "choice": "A"},
+    )
     assert status == 200 and body["recorded"] == QUESTIONS[0][0] and body["next"]["question_id"] == QUESTIONS[1][0]
 
     status, item = post("/api/review/next", {"reviewer": "dr-other", "models": ["medqa", "base"]})
     assert status == 200 and item["question_id"] == QUESTIONS[0][0] and item["position"] == 1
     # the same texts as dr-test saw: they come from the cache
-    cache = {(r["model"], r["question_id"]): r["answer"] for r in
-             map(json.loads, (review_app.cwd / "review" / "answers.jsonl").read_text(encoding="utf-8").splitlines())}
+    cache = {
+        (r["model"], r["question_id"]): r["answer"]
+        for r in map(json.loads, (review_app.cwd / "review" / "answers.jsonl").read_text(encoding="utf-8").splitlines())
+    }
     model_a, model_b = ab_order(0, QUESTIONS[0][0], ("base", "medqa"))
     assert (item["answer_a"], item["answer_b"]) == (first["answer_a"], first["answer_b"])
-    assert (item["answer_a"], item["answer_b"]) == (cache[(model_a, QUESTIONS[0][0])], cache[(model_b, QUESTIONS[0][0])])
-    status, body = post("/api/review/judge", {"reviewer": "dr-test", "models": ["base", "medqa"],
-                                              "question_id": QUESTIONS[0][0], "choice": "B"})
+    assert (item["answer_a"], item["answer_b"]) == (
+        cache[(model_a, QUESTIONS[0][0])],
+        cache[(model_b, QUESTIONS[0][0])],
+    )
+    status, body = post(
+        "/api/review/judge",
+        {"reviewer": "dr-test", "models": ["base", "medqa"], "question_id": QUESTIONS[0][0], "choice": "B"},
+    )
     assert status == 400 and "already judged" in body["error"]
     assert [(j["reviewer"], j["choice"]) for j in _judgments(review_app.cwd)] == [("dr-test", "A")]
 
@@ -451,8 +541,11 @@ def _assert_page_in(driver, lang: str) -> None:
     assert len(shown) >= 25, shown
     for key, values, text in shown:
         assert text == _render(lang, key, values), (key, text)
-    for field, key in (("arena-question", "arena.question_placeholder"), ("reviewer", "review.reviewer_placeholder"),
-                       ("review-comment", "review.comment_placeholder")):
+    for field, key in (
+        ("arena-question", "arena.question_placeholder"),
+        ("reviewer", "review.reviewer_placeholder"),
+        ("review-comment", "review.comment_placeholder"),
+    ):
         assert by_id(driver, field).get_attribute("placeholder") == MESSAGES[lang][key]
     pressed = {b: by_id(driver, f"lang-{b}").get_attribute("aria-pressed") for b in LANGUAGES}
     assert pressed == {b: str(b == lang).lower() for b in LANGUAGES}
@@ -468,15 +561,26 @@ def test_page_language_follows_accept_language(app, browser, browser_zh):
 
     _open(browser_zh, app)  # Accept-Language: zh-CN,zh
     _assert_page_in(browser_zh, "zh-CN")
-    buttons = {name: by_id(browser_zh, name).get_attribute("textContent")
-               for name in ("tab-arena", "tab-review", "arena-ask", "review-start", "choose-a", "choose-tie", "choose-b")}
-    assert buttons == {"tab-arena": "竞技场", "tab-review": "盲评", "arena-ask": "提问", "review-start": "开始",
-                       "choose-a": "A 更好", "choose-tie": "平局", "choose-b": "B 更好"}
+    buttons = {
+        name: by_id(browser_zh, name).get_attribute("textContent")
+        for name in ("tab-arena", "tab-review", "arena-ask", "review-start", "choose-a", "choose-tie", "choose-b")
+    }
+    assert buttons == {
+        "tab-arena": "竞技场",
+        "tab-review": "盲评",
+        "arena-ask": "提问",
+        "review-start": "开始",
+        "choose-a": "A 更好",
+        "choose-tie": "平局",
+        "choose-b": "B 更好",
+    }
     assert all(CJK.search(text) for text in buttons.values())
     assert by_id(browser_zh, "reviewer").get_attribute("placeholder") == "您的姓名"
     assert by_id(browser_zh, "server-status").text == "已部署 3 个模型；评审题 3 道"  # written by the script
     # the empty-answer note comes from the table too (CSS reads it)
-    note = browser_zh.execute_script("return getComputedStyle(document.documentElement).getPropertyValue('--empty-answer')")
+    note = browser_zh.execute_script(
+        "return getComputedStyle(document.documentElement).getPropertyValue('--empty-answer')"
+    )
     assert json.loads(note) == "（空回答）"
 
     _open(browser, app)  # Accept-Language: en-US,en
@@ -560,30 +664,34 @@ def test_bind_host_and_test_split_checks(tmp_path):
         check_bind_host(host, allow_remote=True)
     with pytest.raises(UIError, match=r"test.jsonl: not found; run `dvc repro process`"):
         load_questions(tmp_path, 10)
-    (tmp_path / "test.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}], "question_id": 1}\n',
-                                         encoding="utf-8")
+    (tmp_path / "test.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "q"}], "question_id": 1}\n', encoding="utf-8"
+    )
     with pytest.raises(UIError, match=r"test.jsonl:1: not a chat row"):
         load_questions(tmp_path, 10)
 
 
-@pytest.mark.parametrize(("header", "saved", "lang"), [
-    ("zh-CN,zh;q=0.9,en;q=0.8", None, "zh-CN"),
-    ("zh", None, "zh-CN"),
-    ("zh-TW", None, "zh-CN"),
-    ("ZH-hk, en", None, "zh-CN"),
-    ("fr-FR,zh;q=0.8,en;q=0.5", None, "zh-CN"),  # zh ranked above en
-    ("en;q=0.5, zh;q=0.8", None, "zh-CN"),       # q decides, not the order
-    ("en-US,en;q=0.9", None, "en"),
-    ("en-US,zh-CN;q=0.9", None, "en"),
-    ("zh;q=0,en", None, "en"),                   # q=0: not acceptable
-    ("zh;q=x", None, "en"),
-    ("de-DE,*", None, "en"),
-    ("", None, "en"),
-    (None, None, "en"),
-    ("zh-CN", "en", "en"),                       # the reviewer's choice wins
-    ("en-US", "zh-CN", "zh-CN"),
-    ("zh-CN", "fr", "zh-CN"),                    # an unknown saved value is ignored
-])
+@pytest.mark.parametrize(
+    ("header", "saved", "lang"),
+    [
+        ("zh-CN,zh;q=0.9,en;q=0.8", None, "zh-CN"),
+        ("zh", None, "zh-CN"),
+        ("zh-TW", None, "zh-CN"),
+        ("ZH-hk, en", None, "zh-CN"),
+        ("fr-FR,zh;q=0.8,en;q=0.5", None, "zh-CN"),  # zh ranked above en
+        ("en;q=0.5, zh;q=0.8", None, "zh-CN"),  # q decides, not the order
+        ("en-US,en;q=0.9", None, "en"),
+        ("en-US,zh-CN;q=0.9", None, "en"),
+        ("zh;q=0,en", None, "en"),  # q=0: not acceptable
+        ("zh;q=x", None, "en"),
+        ("de-DE,*", None, "en"),
+        ("", None, "en"),
+        (None, None, "en"),
+        ("zh-CN", "en", "en"),  # the reviewer's choice wins
+        ("en-US", "zh-CN", "zh-CN"),
+        ("zh-CN", "fr", "zh-CN"),  # an unknown saved value is ignored
+    ],
+)
 def test_page_language(header, saved, lang):
     assert page_language(header, saved) == lang
 

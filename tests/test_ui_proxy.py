@@ -33,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "/x/proxy/7860/"
 GATEWAY = "gateway.example"
 MODELS = ("base", "medqa")
-QUESTIONS = [("q-fever", "孩子发烧38.5度，需要马上去医院吗？", "精神好可先物理降温。"),
-             ("q-cough", "咳嗽两周了还没好，需要拍胸片吗？", "咳嗽超过两周建议就诊。")]
+QUESTIONS = [
+    ("q-fever", "孩子发烧38.5度，需要马上去医院吗？", "精神好可先物理降温。"),
+    ("q-cough", "咳嗽两周了还没好，需要拍胸片吗？", "咳嗽超过两周建议就诊。"),
+]
 RESOLVE = f"--host-resolver-rules=MAP {GATEWAY} 127.0.0.1, MAP other.example 127.0.0.1"
 
 
@@ -69,8 +71,9 @@ class ModelServer(BaseHTTPRequestHandler):
         self.server.paths.append(self.path)
         if self.path != "/llm/v1/models":
             return self.reply({"error": "not found"}, 404)
-        self.reply({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"}
-                                               for m in MODELS]})
+        self.reply(
+            {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"} for m in MODELS]}
+        )
 
     def do_POST(self):
         self.server.paths.append(self.path)
@@ -83,14 +86,25 @@ class ModelServer(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             for piece in (text[:4], text[4:]):
-                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                chunk = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
                 self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             return
-        self.reply({"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}]})
+        self.reply(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            }
+        )
 
 
 def proxy_handler(app_port: int):
@@ -108,8 +122,12 @@ def proxy_handler(app_port: int):
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             conn = http.client.HTTPConnection("127.0.0.1", app_port, timeout=60)
-            conn.request(self.command, "/" + self.path[len(PREFIX):], body=body or None,
-                         headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+            conn.request(
+                self.command,
+                "/" + self.path[len(PREFIX) :],
+                body=body or None,
+                headers={k: v for k, v in self.headers.items() if k.lower() != "connection"},
+            )
             resp = conn.getresponse()
             data = resp.read()
             self.send_response(resp.status)
@@ -135,17 +153,46 @@ def stack(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     (root / "processed").mkdir()
     system = params["process"]["system_prompt"]
-    (root / "processed" / "test.jsonl").write_text("".join(json.dumps(
-        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": q},
-                      {"role": "assistant", "content": a}], "question_id": qid}, ensure_ascii=False) + "\n"
-        for qid, q, a in QUESTIONS), encoding="utf-8")
+    (root / "processed" / "test.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                    ],
+                    "question_id": qid,
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for qid, q, a in QUESTIONS
+        ),
+        encoding="utf-8",
+    )
     models = Server(ModelServer)
     ui_port = free_port()
     log = root / "ui.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mediagent", "review-app", "--ui-port", str(ui_port),
-                                 "--server-url", f"http://127.0.0.1:{models.port}/llm/v1", "--allow-host", GATEWAY],
-                                cwd=root, env=stage_env(), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mediagent",
+                "review-app",
+                "--ui-port",
+                str(ui_port),
+                "--server-url",
+                f"http://127.0.0.1:{models.port}/llm/v1",
+                "--allow-host",
+                GATEWAY,
+            ],
+            cwd=root,
+            env=stage_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     start = time.monotonic()
     while True:
         assert proc.poll() is None, log.read_text()
@@ -196,25 +243,39 @@ def test_page_under_prefix_in_both_languages_records_a_judgment(stack):
         driver = chrome(accept, RESOLVE)
         try:
             driver.get(url)
-            wait(driver, lambda d: len(by_id(d, "review-model-1").find_elements(By.TAG_NAME, "option")) >= 2,
-                 "models", timeout=60)
+            wait(
+                driver,
+                lambda d: len(by_id(d, "review-model-1").find_elements(By.TAG_NAME, "option")) >= 2,
+                "models",
+                timeout=60,
+            )
             assert driver.execute_script("return document.documentElement.lang") == lang
             assert driver.title == messages[lang]["app.title"]
             assert by_id(driver, "tab-review").text == messages[lang]["tab.review"]
-            assert by_id(driver, "server-status").text == {
-                "en": "2 models served; 2 review questions", "zh-CN": "已部署 2 个模型；评审题 2 道"}[lang]
+            assert (
+                by_id(driver, "server-status").text
+                == {"en": "2 models served; 2 review questions", "zh-CN": "已部署 2 个模型；评审题 2 道"}[lang]
+            )
             if lang == "zh-CN":
                 by_id(driver, "tab-review").click()
                 by_id(driver, "reviewer").send_keys(reviewer)
                 select(driver, "review-model-1", "base")
                 select(driver, "review-model-2", "medqa")
                 by_id(driver, "review-start").click()
-                wait(driver, lambda d: by_id(d, "review-item").get_attribute("data-question-id") == "q-fever",
-                     "first question", timeout=60)
+                wait(
+                    driver,
+                    lambda d: by_id(d, "review-item").get_attribute("data-question-id") == "q-fever",
+                    "first question",
+                    timeout=60,
+                )
                 assert by_id(driver, "review-question").get_attribute("textContent") == QUESTIONS[0][1]
                 by_id(driver, "choose-a").click()
-                wait(driver, lambda d: by_id(d, "review-item").get_attribute("data-question-id") == "q-cough",
-                     "second question", timeout=60)
+                wait(
+                    driver,
+                    lambda d: by_id(d, "review-item").get_attribute("data-question-id") == "q-cough",
+                    "second question",
+                    timeout=60,
+                )
                 # the language switch's cookie is kept by the page's own path, under the prefix
                 by_id(driver, "lang-en").click()
                 driver.refresh()
@@ -226,16 +287,29 @@ def test_page_under_prefix_in_both_languages_records_a_judgment(stack):
         finally:
             driver.quit()
 
-    judged = [json.loads(line) for line in (root / "review" / "judgments.jsonl").read_text(encoding="utf-8").splitlines()]
+    judged = [
+        json.loads(line) for line in (root / "review" / "judgments.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     [mine] = [j for j in judged if j["reviewer"] == reviewer]
-    assert (mine["question_id"], mine["choice"], sorted((mine["model_a"], mine["model_b"]))) == ("q-fever", "A", list(MODELS))
+    assert (mine["question_id"], mine["choice"], sorted((mine["model_a"], mine["model_b"]))) == (
+        "q-fever",
+        "A",
+        list(MODELS),
+    )
     # every request the pages made reached the proxy under the prefix: the page, its script,
     # stylesheet, message table and API calls
     asked = proxy.paths[first_request:]
     outside = [p for p in asked if not p.startswith(PREFIX)]
     assert not outside, outside
-    for path in ("", "static/app.js", "static/app.css", "static/messages.json", "api/config", "api/review/next",
-                 "api/review/judge"):
+    for path in (
+        "",
+        "static/app.js",
+        "static/app.css",
+        "static/messages.json",
+        "api/config",
+        "api/review/next",
+        "api/review/judge",
+    ):
         assert PREFIX + path in asked, (path, asked)
     # and the app reached the model server at the path of --server-url
     assert models.paths and all(p.startswith("/llm/v1/") for p in models.paths), models.paths
@@ -254,10 +328,28 @@ def test_chat_reaches_a_server_behind_a_path(stack):
     """`make chat SERVER_URL=...` with a path: the client asks under it and prints the answer."""
     _, models, root = stack
     first = len(models.paths)
-    out = subprocess.run([sys.executable, "-m", "mediagent", "chat", "--base-url",
-                          f"http://127.0.0.1:{models.port}/llm/v1", "--model", "medqa", "--question", "咳嗽怎么办？",
-                          "--temperature", "0"], cwd=root, env=stage_env(), capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mediagent",
+            "chat",
+            "--base-url",
+            f"http://127.0.0.1:{models.port}/llm/v1",
+            "--model",
+            "medqa",
+            "--question",
+            "咳嗽怎么办？",
+            "--temperature",
+            "0",
+        ],
+        cwd=root,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "medqa 的回答：咳嗽怎么办？" in out.stdout
     assert models.paths[first:] and all(p.startswith("/llm/v1/") for p in models.paths[first:]), models.paths

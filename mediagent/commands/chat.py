@@ -27,8 +27,8 @@ import click
 from mediagent.client import ModelClient
 from mediagent.errors import setup_logging
 from mediagent.loading import load_tokenizer
-from mediagent.params import Params, load_params
 from mediagent.net import local_url
+from mediagent.params import Params, load_params
 from mediagent.vllm_engine import open_engine, sampling_params
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ def build_messages(system: str, history: Sequence[dict], question: str) -> list[
     return [{"role": "system", "content": system}, *history, {"role": "user", "content": question}]
 
 
-def stream_answer(client: ModelClient, model: str, messages: list[dict], max_tokens: int, temperature: float,
-                  out: IO[str]) -> str:
+def stream_answer(
+    client: ModelClient, model: str, messages: list[dict], max_tokens: int, temperature: float, out: IO[str]
+) -> str:
     """Ask the server, print tokens as they arrive, return the whole answer."""
     parts = []
     for piece in client.stream(model, messages, max_tokens, temperature):
@@ -51,29 +52,35 @@ def stream_answer(client: ModelClient, model: str, messages: list[dict], max_tok
     return "".join(parts)
 
 
-def offline_answerer(params: Params, adapter: str | None, merged: bool, max_tokens: int,
-                     temperature: float) -> Callable[[list[dict], IO[str]], str]:
+def offline_answerer(
+    params: Params, adapter: str | None, merged: bool, max_tokens: int, temperature: float
+) -> Callable[[list[dict], IO[str]], str]:
     """A function like ``stream_answer`` backed by vLLM's offline engine (prints at the end)."""
     engine = open_engine(params, adapter, merged)
     tokenizer = load_tokenizer(engine.tokenizer_dir)  # carries the training chat template
     max_len = params.serve.max_model_len
 
     def ask(messages: list[dict], out: IO[str]) -> str:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True, enable_thinking=False)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, enable_thinking=False
+        )["input_ids"]
         if len(ids) >= max_len:
             raise ValueError(f"conversation is {len(ids)} tokens, serve.max_model_len is {max_len}: /reset")
         sp = sampling_params(tokenizer, min(max_tokens, max_len - len(ids)), temperature, seed=0)
-        text = engine.llm.generate([{"prompt_token_ids": ids}], sp, lora_request=engine.lora,
-                                   use_tqdm=False)[0].outputs[0].text.strip()
+        text = (
+            engine.llm.generate([{"prompt_token_ids": ids}], sp, lora_request=engine.lora, use_tqdm=False)[0]
+            .outputs[0]
+            .text.strip()
+        )
         out.write(text + "\n")
         return text
 
     return ask
 
 
-def repl(ask: Callable[[list[dict], IO[str]], str], system: str, lines: Iterable[str], out: IO[str],
-         interactive: bool) -> None:
+def repl(
+    ask: Callable[[list[dict], IO[str]], str], system: str, lines: Iterable[str], out: IO[str], interactive: bool
+) -> None:
     """Read questions line by line; keep the conversation; /reset and /exit."""
     history: list[dict] = []
     prompt = "you> " if interactive else ""

@@ -59,8 +59,9 @@ def offline_help(params: DownloadParams) -> str:
     return (
         f"Without network access here, copy these files by hand into {params.out_dir}/ "
         f"(from github.com/zhangsheng93/cMedQA2 at the commit in download.mirrors), or give a "
-        f"folder or zip holding them with `make data FROM=PATH`:\n" + "\n".join(lines) +
-        "\nthen run `make data` again: files already there are verified (`git hash-object FILE` "
+        f"folder or zip holding them with `make data FROM=PATH`:\n"
+        + "\n".join(lines)
+        + "\nthen run `make data` again: files already there are verified (`git hash-object FILE` "
         "must print the id above), unzipped and tracked, without any download. "
         "`make data MIRROR=url` tries another base URL instead (docs/data.md)."
     )
@@ -108,10 +109,19 @@ def fetch(url: str, dest: Path, blob: str, timeout: float, attempts: int = ATTEM
                         offset = 0
                     length = resp.headers.get("Content-Length")
                     total = offset + int(length) if length is not None else None
-                    with part.open("ab" if offset else "wb") as fh, tqdm(
-                        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=dest.name, leave=False, disable=None,
-                    ) as bar:
+                    with (
+                        part.open("ab" if offset else "wb") as fh,
+                        tqdm(
+                            total=total,
+                            initial=offset,
+                            unit="B",
+                            unit_scale=True,
+                            unit_divisor=1024,
+                            desc=dest.name,
+                            leave=False,
+                            disable=None,
+                        ) as bar,
+                    ):
                         while block := resp.read(CHUNK):
                             fh.write(block)
                             bar.update(len(block))
@@ -163,8 +173,10 @@ def copy_local(source: Path, name: str, dest: Path, blob: str) -> None:
                     shutil.copyfileobj(src, dst, CHUNK)
             where = f"{source}:{members[0].filename}"
         else:
-            raise DownloadError(f"{source}: neither a folder nor a zip; --from (FROM=) takes the folder "
-                                f"or zip holding the files of download.files")
+            raise DownloadError(
+                f"{source}: neither a folder nor a zip; --from (FROM=) takes the folder "
+                f"or zip holding the files of download.files"
+            )
         verify_and_place(part, dest, blob, where)
     finally:
         part.unlink(missing_ok=True)
@@ -253,7 +265,9 @@ def track_with_dvc(out_dir: Path) -> None:
     try:
         subprocess.run([sys.executable, "-m", "dvc", "add", rel], cwd=root, check=True)
     except subprocess.CalledProcessError as e:
-        raise DownloadError(f"`dvc add {rel}` failed (exit {e.returncode}); the files are in place, rerun it by hand") from e
+        raise DownloadError(
+            f"`dvc add {rel}` failed (exit {e.returncode}); the files are in place, rerun it by hand"
+        ) from e
     # dvc writes a .gitignore beside the pointer unless the root one already ignores the folder.
     to_commit = [f"{rel}.dvc"]
     gitignore = (root / rel).parent / ".gitignore"
@@ -289,12 +303,20 @@ def main(params: Params, mirrors: tuple[str, ...] = (), source: Path | None = No
     track_with_dvc(out_dir)
 
 
-
 @click.command()
-@click.option("--mirror", "mirrors", multiple=True, metavar="URL",
-              help="Base URL to fetch from instead of download.mirrors; repeatable, tried in turn (make data MIRROR=).")
-@click.option("--from", "source", type=click.Path(exists=True, path_type=Path),
-              help="Folder or zip holding the files copied by hand (make data FROM=); no download.")
+@click.option(
+    "--mirror",
+    "mirrors",
+    multiple=True,
+    metavar="URL",
+    help="Base URL to fetch from instead of download.mirrors; repeatable, tried in turn (make data MIRROR=).",
+)
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(exists=True, path_type=Path),
+    help="Folder or zip holding the files copied by hand (make data FROM=); no download.",
+)
 def command(mirrors, source) -> None:
     """Download the official cMedQA2 files (download.files), verify and unzip them, track with DVC."""
     setup_logging()

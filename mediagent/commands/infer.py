@@ -30,8 +30,8 @@ import click
 import orjson
 
 from mediagent import compat
-from mediagent.errors import UserError, setup_logging
 from mediagent.chat_format import ChatFormat, conversation
+from mediagent.errors import UserError, setup_logging
 from mediagent.fileio import atomic_path, dump_jsonl
 from mediagent.loading import load_tokenizer
 from mediagent.params import Params, load_params
@@ -72,7 +72,7 @@ def parse_questions(lines: Iterable[bytes | str]) -> tuple[list[Question], list[
             errors.append(LineError(n, f"invalid JSON ({exc})"))
             continue
         if not isinstance(row, dict):
-            errors.append(LineError(n, f"expected an object like {{\"question\": ...}}, got {type(row).__name__}"))
+            errors.append(LineError(n, f'expected an object like {{"question": ...}}, got {type(row).__name__}'))
             continue
         q = row.get("question")
         if not isinstance(q, str) or not q.strip():
@@ -82,8 +82,9 @@ def parse_questions(lines: Iterable[bytes | str]) -> tuple[list[Question], list[
     return questions, errors
 
 
-def encode_questions(tokenizer, system: str, questions: Sequence[Question], max_model_len: int
-                     ) -> tuple[list[tuple[Question, list[int]]], list[LineError]]:
+def encode_questions(
+    tokenizer, system: str, questions: Sequence[Question], max_model_len: int
+) -> tuple[list[tuple[Question, list[int]]], list[LineError]]:
     """Prompt ids per question; prompts that leave no room for an answer become errors."""
     encoded, errors, fmt = [], [], ChatFormat.of(tokenizer)
     for q in questions:
@@ -95,24 +96,40 @@ def encode_questions(tokenizer, system: str, questions: Sequence[Question], max_
     return encoded, errors
 
 
-def answer(engine: Engine, tokenizer, encoded: Sequence[tuple[Question, list[int]]], max_tokens: int,
-           temperature: float = 0.0, seed: int = 0) -> list[dict]:
+def answer(
+    engine: Engine,
+    tokenizer,
+    encoded: Sequence[tuple[Question, list[int]]],
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[dict]:
     """One output row per question, in order (vLLM batches them itself)."""
     if not encoded:
         return []
     max_len = compat.engine_max_model_len(engine.llm)
     # Each prompt may only use what the context leaves after it.
-    sampling = [sampling_params(tokenizer, min(max_tokens, max_len - len(ids)), temperature, seed) for _, ids in encoded]
-    outs = engine.llm.generate([{"prompt_token_ids": ids} for _, ids in encoded], sampling,
-                               lora_request=engine.lora, use_tqdm=True)
+    sampling = [
+        sampling_params(tokenizer, min(max_tokens, max_len - len(ids)), temperature, seed) for _, ids in encoded
+    ]
+    outs = engine.llm.generate(
+        [{"prompt_token_ids": ids} for _, ids in encoded], sampling, lora_request=engine.lora, use_tqdm=True
+    )
     rows = []
     for (q, ids), out in zip(encoded, outs):
         o = out.outputs[0]
-        rows.append({
-            "id": q.id, "line": q.line, "question": q.question, "answer": o.text.strip(),
-            "finish_reason": o.finish_reason, "prompt_tokens": len(ids),
-            "completion_tokens": len(o.token_ids), "model": engine.name,
-        })
+        rows.append(
+            {
+                "id": q.id,
+                "line": q.line,
+                "question": q.question,
+                "answer": o.text.strip(),
+                "finish_reason": o.finish_reason,
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(o.token_ids),
+                "model": engine.name,
+            }
+        )
     return rows
 
 
@@ -136,8 +153,7 @@ def main(
         log.warning("%s: %s", input_path, e)
     engine = open_engine(params, adapter, merged)
     tokenizer = load_tokenizer(engine.tokenizer_dir)
-    encoded, too_long = encode_questions(tokenizer, params.process.system_prompt, questions,
-                                         params.serve.max_model_len)
+    encoded, too_long = encode_questions(tokenizer, params.process.system_prompt, questions, params.serve.max_model_len)
     for e in too_long:
         log.warning("%s: %s", input_path, e)
     errors = sorted(errors + too_long, key=lambda e: e.line)

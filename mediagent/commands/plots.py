@@ -35,9 +35,14 @@ TEMPLATE_NAME = "offline_template.html"
 # review.plots_file before any clinician has judged: the same axes as dvc.yaml's win-rate plot.
 NO_JUDGMENTS = {
     "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
-    "data": {"values": []}, "mark": "bar", "width": 480, "height": 80,
-    "encoding": {"x": {"field": "win_rate", "type": "quantitative", "scale": {"domain": [0, 1]}},
-                 "y": {"field": "pair", "type": "nominal"}},
+    "data": {"values": []},
+    "mark": "bar",
+    "width": 480,
+    "height": 80,
+    "encoding": {
+        "x": {"field": "win_rate", "type": "quantitative", "scale": {"domain": [0, 1]}},
+        "y": {"field": "pair", "type": "nominal"},
+    },
 }
 # The stage that writes each family's data, for the message when it is missing.
 STAGES = {"train": "train", "eval": "evaluate", "review": "review"}
@@ -87,11 +92,16 @@ def check_out(out: Path) -> None:
         return
     if not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder")
-    foreign = sorted(p.name for p in out.iterdir()
-                     if not (p.is_file() and (p.suffix == ".png" or p.name in ("index.html", TEMPLATE_NAME))))
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if not (p.is_file() and (p.suffix == ".png" or p.name in ("index.html", TEMPLATE_NAME)))
+    )
     if foreign:
-        raise UserError(f"--out {out} holds {', '.join(foreign[:3])}, which `mediagent plots` did not write, and the "
-                        "folder is replaced as a whole: pass a new or empty folder")
+        raise UserError(
+            f"--out {out} holds {', '.join(foreign[:3])}, which `mediagent plots` did not write, and the "
+            "folder is replaced as a whole: pass a new or empty folder"
+        )
 
 
 def import_vl_convert():
@@ -110,8 +120,10 @@ def dvc(*args: str) -> str:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=DVC_TIMEOUT_S)
     if out.returncode:
         detail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        raise UserError(f"`dvc {' '.join(args)}` exited {out.returncode}: {' / '.join(detail)} — run it from the "
-                        "repository root (where dvc.yaml is)")
+        raise UserError(
+            f"`dvc {' '.join(args)}` exited {out.returncode}: {' / '.join(detail)} — run it from the "
+            "repository root (where dvc.yaml is)"
+        )
     return out.stdout
 
 
@@ -146,8 +158,10 @@ def render_pngs(plots: dict, src: dict[str, Path], folder: Path, scale: float) -
         rows = spec.get("data", {}).get("values", [])
         if not rows and family == "review":
             # A fresh clone has no judgments: the chart says so instead of going missing.
-            spec = {**spec, "title": "Blind review win rates: no judgments yet "
-                                     "(make ui, Blind review tab, then dvc repro review)"}
+            spec = {
+                **spec,
+                "title": "Blind review win rates: no judgments yet (make ui, Blind review tab, then dvc repro review)",
+            }
             notes.append(f"{plot_id}: no judgments yet, drawn empty")
         elif not rows:
             notes.append(f"{plot_id}: no data")
@@ -180,8 +194,10 @@ def main(params: Params, out: Path, scale: float) -> list[Path]:
     import_vl_convert()
     shown = json.loads(dvc("plots", "show", "--json"))
     # A plot DVC could not read (a malformed file) is reported, not fatal: the others still draw.
-    notes = [f"{e.get('source') or e.get('name') or e.get('rev')}: {e.get('msg') or e.get('type')}"
-             for e in shown.get("errors", [])]
+    notes = [
+        f"{e.get('source') or e.get('name') or e.get('rev')}: {e.get('msg') or e.get('type')}"
+        for e in shown.get("errors", [])
+    ]
     with atomic_path(out, is_dir=True) as tmp:
         written, skipped = render_pngs(shown.get("data", {}), src, tmp, scale)
         if not written:
@@ -199,10 +215,20 @@ def main(params: Params, out: Path, scale: float) -> list[Path]:
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("plots"), show_default=True,
-              help="Folder for the PNGs and the HTML page; replaced as a whole.")
-@click.option("--scale", type=click.FloatRange(0.5, 8), default=2.0, show_default=True,
-              help="Pixel scale of the PNGs (2 stays sharp on high-DPI screens).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("plots"),
+    show_default=True,
+    help="Folder for the PNGs and the HTML page; replaced as a whole.",
+)
+@click.option(
+    "--scale",
+    type=click.FloatRange(0.5, 8),
+    default=2.0,
+    show_default=True,
+    help="Pixel scale of the PNGs (2 stays sharp on high-DPI screens).",
+)
 def command(out: Path, scale: float) -> None:
     """Render the pipeline's plots offline: PNGs and an HTML page that needs no CDN (after `dvc repro`)."""
     main(load_params(), out, scale)

@@ -55,16 +55,15 @@ import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-
 from pydantic import BaseModel, Field
 
+from mediagent.chat_format import final_answer, last_question
 from mediagent.client import ModelClient, ServerError
 from mediagent.errors import UserError, setup_logging
-from mediagent.chat_format import final_answer, last_question
 from mediagent.fileio import read_jsonl
 from mediagent.judgments import CHOICES, ReviewFileError, append_jsonl, read_judgments, read_records
 from mediagent.net import LOOPBACK_NAMES, is_loopback, local_url
@@ -76,8 +75,10 @@ ASSETS = Path(__file__).with_name("review_app_assets")
 MAX_ARENA_MODELS = 4
 # Only our own script and stylesheet run; inline script/handlers (what an injected
 # <script> or onerror= would need) are refused by the browser even if text became HTML.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 LANGUAGES = ("zh-CN", "en")  # the tables of review_app_assets/messages.json
@@ -104,9 +105,11 @@ class UIError(UserError):
 def check_bind_host(host: str, allow_remote: bool) -> None:
     """Refuse a non-loopback address unless the operator asked for it explicitly."""
     if not is_loopback(host) and not allow_remote:
-        raise UIError(f"refusing to listen on {host}: the review app has no login, so anyone who can reach it "
-                      f"can read answers and record judgments. Use 127.0.0.1 (the default), or pass "
-                      f"--allow-remote (make ui ALLOW_REMOTE=1) on a trusted network")
+        raise UIError(
+            f"refusing to listen on {host}: the review app has no login, so anyone who can reach it "
+            f"can read answers and record judgments. Use 127.0.0.1 (the default), or pass "
+            f"--allow-remote (make ui ALLOW_REMOTE=1) on a trusted network"
+        )
 
 
 def check_allow_hosts(names: tuple[str, ...]) -> None:
@@ -114,8 +117,10 @@ def check_allow_hosts(names: tuple[str, ...]) -> None:
     not ``*``, which would switch the Host check off."""
     bad = [n for n in names if n == "*" or not n or any(c in n for c in ":/ ")]
     if bad:
-        raise UIError(f"--allow-host {', '.join(map(repr, bad))}: give a host name without scheme, port or path "
-                      f"(e.g. dsw-gateway.example.com; ALLOWED_HOSTS= for make ui), never '*'")
+        raise UIError(
+            f"--allow-host {', '.join(map(repr, bad))}: give a host name without scheme, port or path "
+            f"(e.g. dsw-gateway.example.com; ALLOWED_HOSTS= for make ui), never '*'"
+        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,9 @@ def load_questions(processed_dir: str | Path, limit: int) -> list[Question]:
             question, answer = last_question(row["messages"]), final_answer(row["messages"])
             qid = str(row["question_id"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise UIError(f"{path}:{i}: not a chat row of the process stage ({exc}); rerun `dvc repro process`") from exc
+            raise UIError(
+                f"{path}:{i}: not a chat row of the process stage ({exc}); rerun `dvc repro process`"
+            ) from exc
         seen.setdefault(qid, Question(qid, question, answer))
         if len(seen) >= limit:
             break
@@ -188,8 +195,9 @@ class AnswerCache:
         self._answers: dict[tuple[str, str], str] = {}
         for number, obj in read_records(self.path):
             if not all(isinstance(obj.get(k), str) for k in ("model", "question_id", "answer")):
-                raise ReviewFileError(f"{self.path}:{number}: needs string model, question_id and answer; "
-                                      f"fix or delete that line")
+                raise ReviewFileError(
+                    f"{self.path}:{number}: needs string model, question_id and answer; fix or delete that line"
+                )
             self._answers[(obj["model"], obj["question_id"])] = obj["answer"]
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
@@ -202,8 +210,15 @@ class AnswerCache:
         with lock:  # two reviewers asking at once: one generation, both see it
             if key not in self._answers:
                 text = generate(model, question)
-                append_jsonl(self.path, {"model": model, "question_id": question.id, "answer": text,
-                                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                append_jsonl(
+                    self.path,
+                    {
+                        "model": model,
+                        "question_id": question.id,
+                        "answer": text,
+                        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    },
+                )
                 self._answers[key] = text
             return self._answers[key]
 
@@ -223,8 +238,9 @@ class Review:
     def judged(self, reviewer: str, pair: tuple[str, str]) -> set[str]:
         """Question ids this reviewer already judged for this pair (read from the file: the record)."""
         pair = tuple(sorted(pair))
-        return {j.question_id for j in read_judgments(self.cfg.judgments_file)
-                if j.reviewer == reviewer and j.pair == pair}
+        return {
+            j.question_id for j in read_judgments(self.cfg.judgments_file) if j.reviewer == reviewer and j.pair == pair
+        }
 
     def next_item(self, reviewer: str, pair: tuple[str, str]) -> dict:
         done = self.judged(reviewer, pair)
@@ -233,17 +249,33 @@ class Review:
             return {"done": True, "judged": len(done), "total": len(self.questions)}
         q = todo[0]
         model_a, model_b = ab_order(self.cfg.seed, q.id, pair)
-        return {"done": False, "question_id": q.id, "question": q.question, "reference": q.reference,
-                "answer_a": self.answers.get(model_a, q, self.generate),
-                "answer_b": self.answers.get(model_b, q, self.generate),
-                "position": len(done) + 1, "total": len(self.questions)}
+        return {
+            "done": False,
+            "question_id": q.id,
+            "question": q.question,
+            "reference": q.reference,
+            "answer_a": self.answers.get(model_a, q, self.generate),
+            "answer_b": self.answers.get(model_b, q, self.generate),
+            "position": len(done) + 1,
+            "total": len(self.questions),
+        }
 
-    def record(self, reviewer: str, pair: tuple[str, str], question_id: str, choice: str,
-               unsafe_labels: list[str], comment: str) -> dict:
+    def record(
+        self,
+        reviewer: str,
+        pair: tuple[str, str],
+        question_id: str,
+        choice: str,
+        unsafe_labels: list[str],
+        comment: str,
+    ) -> dict:
         """Append one judgment (fsynced) and return it; a second judgment of the same item is refused."""
         if question_id not in self.by_id:
-            raise UIError(f"question {question_id!r} is not among the review questions", code="unknown_question",
-                          question=question_id)
+            raise UIError(
+                f"question {question_id!r} is not among the review questions",
+                code="unknown_question",
+                question=question_id,
+            )
         if choice not in CHOICES or not set(unsafe_labels) <= {"A", "B"}:
             raise UIError("choice must be A, B or tie and unsafe flags A and/or B", code="bad_choice")
         q = self.by_id[question_id]
@@ -251,15 +283,25 @@ class Review:
         with self._write:
             if question_id in self.judged(reviewer, pair):
                 shown = " vs ".join(sorted(pair))
-                raise UIError(f"{reviewer} already judged question {question_id} for {shown}", code="already_judged",
-                              reviewer=reviewer, question=question_id, pair=shown)
+                raise UIError(
+                    f"{reviewer} already judged question {question_id} for {shown}",
+                    code="already_judged",
+                    reviewer=reviewer,
+                    question=question_id,
+                    pair=shown,
+                )
             record = {
-                "reviewer": reviewer, "question_id": question_id, "model_a": model_a, "model_b": model_b,
-                "choice": choice, "winner": {"A": model_a, "B": model_b}.get(choice),
+                "reviewer": reviewer,
+                "question_id": question_id,
+                "model_a": model_a,
+                "model_b": model_b,
+                "choice": choice,
+                "winner": {"A": model_a, "B": model_b}.get(choice),
                 "unsafe": sorted({"A": model_a, "B": model_b}[label] for label in set(unsafe_labels)),
-                "comment": comment.strip(), "seed": self.cfg.seed,
+                "comment": comment.strip(),
+                "seed": self.cfg.seed,
                 "answer_md5": {m: md5_text(self.answers.get(m, q, self.generate)) for m in (model_a, model_b)},
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             append_jsonl(self.cfg.judgments_file, record)
         return record
@@ -279,9 +321,13 @@ class Models:
     def __init__(self, url: str, api_key: str | None, system_prompt: str):
         self.url = url
         self.system = system_prompt
-        self.client = ModelClient(url, api_key, timeout=600,
-                                  start_hint="start one with `make serve` (and pass its PORT to make ui)",
-                                  key_hint="set API_KEY for make ui")
+        self.client = ModelClient(
+            url,
+            api_key,
+            timeout=600,
+            start_hint="start one with `make serve` (and pass its PORT to make ui)",
+            key_hint="set API_KEY for make ui",
+        )
 
     def names(self) -> list[str]:
         return self.client.names()
@@ -381,11 +427,13 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     page = (ASSETS / "index.html").read_text(encoding="utf-8")
 
     @app.get("/")
-    def index(accept_language: str | None = Header(default=None),
-              saved: str | None = Cookie(default=None, alias=LANG_COOKIE)):
+    def index(
+        accept_language: str | None = Header(default=None), saved: str | None = Cookie(default=None, alias=LANG_COOKIE)
+    ):
         lang = page_language(accept_language, saved)  # one of LANGUAGES, never the raw header
-        return HTMLResponse(page.replace('<html lang="en">', f'<html lang="{lang}">', 1),
-                            headers={"Vary": "Accept-Language, Cookie"})
+        return HTMLResponse(
+            page.replace('<html lang="en">', f'<html lang="{lang}">', 1), headers={"Vary": "Accept-Language, Cookie"}
+        )
 
     @app.get("/favicon.ico")
     def favicon():
@@ -399,8 +447,12 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
             names = models.names()
         except Exception as exc:  # the page shows why instead of an empty list
             return upstream(exc)
-        return {"models": names, "max_arena_models": MAX_ARENA_MODELS, "review_questions": len(review.questions),
-                "arena_defaults": {"max_tokens": cfg.max_tokens, "temperature": 0.7}}
+        return {
+            "models": names,
+            "max_arena_models": MAX_ARENA_MODELS,
+            "review_questions": len(review.questions),
+            "arena_defaults": {"max_tokens": cfg.max_tokens, "temperature": 0.7},
+        }
 
     @app.post("/api/arena")
     def arena(ask: ArenaAsk):
@@ -409,9 +461,15 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
         except Exception as exc:
             return upstream(exc)
         if ask.model not in served:
-            return JSONResponse(error_body(f"model {ask.model!r} is not served (served: {', '.join(served)})",
-                                           code="model_not_served", model=ask.model, served=", ".join(served)),
-                                status_code=404)
+            return JSONResponse(
+                error_body(
+                    f"model {ask.model!r} is not served (served: {', '.join(served)})",
+                    code="model_not_served",
+                    model=ask.model,
+                    served=", ".join(served),
+                ),
+                status_code=404,
+            )
 
         def lines() -> Iterator[str]:
             # One JSON object per line: {"text": piece} ... or an error body (the page tells them apart).
@@ -436,8 +494,9 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     def review_judge(judge: Judge):
         pair = judge.pair()
         try:
-            record = review.record(judge.reviewer.strip(), pair, judge.question_id, judge.choice, judge.unsafe,
-                                   judge.comment)
+            record = review.record(
+                judge.reviewer.strip(), pair, judge.question_id, judge.choice, judge.unsafe, judge.comment
+            )
             return {"recorded": record["question_id"], "next": review.next_item(judge.reviewer.strip(), pair)}
         except (UIError, ReviewFileError):
             raise
@@ -447,9 +506,16 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     return app
 
 
-def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: str | None = None,
-         port: int | None = None, api_key: str | None = None, allow_remote: bool = False,
-         allow_hosts: tuple[str, ...] = ()) -> None:
+def main(
+    params: Params,
+    host: str = "127.0.0.1",
+    ui_port: int = 7860,
+    server: str | None = None,
+    port: int | None = None,
+    api_key: str | None = None,
+    allow_remote: bool = False,
+    allow_hosts: tuple[str, ...] = (),
+) -> None:
     """Check the bind address, build the app, serve until Ctrl-C. ``allow_hosts``: Host
     names accepted besides loopback (a reverse proxy's own)."""
     import uvicorn
@@ -472,8 +538,13 @@ def main(params: Params, host: str = "127.0.0.1", ui_port: int = 7860, server: s
 @click.option("--server-url", help="Model server URL, e.g. http://10.0.0.5:8000/v1 (overrides --port).")
 @click.option("--api-key", envvar="API_KEY", help="Bearer token of the model server (env API_KEY).")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (no login: trusted networks only).")
-@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
-              help="Also accept this Host header, e.g. a reverse proxy's own (PAI-DSW's gateway); repeatable.")
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="HOST",
+    help="Also accept this Host header, e.g. a reverse proxy's own (PAI-DSW's gateway); repeatable.",
+)
 def command(host, ui_port, port, server_url, api_key, allow_remote, allow_hosts) -> None:
     """Arena and blind review of the served models in the browser (make ui)."""
     setup_logging()

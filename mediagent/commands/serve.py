@@ -54,13 +54,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import click
 
-from mediagent.errors import UserError, setup_logging
 from mediagent.artifacts import Adapter, Merged, check_adapter, check_merged, vllm_rank
+from mediagent.errors import UserError, setup_logging
 from mediagent.experiments import materialise, resolve
 from mediagent.loading import check_model_dir, dtype_name, gpu_available, gpu_count, resolve_dtype
-from mediagent.params import VLLM_LORA_RANKS, Params, load_params
 from mediagent.memory import log_plan
 from mediagent.net import is_loopback, local_url
+from mediagent.params import VLLM_LORA_RANKS, Params, load_params
 from mediagent.vllm_engine import base_env, cpu_env, lora_target_modules
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ def lora_modules(adapters: Sequence[Adapter], alias: str) -> list[str]:
     names = [a.name for a in adapters] + [alias]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ServeError(f"two served models would be called {', '.join(dupes)}: pass each adapter once, "
-                         f"and keep serve.alias different from every lineage name")
+        raise ServeError(
+            f"two served models would be called {', '.join(dupes)}: pass each adapter once, "
+            f"and keep serve.alias different from every lineage name"
+        )
     return [f"{a.name}={a.path}" for a in adapters] + [f"{alias}={adapters[0].path}"]
 
 
@@ -117,14 +119,23 @@ def build_command(
         template = model_dir / "chat_template.jinja"
     dtype = dtype_name(resolve_dtype(params.model, gpu))
     cmd = [
-        python, "-m", VLLM_SERVER,
-        "--model", str(model_dir),
-        "--served-model-name", *names,
-        "--host", host,
-        "--port", str(port),
-        "--max-model-len", str(serve.max_model_len),
-        "--dtype", dtype,
-        "--chat-template", str(template),
+        python,
+        "-m",
+        VLLM_SERVER,
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        *names,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(serve.max_model_len),
+        "--dtype",
+        dtype,
+        "--chat-template",
+        str(template),
     ]
     if params.model.trust_remote_code:
         cmd.append("--trust-remote-code")
@@ -140,10 +151,12 @@ def build_command(
         modules = lora_modules(adapters, serve.alias)
         cmd += [
             "--enable-lora",
-            "--max-lora-rank", str(rank),
+            "--max-lora-rank",
+            str(rank),
             # One slot per module name (the alias is a module of its own to vLLM), so
             # requests to any of them share a batch instead of swapping adapters.
-            "--max-loras", str(len(modules) + (serve.runtime_max_loras if runtime_lora else 0)),
+            "--max-loras",
+            str(len(modules) + (serve.runtime_max_loras if runtime_lora else 0)),
         ]
         targets = slot_targets(params, adapters, runtime_lora)
         if targets:
@@ -164,9 +177,11 @@ def check_parallel(tensor_parallel: int, data_parallel: int, gpus: int) -> None:
         raise ServeError(f"TP={tensor_parallel} DP={data_parallel}: both must be >= 1")
     need = tensor_parallel * data_parallel
     if need > 1 and need > gpus:
-        raise ServeError(f"TP={tensor_parallel} x DP={data_parallel} needs {need} GPUs, this machine has {gpus}: "
-                         f"lower TP/DP (make serve TP=... DP=...) or run where {need} GPUs are visible "
-                         f"(CUDA_VISIBLE_DEVICES)")
+        raise ServeError(
+            f"TP={tensor_parallel} x DP={data_parallel} needs {need} GPUs, this machine has {gpus}: "
+            f"lower TP/DP (make serve TP=... DP=...) or run where {need} GPUs are visible "
+            f"(CUDA_VISIBLE_DEVICES)"
+        )
 
 
 def check_open_host(host: str, api_key: str | None, allow_no_auth: bool) -> None:
@@ -174,12 +189,15 @@ def check_open_host(host: str, api_key: str | None, allow_no_auth: bool) -> None
     if is_loopback(host) or api_key:
         return
     if not allow_no_auth:
-        raise ServeError(f"refusing to serve on {host} without an API key: anyone who reaches the port could use "
-                         f"the model; set one (make serve HOST={host} API_KEY=<secret>, clients send "
-                         f"'Authorization: Bearer <secret>'), bind 127.0.0.1, or on a trusted network opt out "
-                         f"with ALLOW_NO_AUTH=1")
-    log.warning("serving on %s WITHOUT an API key (ALLOW_NO_AUTH): anyone who reaches this port can use the model",
-                host)
+        raise ServeError(
+            f"refusing to serve on {host} without an API key: anyone who reaches the port could use "
+            f"the model; set one (make serve HOST={host} API_KEY=<secret>, clients send "
+            f"'Authorization: Bearer <secret>'), bind 127.0.0.1, or on a trusted network opt out "
+            f"with ALLOW_NO_AUTH=1"
+        )
+    log.warning(
+        "serving on %s WITHOUT an API key (ALLOW_NO_AUTH): anyone who reaches this port can use the model", host
+    )
 
 
 def slot_targets(params: Params, adapters: Sequence[Adapter], runtime_lora: bool) -> list[str] | None:
@@ -202,14 +220,18 @@ def check_runtime_lora(host: str, api_key: str | None) -> None:
         raise ServeError(
             f"--runtime-lora on {host} would let anyone who reaches the port make the server load files "
             f"from any path on this machine: set API_KEY (bearer-token auth covers the load endpoints) "
-            f"or bind a loopback host (--host 127.0.0.1)")
+            f"or bind a loopback host (--host 127.0.0.1)"
+        )
 
 
 def experiment_adapters(params: Params, names: Sequence[str], max_lora_rank: int | None) -> list[Adapter]:
     """The adapters of these DVC experiments, checked like any adapter and named by experiment."""
-    return [dataclasses.replace(check_adapter(materialise(e, params.serve.experiments_dir), params.model,
-                                              max_lora_rank), name=e.name)
-            for e in resolve(names)]
+    return [
+        dataclasses.replace(
+            check_adapter(materialise(e, params.serve.experiments_dir), params.model, max_lora_rank), name=e.name
+        )
+        for e in resolve(names)
+    ]
 
 
 def server_env(
@@ -308,8 +330,9 @@ def stop_group(proc: subprocess.Popen, known: list, grace_s: float = STOP_GRACE_
         proc.wait(timeout=5)
 
 
-def run_server(cmd: list[str], env: dict[str, str], url: str, timeout_s: float,
-               on_ready: Callable[[float], None]) -> int:
+def run_server(
+    cmd: list[str], env: dict[str, str], url: str, timeout_s: float, on_ready: Callable[[float], None]
+) -> int:
     """Run vLLM until it exits or we are told to stop; return its exit code (0 when stopped)."""
     known: list = []
     proc: subprocess.Popen | None = None
@@ -352,9 +375,11 @@ def describe(adapter: Adapter | Merged) -> str:
     lin = adapter.lineage
     base = lin.get("base") or {}
     data = lin.get("data") or {}
-    bits = [f"base {base.get('id')}@{base.get('revision')}",
-            f"train data md5 {str(data.get('train_md5'))[:8]}",
-            f"git {str(lin.get('git_commit'))[:10]}"]
+    bits = [
+        f"base {base.get('id')}@{base.get('revision')}",
+        f"train data md5 {str(data.get('train_md5'))[:8]}",
+        f"git {str(lin.get('git_commit'))[:10]}",
+    ]
     metrics = lin.get("metrics") or {}
     bits += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     return ", ".join(bits)
@@ -412,8 +437,18 @@ def main(
         merged_model = None
     gpu = gpu_available()
     log_plan(params, "serve", log, dtype_name(resolve_dtype(params.model, gpu)))
-    cmd = build_command(params, served, merged_model, host, port, gpu=gpu, max_lora_rank=max_lora_rank,
-                        runtime_lora=runtime_lora, tensor_parallel=tensor_parallel, data_parallel=data_parallel)
+    cmd = build_command(
+        params,
+        served,
+        merged_model,
+        host,
+        port,
+        gpu=gpu,
+        max_lora_rank=max_lora_rank,
+        runtime_lora=runtime_lora,
+        tensor_parallel=tensor_parallel,
+        data_parallel=data_parallel,
+    )
     env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)), runtime_lora)
     if dry_run:
         changed = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items() if os.environ.get(k) != v}
@@ -424,24 +459,42 @@ def main(
 
     url = local_url(host, port)
     if merged_model is not None:
-        log.info("serving merged model %s from %s (%s) as %s, %s",
-                 merged_model.name, merged_model.path, describe(merged_model), merged_model.name, params.serve.alias)
+        log.info(
+            "serving merged model %s from %s (%s) as %s, %s",
+            merged_model.name,
+            merged_model.path,
+            describe(merged_model),
+            merged_model.name,
+            params.serve.alias,
+        )
     else:
         log.info("serving base %s from %s as %r", params.model.base, params.model.path, params.serve.base_name)
         for i, a in enumerate(served):
             alias = f" (alias {params.serve.alias!r})" if i == 0 else ""
             log.info("  LoRA %s%s rank %d from %s: %s", a.name, alias, a.rank, a.path, describe(a))
     if runtime_lora:
-        log.warning("runtime LoRA loading is on (%s): callers of the API can load adapters from any path here",
-                    "bearer key required" if api_key else "loopback only")
-    log.info("starting vLLM on %s (%s, %s); this takes a while ...", url, "GPU" if gpu else "CPU",
-             "bearer key required" if api_key else "no auth")
+        log.warning(
+            "runtime LoRA loading is on (%s): callers of the API can load adapters from any path here",
+            "bearer key required" if api_key else "loopback only",
+        )
+    log.info(
+        "starting vLLM on %s (%s, %s); this takes a while ...",
+        url,
+        "GPU" if gpu else "CPU",
+        "bearer key required" if api_key else "no auth",
+    )
 
     def on_ready(seconds: float) -> None:
-        names = [merged_model.name, params.serve.alias] if merged_model else (
-            [params.serve.base_name, *[a.name for a in served], params.serve.alias])
-        click.echo(f"ready after {seconds:.0f} s: {url}/v1  models: {', '.join(names)}"
-                   f"{'  (Authorization: Bearer <API_KEY>)' if api_key else ''}  Ctrl-C stops", err=True)
+        names = (
+            [merged_model.name, params.serve.alias]
+            if merged_model
+            else ([params.serve.base_name, *[a.name for a in served], params.serve.alias])
+        )
+        click.echo(
+            f"ready after {seconds:.0f} s: {url}/v1  models: {', '.join(names)}"
+            f"{'  (Authorization: Bearer <API_KEY>)' if api_key else ''}  Ctrl-C stops",
+            err=True,
+        )
 
     code = run_server(cmd, env, url, params.serve.startup_timeout_s, on_ready)
     if code != 0:
@@ -465,8 +518,10 @@ def server_call(url: str, route: str, body: dict, api_key: str | None, timeout_s
         return exc.code, exc.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ServeError(f"no server answers at {url} ({reason}): start one with `make serve RUNTIME_LORA=1`, "
-                         f"or pass its --port / PORT=") from exc
+        raise ServeError(
+            f"no server answers at {url} ({reason}): start one with `make serve RUNTIME_LORA=1`, "
+            f"or pass its --port / PORT="
+        ) from exc
 
 
 def _server_error(code: int, text: str, url: str) -> ServeError:
@@ -476,17 +531,26 @@ def _server_error(code: int, text: str, url: str) -> ServeError:
     except json.JSONDecodeError:
         body = {}
     if code in (404, 405) and body.get("detail") in ("Not Found", "Method Not Allowed"):
-        return ServeError(f"the server at {url} has runtime LoRA loading off: restart it with "
-                          f"`make serve RUNTIME_LORA=1` (--runtime-lora)")
+        return ServeError(
+            f"the server at {url} has runtime LoRA loading off: restart it with "
+            f"`make serve RUNTIME_LORA=1` (--runtime-lora)"
+        )
     if code == 401:
         return ServeError(f"the server at {url} refused the API key: set API_KEY to the key it was started with")
     message = (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) else None
     return ServeError(f"the server at {url} answered HTTP {code}: {message or text.strip()[:500]}")
 
 
-def load_adapter(params: Params, exp: str | None = None, adapter: str | None = None, name: str | None = None,
-                 host: str | None = None, port: int | None = None, api_key: str | None = None,
-                 max_lora_rank: int | None = None) -> tuple[str, Adapter]:
+def load_adapter(
+    params: Params,
+    exp: str | None = None,
+    adapter: str | None = None,
+    name: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    api_key: str | None = None,
+    max_lora_rank: int | None = None,
+) -> tuple[str, Adapter]:
     """Check an adapter as the server would at start-up, then have the running server load it.
 
     Args:
@@ -504,11 +568,16 @@ def load_adapter(params: Params, exp: str | None = None, adapter: str | None = N
     a = check_adapter(path, params.model, limit)
     slots = slot_targets(params, [], runtime_lora=True)
     if slots and (a.target_modules is None or not set(a.target_modules) <= set(slots)):
-        extra = "modules named by a pattern" if a.target_modules is None else \
-            ", ".join(sorted(set(a.target_modules) - set(slots)))
-        raise ServeError(f"adapter {a.name} ({a.path}) adapts {extra}, but the server's LoRA slots adapt only "
-                         f"lora.target_modules ({', '.join(slots)}): vLLM would serve those weights as the base; "
-                         f"retrain within lora.target_modules, or add them there and restart the server")
+        extra = (
+            "modules named by a pattern"
+            if a.target_modules is None
+            else ", ".join(sorted(set(a.target_modules) - set(slots)))
+        )
+        raise ServeError(
+            f"adapter {a.name} ({a.path}) adapts {extra}, but the server's LoRA slots adapt only "
+            f"lora.target_modules ({', '.join(slots)}): vLLM would serve those weights as the base; "
+            f"retrain within lora.target_modules, or add them there and restart the server"
+        )
     name = name or exp or a.name
     url = local_url(host or params.serve.host, port or params.serve.port)
     code, text = server_call(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(a.path)}, api_key)
@@ -517,8 +586,9 @@ def load_adapter(params: Params, exp: str | None = None, adapter: str | None = N
     return name, a
 
 
-def unload_adapter(params: Params, name: str, host: str | None = None, port: int | None = None,
-                   api_key: str | None = None) -> None:
+def unload_adapter(
+    params: Params, name: str, host: str | None = None, port: int | None = None, api_key: str | None = None
+) -> None:
     """Have the running server drop the adapter served as ``name``; requests to it then get 404."""
     url = local_url(host or params.serve.host, port or params.serve.port)
     code, text = server_call(url, "/v1/unload_lora_adapter", {"lora_name": name}, api_key)
@@ -527,6 +597,7 @@ def unload_adapter(params: Params, name: str, host: str | None = None, port: int
 
 
 # ---------------------------------------------------------------- command line
+
 
 def _names(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
@@ -538,20 +609,38 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--adapter", "adapters", help="Adapter dir(s), comma-separated (default train.output_dir).")
 @click.option("--exp", "experiments", help="DVC experiment name(s), comma-separated, served under those names.")
 @click.option("--merged", is_flag=True, help="Serve merge.output_dir instead of base + LoRA.")
-@click.option("--runtime-lora", is_flag=True,
-              help="Allow `load`/`unload` while serving (loopback host or API key only).")
+@click.option(
+    "--runtime-lora", is_flag=True, help="Allow `load`/`unload` while serving (loopback host or API key only)."
+)
 @click.option("--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="Require this bearer token (env API_KEY).")
 @click.option("--max-lora-rank", type=int, help="Override the rank read from the adapters.")
 @click.option("--dry-run", is_flag=True, help="Print the vLLM command and exit.")
-@click.option("--allow-no-auth", is_flag=True, envvar="ALLOW_NO_AUTH",
-              help="Serve a non-loopback --host without API_KEY (trusted networks only; env ALLOW_NO_AUTH=1).")
-@click.option("--tensor-parallel", "tp", type=int, default=1, show_default=True,
-              help="GPUs one model is sharded over (vLLM --tensor-parallel-size; make serve TP=).")
-@click.option("--data-parallel", "dp", type=int, default=1, show_default=True,
-              help="Model replicas (vLLM --data-parallel-size; make serve DP=).")
+@click.option(
+    "--allow-no-auth",
+    is_flag=True,
+    envvar="ALLOW_NO_AUTH",
+    help="Serve a non-loopback --host without API_KEY (trusted networks only; env ALLOW_NO_AUTH=1).",
+)
+@click.option(
+    "--tensor-parallel",
+    "tp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="GPUs one model is sharded over (vLLM --tensor-parallel-size; make serve TP=).",
+)
+@click.option(
+    "--data-parallel",
+    "dp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Model replicas (vLLM --data-parallel-size; make serve DP=).",
+)
 @click.pass_context
-def command(ctx, host, port, adapters, experiments, merged, runtime_lora, api_key, max_lora_rank, dry_run,
-            allow_no_auth, tp, dp) -> None:
+def command(
+    ctx, host, port, adapters, experiments, merged, runtime_lora, api_key, max_lora_rank, dry_run, allow_no_auth, tp, dp
+) -> None:
     """Serve the base + latest adapter (or the merged model) with vLLM's OpenAI API.
 
     Without a command it serves; `load` and `unload` change the adapters of a running
@@ -559,21 +648,41 @@ def command(ctx, host, port, adapters, experiments, merged, runtime_lora, api_ke
     """
     setup_logging()
     if ctx.invoked_subcommand is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in ctx.params.items()
-                 if v and k not in ("api_key", "allow_no_auth") and not (k in ("tp", "dp") and v == 1)]
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k, v in ctx.params.items()
+            if v and k not in ("api_key", "allow_no_auth") and not (k in ("tp", "dp") and v == 1)
+        ]
         if given:  # they would be ignored: the server options are not the command's
             raise click.UsageError(f"{', '.join(given)} before `{ctx.invoked_subcommand}` belongs after it")
         return
-    main(load_params(), _names(adapters), merged, host, port, api_key, max_lora_rank, dry_run,
-         _names(experiments), runtime_lora, allow_no_auth, tp, dp)
+    main(
+        load_params(),
+        _names(adapters),
+        merged,
+        host,
+        port,
+        api_key,
+        max_lora_rank,
+        dry_run,
+        _names(experiments),
+        runtime_lora,
+        allow_no_auth,
+        tp,
+        dp,
+    )
 
 
 def _client_options(f):
-    for option in reversed([
-        click.option("--host", help="The server's host (default serve.host)."),
-        click.option("--port", type=int, help="The server's port (default serve.port)."),
-        click.option("--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="The server's bearer token (env API_KEY)."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--host", help="The server's host (default serve.host)."),
+            click.option("--port", type=int, help="The server's port (default serve.port)."),
+            click.option(
+                "--api-key", envvar=["API_KEY", "VLLM_API_KEY"], help="The server's bearer token (env API_KEY)."
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -599,4 +708,3 @@ def unload(name, host, port, api_key) -> None:
         raise click.UsageError("name the adapter to remove: --name N (NAME=)")
     unload_adapter(load_params(), name, host, port, api_key)
     click.echo(f"unloaded {name}")
-

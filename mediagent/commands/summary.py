@@ -19,8 +19,14 @@ import click
 from mediagent.errors import UserError
 from mediagent.params import Params, load_params
 
-COLUMNS = (("loss", "loss"), ("p_at_1", "P@1"), ("mrr", "MRR"), ("map", "MAP"), ("bleu4", "BLEU-4"),
-           ("rouge_l", "ROUGE-L"))
+COLUMNS = (
+    ("loss", "loss"),
+    ("p_at_1", "P@1"),
+    ("mrr", "MRR"),
+    ("map", "MAP"),
+    ("bleu4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+)
 
 
 # The tiny default's base is randomly initialised: a newcomer reading "tuned P@1 < base"
@@ -39,8 +45,9 @@ def table(metrics: dict) -> str:
         values = metrics.get(model, {})
         rows.append([model, *(f"{values[k]:.4f}" if k in values else "-" for k, _ in COLUMNS)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )
 
 
 def main(params: Params) -> str:

@@ -38,8 +38,10 @@ def device_groups(spec: str) -> list[str]:
     groups = [[d.strip() for d in group.split("+")] for group in spec.split(",")]
     devices = [d for group in groups for d in group]
     if not devices or not all(d.isdigit() for d in devices):
-        raise UserError(f"--gpus {spec!r}: give device numbers, ',' between workers and '+' within one "
-                        "worker's group, e.g. 0,1,2,3 or 0+1,2+3")
+        raise UserError(
+            f"--gpus {spec!r}: give device numbers, ',' between workers and '+' within one "
+            "worker's group, e.g. 0,1,2,3 or 0+1,2+3"
+        )
     if len(set(devices)) != len(devices):
         raise UserError(f"--gpus {spec!r}: a device is given to two workers")
     return [",".join(group) for group in groups]
@@ -49,19 +51,32 @@ def run_sweep(groups: list[str]) -> None:
     before = compat.dvc_queue_state()
     if not before.queued:
         raise UserError("no queued experiments: queue them first with `dvc exp run --queue -S <param>=<value>`")
-    log.info("%d queued experiments, %d workers: %s", before.queued, len(groups),
-             ", ".join(f"CUDA_VISIBLE_DEVICES={g}" for g in groups))
+    log.info(
+        "%d queued experiments, %d workers: %s",
+        before.queued,
+        len(groups),
+        ", ".join(f"CUDA_VISIBLE_DEVICES={g}" for g in groups),
+    )
     workers = []
     for num, devices in enumerate(groups, start=1):
         # worker 1 cleans the queue's broker up when it stops, as with `dvc queue start`
-        cmd = [sys.executable, "-m", "dvc", "exp", "queue-worker", compat.dvc_worker_name(before.wdir, num),
-               *(["--clean"] if num == 1 else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dvc",
+            "exp",
+            "queue-worker",
+            compat.dvc_worker_name(before.wdir, num),
+            *(["--clean"] if num == 1 else []),
+        ]
         workers.append(subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": devices}))
     codes = [w.wait() for w in workers]
     failed = compat.dvc_queue_state().failed - before.failed
     if any(codes) or failed:
-        raise UserError(f"sweep: {len(failed)} experiment(s) failed, worker exit codes {codes}; "
-                        "see `dvc queue status` and `dvc queue logs <name>`")
+        raise UserError(
+            f"sweep: {len(failed)} experiment(s) failed, worker exit codes {codes}; "
+            "see `dvc queue status` and `dvc queue logs <name>`"
+        )
     log.info("sweep done: see `dvc exp show`")
 
 

@@ -42,13 +42,32 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Qwen3's special tokens in id order, starting right after the 151,643 BPE ranks; the
 # ids must match the real checkpoints (<|endoftext|> 151643, <|im_start|> 151644, ...).
 QWEN3_SPECIAL_TOKENS = [
-    ENDOFTEXT, IM_START, IM_END,
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-    "<think>", "</think>",
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
 QWEN3_VOCAB_SIZE = 151936  # embedding rows in every Qwen3 checkpoint (padded past the tokens)
 
@@ -116,9 +135,18 @@ def build_tiny(tiny: TinyParams, out_dir: Path) -> None:
 # safetensors weights + index, tokenizer files. Never pickle weights (.bin/.pt), never
 # remote code (*.py).
 HUB_FILES = [
-    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
 ]
 # Written beside the weights: what was fetched (repo, revision, files with size and digest).
 # A second `make base` with the same repo and revision reads it and makes no request.
@@ -175,7 +203,9 @@ def check_shards(path: Path) -> None:
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise BaseModelError(f"{path}: shards named by {index.name} are missing: {', '.join(missing)}; rerun `make base`")
+            raise BaseModelError(
+                f"{path}: shards named by {index.name} are missing: {', '.join(missing)}; rerun `make base`"
+            )
 
 
 def _hub_download(model: ModelParams, out_dir: Path) -> dict[str, str]:
@@ -237,7 +267,11 @@ def _modelscope_download(model: ModelParams, out_dir: Path) -> dict[str, str]:
         )
     try:
         api.download_repo(
-            model.base, "model", revision=model.revision, local_dir=out_dir, allow_patterns=HUB_FILES,
+            model.base,
+            "model",
+            revision=model.revision,
+            local_dir=out_dir,
+            allow_patterns=HUB_FILES,
             file_list=[{"Path": f.path, "Size": f.size, "Sha256": f.sha256} for f in wanted],
         )
     except FileDownloadError as exc:  # the client tried every file first: name each one that failed

@@ -58,26 +58,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mediagent.errors import UserError, run_stage
 from mediagent.artifacts import (
-    adapter_rank, check_adapter_files, check_lineage_base, read_adapter_config, read_lineage, vllm_problems, vllm_rank,
+    adapter_rank,
+    check_adapter_files,
+    check_lineage_base,
+    read_adapter_config,
+    read_lineage,
+    vllm_problems,
+    vllm_rank,
 )
 from mediagent.chat_format import ChatFormat, final_answer, last_question, prompt_messages
+from mediagent.errors import UserError, run_stage
 from mediagent.eval_metrics import (
-    SELECTION_KEYS, clean_generation, generation_items, generation_metrics, metrics_from_ranks, plot_rows, random_baseline, rank_csv,
+    SELECTION_KEYS,
+    clean_generation,
+    generation_items,
+    generation_metrics,
+    metrics_from_ranks,
+    plot_rows,
+    random_baseline,
+    rank_csv,
     selection_ranks,
 )
-from mediagent.intervals import bleu_items, metric_intervals, selection_items
 from mediagent.fileio import atomic_path, dump_jsonl, md5_file, read_jsonl, write_json
+from mediagent.intervals import bleu_items, metric_intervals, selection_items
 from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
-from mediagent.params import Params
 from mediagent.memory import log_plan
+from mediagent.params import Params
 from mediagent.scoring import answer_loss, encode_question, generate_hf, score_questions, score_questions_vllm
 from mediagent.vllm_engine import base_env, close_llm, kv_cache_bytes, lora_request, open_llm, vllm_status
 
 log = logging.getLogger(__name__)
 
-PARITY_PROMPTS = 4   # prompts for the vLLM-vs-peft greedy parity check
+PARITY_PROMPTS = 4  # prompts for the vLLM-vs-peft greedy parity check
 
 
 class EvalError(UserError):
@@ -92,8 +105,8 @@ class Inputs:
     base_dir: Path
     adapter_dir: Path
     merged_dir: Path
-    examples: list[dict]     # test.jsonl rows (capped)
-    questions: list[dict]    # test_candidates.jsonl rows (capped)
+    examples: list[dict]  # test.jsonl rows (capped)
+    questions: list[dict]  # test_candidates.jsonl rows (capped)
     generations: list[dict]  # test.jsonl rows, one per question, for generation (capped)
 
 
@@ -135,7 +148,9 @@ def load_inputs(params: Params) -> Inputs:
     seen: set[int] = set()
     first_per_question = [r for r in test if not (r["question_id"] in seen or seen.add(r["question_id"]))]
     return Inputs(
-        base_dir, adapter_dir, merged_dir,
+        base_dir,
+        adapter_dir,
+        merged_dir,
         examples=_cap(test, params.eval.max_questions),
         questions=_cap(questions, params.eval.max_questions),
         generations=_cap(first_per_question, params.eval.max_generations),
@@ -151,8 +166,15 @@ def load_inputs(params: Params) -> Inputs:
 # ---------------------------------------------------------------- generation
 
 
-def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len: int, max_seqs: int, seed: int,
-              prefix_caching: bool = False):
+def open_vllm(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    rank: int,
+    max_model_len: int,
+    max_seqs: int,
+    seed: int,
+    prefix_caching: bool = False,
+):
     """A float32 vLLM engine on the base, with one LoRA slot when ``adapter_dir`` is given.
 
     ``prefix_caching``: candidates of one question share their prompt's KV blocks (the
@@ -181,8 +203,14 @@ def open_vllm(base_dir: Path, adapter_dir: Path | None, rank: int, max_model_len
     return open_llm(base_dir, "float32", max_model_len, seed, tokenizer=str(base_dir), enforce_eager=True, **options)
 
 
-def generate_vllm(llm, prompts: list[list[int]], max_new_tokens: int, eos: list[int],
-                  adapter_dir: Path | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+def generate_vllm(
+    llm,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos: list[int],
+    adapter_dir: Path | None = None,
+    min_new_tokens: int = 0,
+) -> list[list[int]]:
     """Greedy continuations (with the LoRA when ``adapter_dir`` is given).
 
     Prompts go in as token ids, so vLLM sees exactly what transformers sees.
@@ -190,8 +218,14 @@ def generate_vllm(llm, prompts: list[list[int]], max_new_tokens: int, eos: list[
     from vllm import SamplingParams
 
     # greedy with no penalty, as generate_hf (scoring.GREEDY); vLLM never reads the base's generation config here
-    sampling = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=max_new_tokens,
-                              min_tokens=min_new_tokens, stop_token_ids=eos, skip_special_tokens=False)
+    sampling = SamplingParams(
+        temperature=0.0,
+        repetition_penalty=1.0,
+        max_tokens=max_new_tokens,
+        min_tokens=min_new_tokens,
+        stop_token_ids=eos,
+        skip_special_tokens=False,
+    )
     lora = lora_request("tuned", adapter_dir) if adapter_dir is not None else None
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, lora_request=lora, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -243,7 +277,8 @@ def adapter_checks(adapter_dir: Path, base_dir: Path) -> tuple[dict, dict]:
         reasons["targets_matched"] = f"{len(wrapped)} modules wrapped, {len(saved)} saved with LoRA weights"
     else:
         reasons["targets_matched"] = (error or f"target_modules {unmatched} match no module of the base") + (
-            "" if saved else "; the adapter file holds no LoRA weights")
+            "" if saved else "; the adapter file holds no LoRA weights"
+        )
     return flags, reasons
 
 
@@ -260,8 +295,17 @@ def selection(scores: list[list[float]], labels: list[list[int]], seed: int) -> 
     return metrics_from_ranks(ranked), ranked
 
 
-def evaluate_model(path: Path, params: Params, inputs: Inputs, fmt: ChatFormat, prompts, labels, generate: bool, name: str,
-                   score: bool = True):
+def evaluate_model(
+    path: Path,
+    params: Params,
+    inputs: Inputs,
+    fmt: ChatFormat,
+    prompts,
+    labels,
+    generate: bool,
+    name: str,
+    score: bool = True,
+):
     """Loss, selection (``score``: hf scorer) and (hf backend) generation of one model:
     (metrics, first-positive ranks or None, ids)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -270,11 +314,20 @@ def evaluate_model(path: Path, params: Params, inputs: Inputs, fmt: ChatFormat, 
     metrics = answer_loss(model, fmt, inputs.examples, e.max_seq_length, e.batch_size)
     ranks = None
     if score:
-        sel, ranks = selection(score_questions(model, fmt, inputs.questions, e.max_seq_length, e.batch_size,
-                                               name, e.selection_score), labels, e.seed)
+        sel, ranks = selection(
+            score_questions(model, fmt, inputs.questions, e.max_seq_length, e.batch_size, name, e.selection_score),
+            labels,
+            e.seed,
+        )
         metrics.update({k: sel[k] for k in SELECTION_KEYS})
-        log.info("%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (transformers scorer)",
-                 name, sel["p_at_1"], sel["mrr"], sel["map"], sel["questions"])
+        log.info(
+            "%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (transformers scorer)",
+            name,
+            sel["p_at_1"],
+            sel["mrr"],
+            sel["map"],
+            sel["questions"],
+        )
     generated = generate_hf(model, fmt, prompts, e.max_new_tokens, e.batch_size) if generate else None
     log.info("%s: loss %.4f ppl %.2f", name, metrics["loss"], metrics["perplexity"])
     del model
@@ -290,8 +343,10 @@ def resolve_backend(requested: str, rank_ok: bool) -> tuple[str, str]:
         if not ok:
             raise EvalError(f"eval.backend=vllm but {why}: install vllm, or set eval.backend=auto or hf")
         if not rank_ok:
-            raise EvalError("eval.backend=vllm but the adapter's rank is not servable by vLLM: retrain with a "
-                        "smaller lora.r, or set eval.backend=hf")
+            raise EvalError(
+                "eval.backend=vllm but the adapter's rank is not servable by vLLM: retrain with a "
+                "smaller lora.r, or set eval.backend=hf"
+            )
         return "vllm", "eval.backend=vllm"
     if ok and rank_ok:
         return "vllm", "auto: vllm importable"
@@ -303,16 +358,22 @@ def resolve_scorer(requested: str, backend: str, rule: str = "mean") -> str:
     or faster with prefix caching: bench/evaluate.py), else the transformers scorer. PMI
     scores are computed by the transformers scorer only."""
     if requested == "vllm" and backend != "vllm":
-        raise EvalError("eval.scorer=vllm needs the vLLM engine, but the generation backend is hf: "
-                        "set eval.backend to auto or vllm, or eval.scorer to hf")
+        raise EvalError(
+            "eval.scorer=vllm needs the vLLM engine, but the generation backend is hf: "
+            "set eval.backend to auto or vllm, or eval.scorer to hf"
+        )
     if requested == "vllm" and rule != "mean":
-        raise EvalError(f"eval.selection_score={rule} is computed by the transformers scorer: set eval.scorer to hf or auto")
+        raise EvalError(
+            f"eval.selection_score={rule} is computed by the transformers scorer: set eval.scorer to hf or auto"
+        )
     if requested == "auto":
         return "vllm" if backend == "vllm" and rule == "mean" else "hf"
     return requested
 
 
-def vllm_peft_parity(params: Params, inputs: Inputs, fmt: ChatFormat, prompts: list[list[int]], vllm_tuned: list[list[int]]):
+def vllm_peft_parity(
+    params: Params, inputs: Inputs, fmt: ChatFormat, prompts: list[list[int]], vllm_tuned: list[list[int]]
+):
     """Greedy ids of vLLM + LoRA equal to peft (base + adapter, float32) on a few prompts?"""
     from peft import PeftModel
 
@@ -340,14 +401,20 @@ def vllm_generations(params: Params, inputs: Inputs, fmt: ChatFormat, prompts: l
     eos = fmt.stop_ids
     encoded = [encode_question(fmt, q, e.max_seq_length)[:2] for q in inputs.questions] if score else []
     max_len = max([len(p) + e.max_new_tokens for p in prompts] + [len(p) + len(c) + 1 for p, cs in encoded for c in cs])
-    llm = open_vllm(inputs.base_dir, inputs.adapter_dir, rank, max_len, max(len(prompts), 64), e.seed,
-                    prefix_caching=score)
+    llm = open_vllm(
+        inputs.base_dir, inputs.adapter_dir, rank, max_len, max(len(prompts), 64), e.seed, prefix_caching=score
+    )
     try:
         base = generate_vllm(llm, prompts, e.max_new_tokens, eos)
         tuned = generate_vllm(llm, prompts, e.max_new_tokens, eos, inputs.adapter_dir)
-        scores = {"base": score_questions_vllm(llm, encoded),
-                  "tuned": score_questions_vllm(llm, encoded, lora_request("tuned", inputs.adapter_dir))
-                  } if score else None
+        scores = (
+            {
+                "base": score_questions_vllm(llm, encoded),
+                "tuned": score_questions_vllm(llm, encoded, lora_request("tuned", inputs.adapter_dir)),
+            }
+            if score
+            else None
+        )
     finally:
         close_llm(llm)
     return (base, tuned, *vllm_peft_parity(params, inputs, fmt, prompts, tuned), scores)
@@ -375,15 +442,22 @@ def main(params: Params) -> None:
         flags["vllm_parity"], reasons["vllm_parity"] = None, backend_reason.removeprefix("auto: ")
     else:
         base_gen, tuned_gen, parity, reasons["vllm_parity"], scores = vllm_generations(
-            params, inputs, fmt, prompts, score=scorer == "vllm")
+            params, inputs, fmt, prompts, score=scorer == "vllm"
+        )
         flags["vllm_parity"] = parity
         if scores:  # tuned = base + LoRA in vLLM (the merged model's weights, unmerged)
             ranks = {}
             for name, metrics in (("base", base), ("tuned", tuned)):
                 sel, ranks[name] = selection(scores[name], labels, e.seed)
                 metrics.update({k: sel[k] for k in SELECTION_KEYS})
-                log.info("%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (vLLM scorer)",
-                         name, sel["p_at_1"], sel["mrr"], sel["map"], sel["questions"])
+                log.info(
+                    "%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (vLLM scorer)",
+                    name,
+                    sel["p_at_1"],
+                    sel["mrr"],
+                    sel["map"],
+                    sel["questions"],
+                )
             base_ranks, tuned_ranks = ranks["base"], ranks["tuned"]
 
     loss_tokens = base.pop("tokens")
@@ -396,13 +470,16 @@ def main(params: Params) -> None:
         cleaned = [clean_generation(fmt.tokenizer, ids, fmt.stop_ids) for ids in gen]
         texts[name] = [t for t, _ in cleaned]
         metrics.update(generation_metrics(texts[name], refs, [th for _, th in cleaned], asked))
-        items[name].update(selection_items(ranked), **generation_items(texts[name], refs, asked),
-                           bleu4=bleu_items(texts[name], refs))
+        items[name].update(
+            selection_items(ranked), **generation_items(texts[name], refs, asked), bleu4=bleu_items(texts[name], refs)
+        )
     base_ranks, tuned_ranks = [r for r, _ in base_ranks], [r for r, _ in tuned_ranks]
 
     # not ready on a failed parity; an unchecked one (no vLLM here) does not count against it
-    flags["ready"] = all(flags[k] for k in ("rank_servable", "no_modules_to_save", "targets_matched")) \
+    flags["ready"] = (
+        all(flags[k] for k in ("rank_servable", "no_modules_to_save", "targets_matched"))
         and flags["vllm_parity"] is not False
+    )
     results = {
         "base": base,
         "tuned": tuned,
@@ -410,27 +487,41 @@ def main(params: Params) -> None:
         "random": random_baseline(labels),
         "serve_ready": flags,
     }
-    write_outputs(params, inputs, results, texts, {"base": base_ranks, "tuned": tuned_ranks}, labels, {
-        "backend": backend,
-        "backend_reason": backend_reason,
-        "scorer": scorer,
-        "tuned_model": str(inputs.merged_dir) if hf else
-                       f"{inputs.merged_dir} (loss{'' if scorer == 'vllm' else ', selection'}); {inputs.base_dir} + "
-                       f"LoRA {inputs.adapter_dir} in vLLM (generation{', selection' if scorer == 'vllm' else ''})",
-        "serve_ready_reasons": reasons,
-        "selection_score": e.selection_score,
-        # paired bootstrap over the same held-out items: {metric: {base, tuned, delta: {value, ci95}}}
-        "intervals": metric_intervals(items["base"], items["tuned"], e.bootstrap_resamples, e.seed),
-        "counts": {"loss_examples": len(inputs.examples), "loss_tokens": loss_tokens,
-                   "selection_questions": len(inputs.questions), "candidates": sum(map(len, labels)),
-                   "generations": len(inputs.generations)},
-        "tie_break_seed": e.seed,
-    })
+    write_outputs(
+        params,
+        inputs,
+        results,
+        texts,
+        {"base": base_ranks, "tuned": tuned_ranks},
+        labels,
+        {
+            "backend": backend,
+            "backend_reason": backend_reason,
+            "scorer": scorer,
+            "tuned_model": str(inputs.merged_dir)
+            if hf
+            else f"{inputs.merged_dir} (loss{'' if scorer == 'vllm' else ', selection'}); {inputs.base_dir} + "
+            f"LoRA {inputs.adapter_dir} in vLLM (generation{', selection' if scorer == 'vllm' else ''})",
+            "serve_ready_reasons": reasons,
+            "selection_score": e.selection_score,
+            # paired bootstrap over the same held-out items: {metric: {base, tuned, delta: {value, ci95}}}
+            "intervals": metric_intervals(items["base"], items["tuned"], e.bootstrap_resamples, e.seed),
+            "counts": {
+                "loss_examples": len(inputs.examples),
+                "loss_tokens": loss_tokens,
+                "selection_questions": len(inputs.questions),
+                "candidates": sum(map(len, labels)),
+                "generations": len(inputs.generations),
+            },
+            "tie_break_seed": e.seed,
+        },
+    )
     log.info("tuned - base: %s", {k: round(v, 4) for k, v in results["delta"].items()})
 
 
-def write_outputs(params: Params, inputs: Inputs, results: dict, texts: dict, ranks: dict, labels: list,
-                  report: dict) -> None:
+def write_outputs(
+    params: Params, inputs: Inputs, results: dict, texts: dict, ranks: dict, labels: list, report: dict
+) -> None:
     e = params.eval
     samples = [
         {

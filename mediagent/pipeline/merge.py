@@ -43,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-from mediagent.errors import UserError, run_stage
 from mediagent.artifacts import check_adapter_files, check_lineage_base, read_lineage
 from mediagent.chat_format import ChatFormat, resolve_template
+from mediagent.errors import UserError, run_stage
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.loading import check_model_dir, load_model, load_tokenizer
 from mediagent.params import ModelParams, Params
@@ -55,8 +55,15 @@ log = logging.getLogger(__name__)
 # Files that make up a tokenizer and its chat template (whatever the adapter holds of them
 # is copied, so the merged model renders prompts exactly like training did).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
 )
 # Parity sequences are cut here: enough to cover prompt and answer start, cheap on 8B.
 PARITY_MAX_TOKENS = 512
@@ -144,9 +151,7 @@ def parity_bound(logit_scale: float, dtype: torch.dtype, tolerance: float, relat
 
 def check_parity(stats: dict, bound: float, dtype: torch.dtype) -> None:
     if not stats["max_abs_diff"] <= bound:  # also catches NaN
-        fix = (
-            "merge.relative_tolerance" if dtype != torch.float32 else "merge.tolerance"
-        )
+        fix = "merge.relative_tolerance" if dtype != torch.float32 else "merge.tolerance"
         raise ParityError(
             f"merge parity failed: max |logit diff| {stats['max_abs_diff']:.3g} > bound {bound:.3g} "
             f"(mean {stats['mean_abs_diff']:.3g} over {stats['prompts']} sequences, both computed in "
@@ -209,8 +214,9 @@ def merge_to_dir(
     return dtype, stats
 
 
-def quantized_logits(base_dir: Path, adapter_dir: Path, sequences, model: ModelParams, dtype: torch.dtype,
-                     quantization: str) -> list[torch.Tensor]:
+def quantized_logits(
+    base_dir: Path, adapter_dir: Path, sequences, model: ModelParams, dtype: torch.dtype, quantization: str
+) -> list[torch.Tensor]:
     """Logits of the adapter on the quantized base it was trained on (QLoRA), to compare with
     the merged model: what the adapter did in training vs what merge, evaluate and serve use."""
     from peft import PeftModel
@@ -231,7 +237,8 @@ def check_quantized_parity(stats: dict, relative: float) -> float:
         raise ParityError(
             f"merged model vs the adapter on its 4-bit training base: max |logit diff| {q['max_abs_diff']:.3g} > "
             f"bound {bound:.3g} (merge.quantized_relative_tolerance {relative} x max |logit|): the 4-bit rounding "
-            f"changes this model more than allowed; train without quantization or raise the tolerance")
+            f"changes this model more than allowed; train without quantization or raise the tolerance"
+        )
     return bound
 
 
@@ -290,32 +297,54 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
     quantization = (lineage.get("plan") or {}).get("quantization", "none")
     reference_4bit = None
     if quantization != "none":
-        reference_4bit = quantized_logits(base_dir, adapter_dir, sequences, params.model, base_dtype(base_dir),
-                                          quantization)
+        reference_4bit = quantized_logits(
+            base_dir, adapter_dir, sequences, params.model, base_dtype(base_dir), quantization
+        )
     with atomic_path(out_dir, is_dir=True) as tmp:
         dtype, stats = merge_to_dir(
-            base_dir, adapter_dir, tmp, sequences, params.model, params.merge.max_shard_size, after_reload,
+            base_dir,
+            adapter_dir,
+            tmp,
+            sequences,
+            params.model,
+            params.merge.max_shard_size,
+            after_reload,
             reference_4bit,
         )
-        bound = parity_bound(stats["reference_max_abs_logit"], dtype, params.merge.tolerance,
-                             params.merge.relative_tolerance)
+        bound = parity_bound(
+            stats["reference_max_abs_logit"], dtype, params.merge.tolerance, params.merge.relative_tolerance
+        )
         log.info(
             "parity (%s): max |diff| %.3g, mean %.3g over %d sequences (%d tokens), bound %.3g",
-            str(dtype).removeprefix("torch."), stats["max_abs_diff"], stats["mean_abs_diff"], stats["prompts"],
-            stats["tokens"], bound,
+            str(dtype).removeprefix("torch."),
+            stats["max_abs_diff"],
+            stats["mean_abs_diff"],
+            stats["prompts"],
+            stats["tokens"],
+            bound,
         )
         check_parity(stats, bound, dtype)
         if reference_4bit is not None:
             stats["quantized"]["bound"] = check_quantized_parity(stats, params.merge.quantized_relative_tolerance)
             stats["quantized"]["quantization"] = quantization
-            log.info("merged vs adapter on the %s base: max |diff| %.3g, mean %.3g, bound %.3g", quantization,
-                     stats["quantized"]["max_abs_diff"], stats["quantized"]["mean_abs_diff"],
-                     stats["quantized"]["bound"])
+            log.info(
+                "merged vs adapter on the %s base: max |diff| %.3g, mean %.3g, bound %.3g",
+                quantization,
+                stats["quantized"]["max_abs_diff"],
+                stats["quantized"]["mean_abs_diff"],
+                stats["quantized"]["bound"],
+            )
         write_json(tmp / "lineage.json", merge_lineage(lineage, adapter_dir, dtype, params))
         shards = len(list(tmp.glob("*.safetensors")))
-    write_json(params.merge.metrics_file, {
-        **stats, "tolerance": bound, "dtype": str(dtype).removeprefix("torch."), "shards": shards,
-    })
+    write_json(
+        params.merge.metrics_file,
+        {
+            **stats,
+            "tolerance": bound,
+            "dtype": str(dtype).removeprefix("torch."),
+            "shards": shards,
+        },
+    )
     log.info("merged %s + %s -> %s (%s)", base_dir, adapter_dir, out_dir, dtype)
 
 

@@ -54,9 +54,20 @@ SPLITS = ("train", "val", "test")
 # answer_question_missing: its question is not in the file or was dropped; duplicate_pairs: the
 # same question and answer texts under other ids; answer_not_first: answers_per_question=first.
 DROP_REASONS = (
-    "question_duplicate_rows", "answer_duplicate_rows", "question_empty", "question_too_short", "question_too_long",
-    "answer_empty", "answer_too_short", "answer_too_long", "answer_question_missing", "duplicate_pairs",
-    "answer_not_first", "candidates_answer_missing", "candidate_lists_question_missing", "candidate_lists_no_positive",
+    "question_duplicate_rows",
+    "answer_duplicate_rows",
+    "question_empty",
+    "question_too_short",
+    "question_too_long",
+    "answer_empty",
+    "answer_too_short",
+    "answer_too_long",
+    "answer_question_missing",
+    "duplicate_pairs",
+    "answer_not_first",
+    "candidates_answer_missing",
+    "candidate_lists_question_missing",
+    "candidate_lists_no_positive",
 )
 
 
@@ -90,9 +101,14 @@ def length_filter(df: pd.DataFrame, lo: int, hi: int, what: str, stats: dict) ->
 
 def make_pairs(questions: pd.DataFrame, answers: pd.DataFrame, stats: dict) -> pd.DataFrame:
     """Answers joined to their questions in answer.csv's order, less repeats of a (question, answer) text pair."""
-    question_info = pd.DataFrame({"question_id": questions["question_id"], "question_chars": questions["chars"],
-                                  "question_text": pd.factorize(questions["content"])[0],  # equal texts, equal codes
-                                  "qkey": question_key(questions["content"])})
+    question_info = pd.DataFrame(
+        {
+            "question_id": questions["question_id"],
+            "question_chars": questions["chars"],
+            "question_text": pd.factorize(questions["content"])[0],  # equal texts, equal codes
+            "qkey": question_key(questions["content"]),
+        }
+    )
     pairs = answers.rename(columns={"content": "answer"}).merge(question_info, on="question_id", validate="many_to_one")
     stats["dropped"]["answer_question_missing"] += int(len(answers) - len(pairs))
     # Equal pairs have equal answer lengths: answer texts are compared only where (question
@@ -110,8 +126,13 @@ def split_ids(qids: np.ndarray, seed: int, val_ratio: float, test_ratio: float) 
     A question's split depends only on its id and the seed: its answers land together, and
     other questions never move it. md5 is the same on every machine (str hash() is salted).
     """
-    u = np.array([int.from_bytes(hashlib.md5(f"{seed}:{q}".encode()).digest()[:6], "big") for q in qids.tolist()],
-                 dtype=np.float64) / 2**48  # 48 bits: exact in a float64, uniform in [0, 1)
+    u = (
+        np.array(
+            [int.from_bytes(hashlib.md5(f"{seed}:{q}".encode()).digest()[:6], "big") for q in qids.tolist()],
+            dtype=np.float64,
+        )
+        / 2**48
+    )  # 48 bits: exact in a float64, uniform in [0, 1)
     return np.select([u < test_ratio, u < test_ratio + val_ratio], [2, 1], 0).astype(np.int8)
 
 
@@ -119,8 +140,9 @@ def split_ids(qids: np.ndarray, seed: int, val_ratio: float, test_ratio: float) 
 CANDIDATE_FIELDS = ["question_id", "ans_id", "content", "label"]
 
 
-def official_candidates(cands: pd.DataFrame, questions: pd.DataFrame, answers: pd.DataFrame, test_qids: np.ndarray,
-                        stats: dict) -> pd.DataFrame:
+def official_candidates(
+    cands: pd.DataFrame, questions: pd.DataFrame, answers: pd.DataFrame, test_qids: np.ndarray, stats: dict
+) -> pd.DataFrame:
     """Official lists of the questions in ``test_qids``, with the cleaned answer texts.
 
     Candidates whose answer was dropped in cleaning are removed; a list left without its
@@ -140,8 +162,9 @@ def official_candidates(cands: pd.DataFrame, questions: pd.DataFrame, answers: p
     return c[has_a & by_list.map(list_has_q & (positives > 0))][CANDIDATE_FIELDS]
 
 
-def sampled_candidates(pairs: pd.DataFrame, test_rows: np.ndarray, pool_rows: np.ndarray, num_negatives: int,
-                       seed: int, stats: dict) -> pd.DataFrame:
+def sampled_candidates(
+    pairs: pd.DataFrame, test_rows: np.ndarray, pool_rows: np.ndarray, num_negatives: int, seed: int, stats: dict
+) -> pd.DataFrame:
     """Each test question's true answers plus ``num_negatives`` answers of other held-out questions.
 
     ``test_rows`` and ``pool_rows`` are positions in ``pairs``. Negatives come from the
@@ -166,9 +189,17 @@ def sampled_candidates(pairs: pd.DataFrame, test_rows: np.ndarray, pool_rows: np
     return cands.assign(question_id=list_of[order], label=labels[order])[CANDIDATE_FIELDS]
 
 
-def build_candidates(cfg: ProcessParams, pairs: pd.DataFrame, pair_split: np.ndarray, test_cands: pd.DataFrame | None,
-                     questions: pd.DataFrame, answers: pd.DataFrame, input_qids: np.ndarray, stats: dict,
-                     single: np.ndarray | None = None) -> pd.DataFrame:
+def build_candidates(
+    cfg: ProcessParams,
+    pairs: pd.DataFrame,
+    pair_split: np.ndarray,
+    test_cands: pd.DataFrame | None,
+    questions: pd.DataFrame,
+    answers: pd.DataFrame,
+    input_qids: np.ndarray,
+    stats: dict,
+    single: np.ndarray | None = None,
+) -> pd.DataFrame:
     """The test questions' lists: official ones when ``test_cands`` is given, else sampled
     (from the ``single``-turn pairs only where given: a list shows one question, no history).
 
@@ -197,10 +228,14 @@ def build_candidates(cfg: ProcessParams, pairs: pd.DataFrame, pair_split: np.nda
 
 def chatml_line(question_id: int, ans_id: int, question: str, answer: str, system_prompt: str) -> bytes:
     """One example as a JSON line in the data contract's ChatML layout."""
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question},
-                {"role": "assistant", "content": answer}]
-    return orjson.dumps({"messages": messages, "question_id": question_id, "ans_id": ans_id},
-                        option=orjson.OPT_APPEND_NEWLINE)
+    messages = [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    return orjson.dumps(
+        {"messages": messages, "question_id": question_id, "ans_id": ans_id}, option=orjson.OPT_APPEND_NEWLINE
+    )
 
 
 def candidate_lines(cands: pd.DataFrame, question_text: dict[int, str], system_prompt: str | dict[int, str]):
@@ -210,32 +245,47 @@ def candidate_lines(cands: pd.DataFrame, question_text: dict[int, str], system_p
     """
     rows = zip(*(cands[c].tolist() for c in CANDIDATE_FIELDS))
     for qid, group in itertools.groupby(rows, key=lambda row: row[0]):
-        yield orjson.dumps({
-            "question_id": qid, "system": system_prompt if isinstance(system_prompt, str) else system_prompt[qid],
-            "question": question_text[qid],
-            "candidates": [{"ans_id": a, "content": text, "label": label} for _, a, text, label in group],
-        }, option=orjson.OPT_APPEND_NEWLINE)
+        yield orjson.dumps(
+            {
+                "question_id": qid,
+                "system": system_prompt if isinstance(system_prompt, str) else system_prompt[qid],
+                "question": question_text[qid],
+                "candidates": [{"ans_id": a, "content": text, "label": label} for _, a, text, label in group],
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
 
 
-def dialogue_line(question_id: int, ans_id: int, system: str, history: list[dict] | None, question: str,
-                  answer: str) -> bytes:
+def dialogue_line(
+    question_id: int, ans_id: int, system: str, history: list[dict] | None, question: str, answer: str
+) -> bytes:
     """One example of data.sources as a JSON line: system (if any), earlier turns, the final exchange."""
-    messages = [*([{"role": "system", "content": system}] if system else []), *(history or ()),
-                {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return orjson.dumps({"messages": messages, "question_id": question_id, "ans_id": ans_id},
-                        option=orjson.OPT_APPEND_NEWLINE)
+    messages = [
+        *([{"role": "system", "content": system}] if system else []),
+        *(history or ()),
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    return orjson.dumps(
+        {"messages": messages, "question_id": question_id, "ans_id": ans_id}, option=orjson.OPT_APPEND_NEWLINE
+    )
 
 
-def write_examples(paths: list[Path], examples: pd.DataFrame, split: np.ndarray, question_text: dict[int, str],
-                   system_prompt: str) -> None:
+def write_examples(
+    paths: list[Path], examples: pd.DataFrame, split: np.ndarray, question_text: dict[int, str], system_prompt: str
+) -> None:
     """Write example i's line to paths[split[i]], keeping the examples' order within each file.
 
     Pairs from data.sources carry their own system, history and question; cMedQA2 alone the ids.
     """
-    rows = zip(split.tolist(), examples["question_id"].tolist(), examples["ans_id"].tolist(), examples["answer"].tolist())
+    rows = zip(
+        split.tolist(), examples["question_id"].tolist(), examples["ans_id"].tolist(), examples["answer"].tolist()
+    )
     if "history" in examples:
-        rows = zip(split.tolist(), *(examples[c].tolist() for c in
-                                     ("question_id", "ans_id", "system", "history", "question", "answer")))
+        rows = zip(
+            split.tolist(),
+            *(examples[c].tolist() for c in ("question_id", "ans_id", "system", "history", "question", "answer")),
+        )
     with contextlib.ExitStack() as stack:
         # 1 MB buffers: one write call per MB, not per 8 KB (0.17 s less for 226k lines).
         files = [stack.enter_context(open(p, "wb", buffering=1 << 20)) for p in paths]
@@ -247,9 +297,19 @@ def write_examples(paths: list[Path], examples: pd.DataFrame, split: np.ndarray,
             files[k].write(chatml_line(qid, aid, question_text[qid], answer, system_prompt))
 
 
-def write_outputs(out_dir: Path, cfg: ProcessParams, pairs: pd.DataFrame, pair_split: np.ndarray, examples: pd.DataFrame,
-                  ex_split: np.ndarray, tables: dict, questions, answers, input_qids: np.ndarray,
-                  stats: dict) -> tuple[pd.DataFrame, int]:
+def write_outputs(
+    out_dir: Path,
+    cfg: ProcessParams,
+    pairs: pd.DataFrame,
+    pair_split: np.ndarray,
+    examples: pd.DataFrame,
+    ex_split: np.ndarray,
+    tables: dict,
+    questions,
+    answers,
+    input_qids: np.ndarray,
+    stats: dict,
+) -> tuple[pd.DataFrame, int]:
     """The three splits and the test candidate lists, renamed into ``out_dir`` together; the lists and their count."""
     test_cands = tables["test_candidates"][1].to_pandas() if "test_candidates" in tables else None
     single, system = None, cfg.system_prompt
@@ -281,8 +341,13 @@ def gather_sources(data: DataParams, cfg: ProcessParams, stats: dict) -> tuple[p
     for i, src in enumerate(data.sources):
         where, name, s = f"data.sources[{i}]", src.name or src.path, new_stats()
         if raw != Path(src.path).resolve() and raw not in Path(src.path).resolve().parents:
-            log.warning("%s: %s lies outside data.raw_dir (%s), the folder dvc.yaml tracks: `dvc repro` will not "
-                        "notice when it changes", where, src.path, data.raw_dir)
+            log.warning(
+                "%s: %s lies outside data.raw_dir (%s), the folder dvc.yaml tracks: `dvc repro` will not "
+                "notice when it changes",
+                where,
+                src.path,
+                data.raw_dir,
+            )
         system = src.system_prompt or cfg.system_prompt
         if src.format == "cmedqa2":
             pairs, *cm = cmedqa2_pairs(Path(src.path), cfg, src.limit or cfg.limit, s)
@@ -295,8 +360,13 @@ def gather_sources(data: DataParams, cfg: ProcessParams, stats: dict) -> tuple[p
             pairs = dialogue_pairs(dialogues, cfg, system, s)
         s["format"], s["examples"] = src.format, len(pairs)
         if not len(pairs):
-            log.warning("%s (%s): all %s records dropped (drops: %s); check its columns and process.*_chars", where,
-                        name, s["rows_read"], {k: v for k, v in s["dropped"].items() if v})
+            log.warning(
+                "%s (%s): all %s records dropped (drops: %s); check its columns and process.*_chars",
+                where,
+                name,
+                s["rows_read"],
+                {k: v for k, v in s["dropped"].items() if v},
+            )
         frames.append(pairs.assign(source=name))
         stats["sources"][name] = s
         stats["rows_read"][name], stats["encoding"][name] = s["rows_read"], s["encoding"]
@@ -311,13 +381,21 @@ def gather_sources(data: DataParams, cfg: ProcessParams, stats: dict) -> tuple[p
 
 def _percentiles(prefix: str, lengths: np.ndarray) -> dict[str, float]:
     p50, p95 = np.percentile(lengths, [50, 95])  # never empty: main stops when no pair is left
-    return {f"{prefix}_p50": round(float(p50), 1), f"{prefix}_p95": round(float(p95), 1), f"{prefix}_max": int(lengths.max())}
+    return {
+        f"{prefix}_p50": round(float(p50), 1),
+        f"{prefix}_p95": round(float(p95), 1),
+        f"{prefix}_max": int(lengths.max()),
+    }
 
 
 def new_stats() -> dict:
     """The metrics of one source (or of the whole run), filled as the stage goes."""
-    return {"rows_read": {}, "encoding": {}, "dropped": dict.fromkeys(DROP_REASONS, 0),
-            "pii_masked": dict.fromkeys(PII_PATTERNS, 0)}
+    return {
+        "rows_read": {},
+        "encoding": {},
+        "dropped": dict.fromkeys(DROP_REASONS, 0),
+        "pii_masked": dict.fromkeys(PII_PATTERNS, 0),
+    }
 
 
 def cmedqa2_pairs(raw_dir: Path, cfg: ProcessParams, limit: int, stats: dict) -> tuple:
@@ -407,18 +485,28 @@ def main(params: Params) -> None:
     for name in ("val", "test"):
         if not split_counts[name]:
             log.warning("the %s split is empty (%d questions in all)", name, len(qids))
-    cands, n_lists = write_outputs(out_dir, cfg, pairs, pair_split, examples, ex_split, tables, questions, answers,
-                                   input_qids, stats)
+    cands, n_lists = write_outputs(
+        out_dir, cfg, pairs, pair_split, examples, ex_split, tables, questions, answers, input_qids, stats
+    )
     stats.update(
-        examples=split_counts, questions={name: int((split_of_q == i).sum()) for i, name in enumerate(SPLITS)},
-        candidate_questions=n_lists, candidates=len(cands),
-        length={**_percentiles("question", pairs["question_chars"].to_numpy()[first]),
-                **_percentiles("answer", examples["chars"].to_numpy())},
+        examples=split_counts,
+        questions={name: int((split_of_q == i).sum()) for i, name in enumerate(SPLITS)},
+        candidate_questions=n_lists,
+        candidates=len(cands),
+        length={
+            **_percentiles("question", pairs["question_chars"].to_numpy()[first]),
+            **_percentiles("answer", examples["chars"].to_numpy()),
+        },
     )
     write_json(cfg.metrics_file, stats)
     log.info(
         "wrote %s: train %d / val %d / test %d examples, %d candidate lists (%.2fs)",
-        out_dir, split_counts["train"], split_counts["val"], split_counts["test"], n_lists, time.perf_counter() - t_start,
+        out_dir,
+        split_counts["train"],
+        split_counts["val"],
+        split_counts["test"],
+        n_lists,
+        time.perf_counter() - t_start,
     )
 
 

@@ -108,19 +108,34 @@ def summarise(judgments: Sequence[Judgment]) -> tuple[dict, list[dict]]:
         low, high = wilson_interval(wins, decisive)
         rate = wins / decisive if decisive else 0.5
         pairs[pair_name(pair)] = {
-            "judgments": wins + losses + ties, "wins": wins, "losses": losses, "ties": ties,
-            "win_rate": round(rate, 4), "win_rate_low": round(low, 4), "win_rate_high": round(high, 4),
+            "judgments": wins + losses + ties,
+            "wins": wins,
+            "losses": losses,
+            "ties": ties,
+            "win_rate": round(rate, 4),
+            "win_rate_low": round(low, 4),
+            "win_rate_high": round(high, 4),
         }
-        plot.append({"pair": pair_name(pair), "model": pair[0], "win_rate": round(rate, 4),
-                     "win_rate_low": round(low, 4), "win_rate_high": round(high, 4), "decisive": decisive})
+        plot.append(
+            {
+                "pair": pair_name(pair),
+                "model": pair[0],
+                "win_rate": round(rate, 4),
+                "win_rate_low": round(low, 4),
+                "win_rate_high": round(high, 4),
+                "decisive": decisive,
+            }
+        )
 
     answers, flagged = Counter(), Counter()
     for j in items:
         for model in j.pair:
             answers[model] += 1
             flagged[model] += model in j.unsafe
-    unsafe = {m: {"answers": answers[m], "flagged": flagged[m], "rate": round(flagged[m] / answers[m], 4)}
-              for m in sorted(answers)}
+    unsafe = {
+        m: {"answers": answers[m], "flagged": flagged[m], "rate": round(flagged[m] / answers[m], 4)}
+        for m in sorted(answers)
+    }
 
     agreement = {}
     by_reviewer: dict[str, dict] = defaultdict(dict)
@@ -128,13 +143,12 @@ def summarise(judgments: Sequence[Judgment]) -> tuple[dict, list[dict]]:
         by_reviewer[j.reviewer][(j.question_id, j.pair)] = outcome(j)
     reviewers = sorted(by_reviewer)
     for i, r1 in enumerate(reviewers):
-        for r2 in reviewers[i + 1:]:
+        for r2 in reviewers[i + 1 :]:
             shared = sorted(set(by_reviewer[r1]) & set(by_reviewer[r2]))
             if not shared:
                 continue
             kappa, single = cohens_kappa([by_reviewer[r1][k] for k in shared], [by_reviewer[r2][k] for k in shared])
-            agreement[f"{r1} & {r2}"] = {"items": len(shared), "kappa": round(kappa, 4),
-                                         "single_category": int(single)}
+            agreement[f"{r1} & {r2}"] = {"items": len(shared), "kappa": round(kappa, 4), "single_category": int(single)}
 
     metrics = {
         "judgments": len(items),
@@ -154,11 +168,24 @@ def main(params: Params) -> None:
     metrics, plot = summarise(judgments)
     write_json(cfg.metrics_file, metrics)
     write_json(cfg.plots_file, plot)
-    log.info("review: %d judgments by %d reviewers over %d pairs -> %s", metrics["judgments"],
-             metrics["reviewers"], len(metrics["pairs"]), cfg.metrics_file)
+    log.info(
+        "review: %d judgments by %d reviewers over %d pairs -> %s",
+        metrics["judgments"],
+        metrics["reviewers"],
+        len(metrics["pairs"]),
+        cfg.metrics_file,
+    )
     for name, p in metrics["pairs"].items():
-        log.info("  %s: %d-%d-%d (win rate %.3f, 95%% Wilson [%.3f, %.3f])", name, p["wins"], p["losses"],
-                 p["ties"], p["win_rate"], p["win_rate_low"], p["win_rate_high"])
+        log.info(
+            "  %s: %d-%d-%d (win rate %.3f, 95%% Wilson [%.3f, %.3f])",
+            name,
+            p["wins"],
+            p["losses"],
+            p["ties"],
+            p["win_rate"],
+            p["win_rate_low"],
+            p["win_rate_high"],
+        )
 
 
 if __name__ == "__main__":

@@ -33,15 +33,15 @@ from typing import Any
 
 import torch
 
-from mediagent.errors import UserError, run_stage
-from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from mediagent.chat_format import ChatFormat, resolve_template
+from mediagent.errors import UserError, run_stage
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.job_size import STEP_LINE, format_size, format_time, gpu_kind, job_size, wall_time
-from mediagent.params import LoraParams, Params, ParamsError
-from mediagent.training_config import lora_config, training_arguments
+from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from mediagent.loss import use_chunked_loss
 from mediagent.memory import format_choice, log_plan, measured_peak_bytes, plan_training
+from mediagent.params import LoraParams, Params, ParamsError
+from mediagent.training_config import lora_config, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ def target_module_problems(model: torch.nn.Module, lora: LoraParams) -> list[str
         if target.rsplit(".", 1)[-1] in FORBIDDEN_TARGETS:
             out.append(f"lora.target_modules: {target!r} would train embeddings/the LM head, which vLLM cannot serve")
         elif not any(name == target or name.endswith("." + target) for name in linear):
-            out.append(f"lora.target_modules: {target!r} matches no linear layer of the base model (known: {', '.join(known)})")
+            out.append(
+                f"lora.target_modules: {target!r} matches no linear layer of the base model (known: {', '.join(known)})"
+            )
     return out
 
 
@@ -96,7 +98,9 @@ def attach_lora(model: torch.nn.Module, lora: LoraParams):
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config(lora))
-    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n]
+    stray = [
+        n for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n
+    ]
     if stray:  # would make an adapter vLLM refuses (modules_to_save / embeddings / biases)
         raise RuntimeError(f"parameters other than LoRA A/B would be trained: {stray[:5]}")
     return peft_model
@@ -142,11 +146,13 @@ def _md5_json(obj: Any) -> str:
 
 def params_hash(params: Params) -> str:
     """md5 over the params that define the adapter (lora, train, which base)."""
-    return _md5_json({
-        "lora": dataclasses.asdict(params.lora),
-        "train": dataclasses.asdict(params.train),
-        "model": {"base": params.model.base, "revision": params.model.revision},
-    })
+    return _md5_json(
+        {
+            "lora": dataclasses.asdict(params.lora),
+            "train": dataclasses.asdict(params.train),
+            "model": {"base": params.model.base, "revision": params.model.revision},
+        }
+    )
 
 
 def base_identity(path: Path) -> dict[str, Any]:
@@ -160,18 +166,21 @@ def base_identity(path: Path) -> dict[str, Any]:
     return ident
 
 
-def run_fingerprint(params: Params, data_md5: dict[str, str], base: dict[str, Any], world_size: int,
-                    plan: dict[str, Any] | None = None) -> str:
+def run_fingerprint(
+    params: Params, data_md5: dict[str, str], base: dict[str, Any], world_size: int, plan: dict[str, Any] | None = None
+) -> str:
     """Checkpoints are resumable only by a run with this same fingerprint."""
-    return _md5_json({
-        "model": dataclasses.asdict(params.model),
-        "lora": dataclasses.asdict(params.lora),
-        "train": dataclasses.asdict(params.train),
-        "data": data_md5,
-        "base": base,
-        "world_size": world_size,  # batches per step and optimizer shards depend on it
-        "plan": plan,  # micro-batching and a 4-bit base change what a checkpoint holds
-    })
+    return _md5_json(
+        {
+            "model": dataclasses.asdict(params.model),
+            "lora": dataclasses.asdict(params.lora),
+            "train": dataclasses.asdict(params.train),
+            "data": data_md5,
+            "base": base,
+            "world_size": world_size,  # batches per step and optimizer shards depend on it
+            "plan": plan,  # micro-batching and a 4-bit base change what a checkpoint holds
+        }
+    )
 
 
 def git_commit() -> str:
@@ -182,8 +191,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def lineage(params: Params, data_md5: dict[str, str], metrics: dict[str, float],
-            plan: dict[str, Any] | None = None, world_size: int = 1) -> dict[str, Any]:
+def lineage(
+    params: Params,
+    data_md5: dict[str, str],
+    metrics: dict[str, float],
+    plan: dict[str, Any] | None = None,
+    world_size: int = 1,
+) -> dict[str, Any]:
     """The adapter's provenance: no wall-clock time, so identical inputs give identical bytes."""
     from importlib.metadata import packages_distributions, version
 
@@ -256,9 +270,13 @@ def discard_stale_checkpoints(ckpt_dir: Path, fingerprint: str) -> None:
                 log.warning("removing incomplete %s (interrupted while saving)", p.name)
                 shutil.rmtree(p)
         return
-    why = ("no complete checkpoint" if not complete
-           else "no run record" if not record
-           else "they come from other params or data")
+    why = (
+        "no complete checkpoint"
+        if not complete
+        else "no run record"
+        if not record
+        else "they come from other params or data"
+    )
     log.info("discarding old checkpoints in %s: %s", ckpt_dir, why)
     clear_checkpoints(ckpt_dir)
 
@@ -293,12 +311,17 @@ def fsdp_on_cpu(accelerator) -> bool:
     from mediagent import compat
 
     state = accelerator.state
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+        or state.distributed_type != DistributedType.MULTI_CPU
+    ):
         return False
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* settings the launcher exported
     if plugin.fsdp_version != 2:
-        raise UserError("fsdp_version 1 cannot run on CPU processes (torch's FSDP1 needs a GPU): "
-                        "use configs/accelerate/fsdp.yaml as shipped (fsdp_version: 2)")
+        raise UserError(
+            "fsdp_version 1 cannot run on CPU processes (torch's FSDP1 needs a GPU): "
+            "use configs/accelerate/fsdp.yaml as shipped (fsdp_version: 2)"
+        )
     state.fsdp_plugin = plugin
     compat.set_distributed_type(state, DistributedType.FSDP)
     return True
@@ -315,9 +338,11 @@ def check_engine(trainer) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
         raise UserError(f"the accelerate config asks for FSDP, but accelerate set up {_engine(trainer)}")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not trainer.is_deepspeed_enabled:
-        raise UserError(f"the accelerate config asks for DeepSpeed, but accelerate set up {_engine(trainer)} "
-                        "(accelerate turns DeepSpeed off under ACCELERATE_USE_CPU / --cpu: drop it, DeepSpeed "
-                        "finds the CPU itself)")
+        raise UserError(
+            f"the accelerate config asks for DeepSpeed, but accelerate set up {_engine(trainer)} "
+            "(accelerate turns DeepSpeed off under ACCELERATE_USE_CPU / --cpu: drop it, DeepSpeed "
+            "finds the CPU itself)"
+        )
 
 
 def describe_parallelism(trainer) -> str:
@@ -381,9 +406,10 @@ def make_trainer(**kwargs):
 
 def _callbacks(dvclive_dir: str, resume: bool):
     """dvclive curves (train/eval loss at the trainer's global step) and a one-line eval log."""
-    from dvclive import Live
     from transformers import TrainerCallback
     from transformers.integrations import DVCLiveCallback
+
+    from dvclive import Live
 
     class StepDVCLive(DVCLiveCallback):
         # The stock callback advances one dvclive step per log call; pinning the step to the
@@ -469,11 +495,22 @@ def launch(params: Params) -> None:
     processes = params.launch.processes
     if processes == "auto":
         if not gpus:
-            raise UserError("launch.processes: auto starts one process per GPU and this machine has none; "
-                            "set a number to train on CPU processes (gloo)")
+            raise UserError(
+                "launch.processes: auto starts one process per GPU and this machine has none; "
+                "set a number to train on CPU processes (gloo)"
+            )
         processes = gpus
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.launch.config,
-           "--num_processes", str(processes), "-m", "mediagent.pipeline.train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        params.launch.config,
+        "--num_processes",
+        str(processes),
+        "-m",
+        "mediagent.pipeline.train",
+    ]
     env = dict(os.environ)
     if not gpus and _config_type(params.launch.config) != "DEEPSPEED":
         # CPU processes over gloo (accelerate's own --cpu flag starts a single process).
@@ -482,8 +519,10 @@ def launch(params: Params) -> None:
     log.info("launching %d processes: %s", processes, shlex.join(cmd))
     code = subprocess.run(cmd, env=env).returncode
     if code:
-        raise UserError(f"accelerate launch with {params.launch.config} ({processes} processes) exited with "
-                        f"{code}; the processes' errors are above")
+        raise UserError(
+            f"accelerate launch with {params.launch.config} ({processes} processes) exited with "
+            f"{code}; the processes' errors are above"
+        )
 
 
 def main(params: Params) -> None:
@@ -504,10 +543,20 @@ def main(params: Params) -> None:
     if not is_main:
         log.setLevel(logging.WARNING)
     log.info("%s", format_choice(choice))
-    log.info("params: %s", json.dumps(
-        {"model": dataclasses.asdict(params.model), "lora": dataclasses.asdict(params.lora),
-         "train": dataclasses.asdict(train), "dtype": str(dtype), "world_size": args.world_size},
-        ensure_ascii=False, sort_keys=True))
+    log.info(
+        "params: %s",
+        json.dumps(
+            {
+                "model": dataclasses.asdict(params.model),
+                "lora": dataclasses.asdict(params.lora),
+                "train": dataclasses.asdict(train),
+                "dtype": str(dtype),
+                "world_size": args.world_size,
+            },
+            ensure_ascii=False,
+            sort_keys=True,
+        ),
+    )
 
     tokenizer = load_tokenizer(params.model.path, params.model.trust_remote_code)
     # the adapter carries the format it was trained on (saved with its tokenizer)
@@ -519,8 +568,11 @@ def main(params: Params) -> None:
         from peft import prepare_model_for_kbit_training
 
         # float32 norms/embeddings/head and input grads for the 4-bit base (peft's QLoRA recipe)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan["gradient_checkpointing"],
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=plan["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if plan["chunked_loss"]:
         try:
             use_chunked_loss(model)
@@ -537,18 +589,31 @@ def main(params: Params) -> None:
     train_set, train_stats = encode_split(fmt, read_jsonl(train_path), train.max_seq_length, str(train_path), is_main)
     val_rows = read_jsonl(val_path)[: train.max_eval_examples]
     val_set, val_stats = encode_split(fmt, val_rows, train.max_seq_length, str(val_path), is_main)
-    log.info("train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
-             train_stats.examples, train_stats.truncated, train.max_seq_length, train_stats.dropped)
-    size = job_size(train_stats.examples, sum(len(f["input_ids"]) for f in train_set), f"{train_path}, as encoded",
-                    train, plan, args.world_size)
+    log.info(
+        "train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
+        train_stats.examples,
+        train_stats.truncated,
+        train.max_seq_length,
+        train_stats.dropped,
+    )
+    size = job_size(
+        train_stats.examples,
+        sum(len(f["input_ids"]) for f in train_set),
+        f"{train_path}, as encoded",
+        train,
+        plan,
+        args.world_size,
+    )
     log.info("%s", format_size(size))
     kind = gpu_kind(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
     if kind:  # the preflight's estimate for this GPU; elsewhere `mediagent preflight --measure` times steps
         config = json.loads((params.model.path / "config.json").read_text(encoding="utf-8"))
         log.info("%s", format_time(wall_time(size, config, plan["gradient_checkpointing"], kind, args.world_size)))
     if not train_set or not val_set:
-        raise UserError(f"no usable examples in {train_path if not train_set else val_path}: "
-                         f"raise train.max_seq_length ({train.max_seq_length}) or check the process stage")
+        raise UserError(
+            f"no usable examples in {train_path if not train_set else val_path}: "
+            f"raise train.max_seq_length ({train.max_seq_length}) or check the process stage"
+        )
 
     data_md5 = {"train_md5": md5_file(train_path), "val_md5": md5_file(val_path)}
     ckpt_dir = Path(train.checkpoint_dir)
