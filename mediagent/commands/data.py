@@ -74,6 +74,34 @@ def _open(url: str, offset: int, timeout: float):
     return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - URL comes from params
 
 
+def _receive(resp, part: Path, offset: int, name: str) -> None:
+    """Write one response's body to ``part``, appended after ``offset`` bytes when the server honoured
+    the Range request; raises IncompleteRead when the body ends before Content-Length."""
+    with resp:
+        if offset and resp.status != 206:  # server ignored Range: start over
+            offset = 0
+        length = resp.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        with (
+            part.open("ab" if offset else "wb") as fh,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                leave=False,
+                disable=None,
+            ) as bar,
+        ):
+            while block := resp.read(CHUNK):
+                fh.write(block)
+                bar.update(len(block))
+        if total is not None and part.stat().st_size < total:
+            raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+
+
 def fetch(url: str, dest: Path, blob: str, timeout: float, attempts: int = ATTEMPTS) -> None:
     """Download url to dest, verified by git blob id; nothing is left at dest unless it is right.
 
@@ -104,29 +132,7 @@ def fetch(url: str, dest: Path, blob: str, timeout: float, attempts: int = ATTEM
                 # Not reachable at all (offline, DNS, refused): retrying would not help.
                 raise DownloadError(f"could not reach {url} ({getattr(e, 'reason', e)}); offline or blocked?") from e
             try:
-                with resp:
-                    if offset and resp.status != 206:  # server ignored Range: start over
-                        offset = 0
-                    length = resp.headers.get("Content-Length")
-                    total = offset + int(length) if length is not None else None
-                    with (
-                        part.open("ab" if offset else "wb") as fh,
-                        tqdm(
-                            total=total,
-                            initial=offset,
-                            unit="B",
-                            unit_scale=True,
-                            unit_divisor=1024,
-                            desc=dest.name,
-                            leave=False,
-                            disable=None,
-                        ) as bar,
-                    ):
-                        while block := resp.read(CHUNK):
-                            fh.write(block)
-                            bar.update(len(block))
-                    if total is not None and part.stat().st_size < total:
-                        raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+                _receive(resp, part, offset, dest.name)
                 break
             except NETWORK_ERRORS as e:  # dropped mid-transfer: resume from what arrived
                 last_error = e

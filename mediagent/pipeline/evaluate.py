@@ -64,8 +64,6 @@ from mediagent.artifacts import (
     check_lineage_base,
     read_adapter_config,
     read_lineage,
-    vllm_problems,
-    vllm_rank,
 )
 from mediagent.chat_format import ChatFormat, final_answer, last_question, prompt_messages
 from mediagent.errors import UserError, run_stage
@@ -86,7 +84,9 @@ from mediagent.loading import check_model_dir, dtype_name, load_model, load_toke
 from mediagent.memory import log_plan
 from mediagent.params import Params
 from mediagent.scoring import answer_loss, encode_question, generate_hf, score_questions, score_questions_vllm
-from mediagent.vllm_engine import base_env, close_llm, kv_cache_bytes, lora_request, open_llm, vllm_status
+from mediagent.serve_readiness import adapter_checks
+from mediagent.vllm_engine import base_env, close_llm, lora_request, vllm_status
+from mediagent.vllm_generation import generate_vllm, open_vllm
 
 log = logging.getLogger(__name__)
 
@@ -155,137 +155,6 @@ def load_inputs(params: Params) -> Inputs:
         questions=_cap(questions, params.eval.max_questions),
         generations=_cap(first_per_question, params.eval.max_generations),
     )
-
-
-# ---------------------------------------------------------------- scoring
-
-
-# ---------------------------------------------------------------- selection metrics
-
-
-# ---------------------------------------------------------------- generation
-
-
-def open_vllm(
-    base_dir: Path,
-    adapter_dir: Path | None,
-    rank: int,
-    max_model_len: int,
-    max_seqs: int,
-    seed: int,
-    prefix_caching: bool = False,
-):
-    """A float32 vLLM engine on the base, with one LoRA slot when ``adapter_dir`` is given.
-
-    ``prefix_caching``: candidates of one question share their prompt's KV blocks (the
-    vLLM scorer). The CPU backend takes blocks in multiples of 32 and defaults to 128,
-    longer than most question prompts, so 32 there. It runs in vLLM's own worker process;
-    close it with ``close_llm``.
-    """
-    options = {"enable_prefix_caching": prefix_caching}
-    if prefix_caching and not torch.cuda.is_available():
-        options["block_size"] = 32
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the HF models of this process are gone; hand their memory back
-    else:
-        options["kv_cache_memory_bytes"] = kv_cache_bytes(base_dir, max_seqs * max_model_len)
-    if adapter_dir is not None:
-        options.update(enable_lora=True, max_lora_rank=vllm_rank(rank), max_loras=1)
-        targets = read_adapter_config(adapter_dir).get("target_modules")
-        if isinstance(targets, list):
-            # only the adapted modules: a LoRA-wrapped LM head is slower and its CPU kernel
-            # fails on prompt log-probs (one row per prompt token, not per request)
-            options["lora_target_modules"] = targets
-    # float32 so that greedy answers are comparable with peft's (the parity check); eager:
-    # no graph capture/compilation at startup, which would cost more than a few dozen
-    # evaluation answers take to generate. Prompts go in as token ids; the tokenizer only
-    # decodes, and the base's has the same vocabulary.
-    return open_llm(base_dir, "float32", max_model_len, seed, tokenizer=str(base_dir), enforce_eager=True, **options)
-
-
-def generate_vllm(
-    llm,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos: list[int],
-    adapter_dir: Path | None = None,
-    min_new_tokens: int = 0,
-) -> list[list[int]]:
-    """Greedy continuations (with the LoRA when ``adapter_dir`` is given).
-
-    Prompts go in as token ids, so vLLM sees exactly what transformers sees.
-    """
-    from vllm import SamplingParams
-
-    # greedy with no penalty, as generate_hf (scoring.GREEDY); vLLM never reads the base's generation config here
-    sampling = SamplingParams(
-        temperature=0.0,
-        repetition_penalty=1.0,
-        max_tokens=max_new_tokens,
-        min_tokens=min_new_tokens,
-        stop_token_ids=eos,
-        skip_special_tokens=False,
-    )
-    lora = lora_request("tuned", adapter_dir) if adapter_dir is not None else None
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, lora_request=lora, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-# ---------------------------------------------------------------- serve-readiness
-
-
-def adapter_checks(adapter_dir: Path, base_dir: Path) -> tuple[dict, dict]:
-    """Static serve checks of the adapter: (flags, reasons).
-
-    The LoRA is injected into a weightless (meta) copy of the base, so it costs nothing
-    even for an 8B base; every configured target name must match at least one module.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = read_adapter_config(adapter_dir)
-    problems = vllm_problems(config)
-    flags = {"rank_servable": "rank" not in problems, "no_modules_to_save": "modules_to_save" not in problems}
-    rank = adapter_rank(config)
-    reasons = {
-        "rank_servable": problems.get("rank") or f"rank {rank} servable by vLLM (--max-lora-rank {vllm_rank(rank)})",
-        "no_modules_to_save": problems.get("modules_to_save", "no modules_to_save"),
-    }
-
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as fh:
-        saved = {k.split(".lora_A")[0] for k in fh.keys() if ".lora_A" in k}
-    targets = config.get("target_modules") or []
-    try:
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)))
-            lora = LoraConfig(**{k: v for k, v in config.items() if k in ("r", "lora_alpha", "target_modules")})
-            inject_adapter_in_model(lora, meta)
-        wrapped = [n for n, m in meta.named_modules() if isinstance(m, LoraLayer)]
-    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
-        wrapped, error = [], str(exc).splitlines()[0]
-    else:
-        error = ""
-    if isinstance(targets, str):  # a regex: it matched something or nothing
-        unmatched = [] if wrapped else [targets]
-    else:
-        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in wrapped)]
-    flags["targets_matched"] = bool(wrapped) and bool(saved) and not unmatched
-    flags["lora_modules"] = len(wrapped)
-    if flags["targets_matched"]:
-        reasons["targets_matched"] = f"{len(wrapped)} modules wrapped, {len(saved)} saved with LoRA weights"
-    else:
-        reasons["targets_matched"] = (error or f"target_modules {unmatched} match no module of the base") + (
-            "" if saved else "; the adapter file holds no LoRA weights"
-        )
-    return flags, reasons
-
-
-# ---------------------------------------------------------------- plots and outputs
-
-
-# ---------------------------------------------------------------- main
 
 
 def selection(scores: list[list[float]], labels: list[list[int]], seed: int) -> tuple[dict, list[tuple[int, float]]]:
@@ -420,6 +289,90 @@ def vllm_generations(params: Params, inputs: Inputs, fmt: ChatFormat, prompts: l
     return (base, tuned, *vllm_peft_parity(params, inputs, fmt, prompts, tuned), scores)
 
 
+def vllm_selection(scores: dict, labels: list[list[int]], seed: int, metrics: dict) -> dict:
+    """Selection metrics from vLLM's candidate scores into each model's ``metrics``; the ranks by
+    model name. tuned = base + LoRA in vLLM (the merged model's weights, unmerged)."""
+    ranks = {}
+    for name in ("base", "tuned"):
+        sel, ranks[name] = selection(scores[name], labels, seed)
+        metrics[name].update({k: sel[k] for k in SELECTION_KEYS})
+        log.info(
+            "%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (vLLM scorer)",
+            name,
+            sel["p_at_1"],
+            sel["mrr"],
+            sel["map"],
+            sel["questions"],
+        )
+    return ranks
+
+
+def run_models(
+    params: Params, inputs: Inputs, fmt: ChatFormat, prompts, labels, backend: str, scorer: str, checks: tuple
+) -> tuple[dict, dict, dict]:
+    """Loss, selection and greedy answers of base and tuned: (metrics, ranks, generated ids), each
+    by model name. ``checks``: the serve-readiness (flags, reasons), given the vLLM parity here."""
+    (flags, reasons), (backend, backend_reason) = checks, backend
+    hf = backend == "hf"
+    args = (params, inputs, fmt, prompts, labels, hf)
+    base, base_ranks, base_gen = evaluate_model(inputs.base_dir, *args, "base", score=scorer == "hf")
+    tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, *args, "tuned", score=scorer == "hf")
+    metrics, ranks = {"base": base, "tuned": tuned}, {"base": base_ranks, "tuned": tuned_ranks}
+    if hf:
+        flags["vllm_parity"], reasons["vllm_parity"] = None, backend_reason.removeprefix("auto: ")
+    else:
+        base_gen, tuned_gen, parity, reasons["vllm_parity"], scores = vllm_generations(
+            params, inputs, fmt, prompts, score=scorer == "vllm"
+        )
+        flags["vllm_parity"] = parity
+        if scores:
+            ranks = vllm_selection(scores, labels, params.eval.seed, metrics)
+    return metrics, ranks, {"base": base_gen, "tuned": tuned_gen}
+
+
+def answer_results(fmt: ChatFormat, inputs: Inputs, metrics: dict, generated: dict, ranks: dict):
+    """Generation metrics into each model's ``metrics``, whose loss tokens and per-example losses
+    are taken out: (answer texts, per-item values for the intervals, loss tokens)."""
+    loss_tokens = metrics["base"].pop("tokens")
+    metrics["tuned"].pop("tokens")
+    items = {"base": {"loss": metrics["base"].pop("items")}, "tuned": {"loss": metrics["tuned"].pop("items")}}
+    texts = {}
+    refs = [final_answer(r["messages"]) for r in inputs.generations]
+    asked = [last_question(r["messages"]) for r in inputs.generations]
+    for name in ("base", "tuned"):
+        cleaned = [clean_generation(fmt.tokenizer, ids, fmt.stop_ids) for ids in generated[name]]
+        texts[name] = [t for t, _ in cleaned]
+        metrics[name].update(generation_metrics(texts[name], refs, [th for _, th in cleaned], asked))
+        items[name].update(
+            selection_items(ranks[name]),
+            **generation_items(texts[name], refs, asked),
+            bleu4=bleu_items(texts[name], refs),
+        )
+    return texts, items, loss_tokens
+
+
+def build_report(
+    params: Params, inputs: Inputs, backend: tuple[str, str], scorer: str, reasons: dict, items: dict, counts: dict
+) -> dict:
+    """eval.report_path's content: backend, scorer, serve-readiness reasons, intervals, counts."""
+    e, (backend, backend_reason), hf = params.eval, backend, backend[0] == "hf"
+    return {
+        "backend": backend,
+        "backend_reason": backend_reason,
+        "scorer": scorer,
+        "tuned_model": str(inputs.merged_dir)
+        if hf
+        else f"{inputs.merged_dir} (loss{'' if scorer == 'vllm' else ', selection'}); {inputs.base_dir} + "
+        f"LoRA {inputs.adapter_dir} in vLLM (generation{', selection' if scorer == 'vllm' else ''})",
+        "serve_ready_reasons": reasons,
+        "selection_score": e.selection_score,
+        # paired bootstrap over the same held-out items: {metric: {base, tuned, delta: {value, ci95}}}
+        "intervals": metric_intervals(items["base"], items["tuned"], e.bootstrap_resamples, e.seed),
+        "counts": counts,
+        "tie_break_seed": e.seed,
+    }
+
+
 def main(params: Params) -> None:
     os.environ.update(base_env(os.environ))  # before vLLM is imported: offline, warnings only
     e = params.eval
@@ -430,51 +383,13 @@ def main(params: Params) -> None:
     labels = [[int(c["label"]) for c in q["candidates"]] for q in inputs.questions]
     prompts = [fmt.prompt_ids(prompt_messages(r["messages"])) for r in inputs.generations]
     flags, reasons = adapter_checks(inputs.adapter_dir, inputs.base_dir)
-    backend, backend_reason = resolve_backend(e.backend, flags["rank_servable"])
-    scorer = resolve_scorer(e.scorer, backend, e.selection_score)
-    log.info("generation backend: %s (%s); answer-selection scorer: %s", backend, backend_reason, scorer)
+    backend = resolve_backend(e.backend, flags["rank_servable"])
+    scorer = resolve_scorer(e.scorer, backend[0], e.selection_score)
+    log.info("generation backend: %s (%s); answer-selection scorer: %s", *backend, scorer)
 
-    hf = backend == "hf"
-    args = (params, inputs, fmt, prompts, labels, hf)
-    base, base_ranks, base_gen = evaluate_model(inputs.base_dir, *args, "base", score=scorer == "hf")
-    tuned, tuned_ranks, tuned_gen = evaluate_model(inputs.merged_dir, *args, "tuned", score=scorer == "hf")
-    if hf:
-        flags["vllm_parity"], reasons["vllm_parity"] = None, backend_reason.removeprefix("auto: ")
-    else:
-        base_gen, tuned_gen, parity, reasons["vllm_parity"], scores = vllm_generations(
-            params, inputs, fmt, prompts, score=scorer == "vllm"
-        )
-        flags["vllm_parity"] = parity
-        if scores:  # tuned = base + LoRA in vLLM (the merged model's weights, unmerged)
-            ranks = {}
-            for name, metrics in (("base", base), ("tuned", tuned)):
-                sel, ranks[name] = selection(scores[name], labels, e.seed)
-                metrics.update({k: sel[k] for k in SELECTION_KEYS})
-                log.info(
-                    "%s: P@1 %.4f MRR %.4f MAP %.4f over %d questions (vLLM scorer)",
-                    name,
-                    sel["p_at_1"],
-                    sel["mrr"],
-                    sel["map"],
-                    sel["questions"],
-                )
-            base_ranks, tuned_ranks = ranks["base"], ranks["tuned"]
-
-    loss_tokens = base.pop("tokens")
-    tuned.pop("tokens")
-    items = {"base": {"loss": base.pop("items")}, "tuned": {"loss": tuned.pop("items")}}
-    texts = {}
-    refs = [final_answer(r["messages"]) for r in inputs.generations]
-    asked = [last_question(r["messages"]) for r in inputs.generations]
-    for name, gen, metrics, ranked in (("base", base_gen, base, base_ranks), ("tuned", tuned_gen, tuned, tuned_ranks)):
-        cleaned = [clean_generation(fmt.tokenizer, ids, fmt.stop_ids) for ids in gen]
-        texts[name] = [t for t, _ in cleaned]
-        metrics.update(generation_metrics(texts[name], refs, [th for _, th in cleaned], asked))
-        items[name].update(
-            selection_items(ranked), **generation_items(texts[name], refs, asked), bleu4=bleu_items(texts[name], refs)
-        )
-    base_ranks, tuned_ranks = [r for r, _ in base_ranks], [r for r, _ in tuned_ranks]
-
+    metrics, ranks, generated = run_models(params, inputs, fmt, prompts, labels, backend, scorer, (flags, reasons))
+    texts, items, loss_tokens = answer_results(fmt, inputs, metrics, generated, ranks)
+    base, tuned = metrics["base"], metrics["tuned"]
     # not ready on a failed parity; an unchecked one (no vLLM here) does not count against it
     flags["ready"] = (
         all(flags[k] for k in ("rank_servable", "no_modules_to_save", "targets_matched"))
@@ -487,35 +402,16 @@ def main(params: Params) -> None:
         "random": random_baseline(labels),
         "serve_ready": flags,
     }
-    write_outputs(
-        params,
-        inputs,
-        results,
-        texts,
-        {"base": base_ranks, "tuned": tuned_ranks},
-        labels,
-        {
-            "backend": backend,
-            "backend_reason": backend_reason,
-            "scorer": scorer,
-            "tuned_model": str(inputs.merged_dir)
-            if hf
-            else f"{inputs.merged_dir} (loss{'' if scorer == 'vllm' else ', selection'}); {inputs.base_dir} + "
-            f"LoRA {inputs.adapter_dir} in vLLM (generation{', selection' if scorer == 'vllm' else ''})",
-            "serve_ready_reasons": reasons,
-            "selection_score": e.selection_score,
-            # paired bootstrap over the same held-out items: {metric: {base, tuned, delta: {value, ci95}}}
-            "intervals": metric_intervals(items["base"], items["tuned"], e.bootstrap_resamples, e.seed),
-            "counts": {
-                "loss_examples": len(inputs.examples),
-                "loss_tokens": loss_tokens,
-                "selection_questions": len(inputs.questions),
-                "candidates": sum(map(len, labels)),
-                "generations": len(inputs.generations),
-            },
-            "tie_break_seed": e.seed,
-        },
-    )
+    counts = {
+        "loss_examples": len(inputs.examples),
+        "loss_tokens": loss_tokens,
+        "selection_questions": len(inputs.questions),
+        "candidates": sum(map(len, labels)),
+        "generations": len(inputs.generations),
+    }
+    first_ranks = {name: [r for r, _ in ranks[name]] for name in ("base", "tuned")}
+    report = build_report(params, inputs, backend, scorer, reasons, items, counts)
+    write_outputs(params, inputs, results, texts, first_ranks, labels, report)
     log.info("tuned - base: %s", {k: round(v, 4) for k, v in results["delta"].items()})
 
 

@@ -36,12 +36,12 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from mediagent.cmedqa2 import load_inputs, official_heldout_ids
+from mediagent.cmedqa2 import dedupe_ids, length_filter, load_inputs, make_pairs, official_heldout_ids
 from mediagent.errors import ProcessError, run_stage
 from mediagent.fileio import atomic_path, write_json
 from mediagent.params import DataParams, Params, ProcessParams
 from mediagent.sources import OWN_ID_BASE, dialogue_pairs, read_source
-from mediagent.text_clean import PII_PATTERNS, clean_table, question_key
+from mediagent.text_clean import PII_PATTERNS, clean_table
 
 log = logging.getLogger(__name__)
 
@@ -69,55 +69,6 @@ DROP_REASONS = (
     "candidate_lists_question_missing",
     "candidate_lists_no_positive",
 )
-
-
-def dedupe_ids(path: Path, df: pd.DataFrame, id_col: str, what: str, stats: dict) -> pd.DataFrame:
-    """Drop repeated rows of one id; the same id with different content is an error."""
-    if df[id_col].is_unique:
-        return df
-    repeated = df.duplicated()  # every column equal (after cleaning: spacing is no conflict)
-    distinct = df[~repeated]
-    conflicting = distinct[id_col][distinct[id_col].duplicated(keep=False)].unique()
-    if len(conflicting):
-        ids = df[id_col].to_numpy()
-        examples = [f"{id_col} {i} on data rows {(np.flatnonzero(ids == i) + 1).tolist()[:5]}" for i in conflicting[:3]]
-        raise ProcessError(
-            f"{path}: {len(conflicting)} {id_col} value(s) appear more than once with different "
-            f"{'/'.join(c for c in df.columns if c != id_col)} ({'; '.join(examples)}; header not counted). "
-            f"Each {what} id must be unique: remove or renumber the duplicates"
-        )
-    stats["dropped"][f"{what}_duplicate_rows"] += int(repeated.sum())
-    return distinct.reset_index(drop=True)
-
-
-def length_filter(df: pd.DataFrame, lo: int, hi: int, what: str, stats: dict) -> pd.DataFrame:
-    """Drop empty, too-short and too-long ``content``, counting each reason; adds its length as ``chars``."""
-    chars = df["content"].str.len().to_numpy(dtype=np.int64)
-    drops = {"empty": chars == 0, "too_short": (chars > 0) & (chars < lo), "too_long": chars > hi}
-    for reason, rows in drops.items():
-        stats["dropped"][f"{what}_{reason}"] += int(rows.sum())
-    return df.assign(chars=chars)[~(drops["empty"] | drops["too_short"] | drops["too_long"])].reset_index(drop=True)
-
-
-def make_pairs(questions: pd.DataFrame, answers: pd.DataFrame, stats: dict) -> pd.DataFrame:
-    """Answers joined to their questions in answer.csv's order, less repeats of a (question, answer) text pair."""
-    question_info = pd.DataFrame(
-        {
-            "question_id": questions["question_id"],
-            "question_chars": questions["chars"],
-            "question_text": pd.factorize(questions["content"])[0],  # equal texts, equal codes
-            "qkey": question_key(questions["content"]),
-        }
-    )
-    pairs = answers.rename(columns={"content": "answer"}).merge(question_info, on="question_id", validate="many_to_one")
-    stats["dropped"]["answer_question_missing"] += int(len(answers) - len(pairs))
-    # Equal pairs have equal answer lengths: answer texts are compared only where (question
-    # text, answer length) repeats, which spares hashing every answer (0.3 s of 226k).
-    duplicate = np.zeros(len(pairs), dtype=bool)
-    maybe = pairs.duplicated(["question_text", "chars"], keep=False).to_numpy()
-    duplicate[maybe] = pairs[maybe].duplicated(["question_text", "answer"])
-    stats["dropped"]["duplicate_pairs"] += int(duplicate.sum())
-    return pairs[~duplicate].reset_index(drop=True)
 
 
 def split_ids(qids: np.ndarray, seed: int, val_ratio: float, test_ratio: float) -> np.ndarray:

@@ -91,11 +91,8 @@ def pair_name(pair: tuple[str, str]) -> str:
     return f"{pair[0]} vs {pair[1]}"
 
 
-def summarise(judgments: Sequence[Judgment]) -> tuple[dict, list[dict]]:
-    """(metrics, plot rows) from judgments in file order."""
-    latest, duplicates = latest_per_item(judgments)
-    items = list(latest.values())
-
+def pair_win_rates(items: Sequence[Judgment]) -> tuple[dict, list[dict]]:
+    """Wins, losses, ties and the win rate with its Wilson interval per model pair: (metrics, plot rows)."""
     pairs: dict[str, dict] = {}
     by_pair: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for j in items:
@@ -126,17 +123,24 @@ def summarise(judgments: Sequence[Judgment]) -> tuple[dict, list[dict]]:
                 "decisive": decisive,
             }
         )
+    return pairs, plot
 
+
+def unsafe_rates(items: Sequence[Judgment]) -> dict:
+    """Per model: answers judged, answers flagged unsafe, and their share."""
     answers, flagged = Counter(), Counter()
     for j in items:
         for model in j.pair:
             answers[model] += 1
             flagged[model] += model in j.unsafe
-    unsafe = {
+    return {
         m: {"answers": answers[m], "flagged": flagged[m], "rate": round(flagged[m] / answers[m], 4)}
         for m in sorted(answers)
     }
 
+
+def reviewer_agreement(items: Sequence[Judgment]) -> tuple[dict, int]:
+    """Cohen's kappa of every two reviewers over the items both judged; and the number of reviewers."""
     agreement = {}
     by_reviewer: dict[str, dict] = defaultdict(dict)
     for j in items:
@@ -149,14 +153,22 @@ def summarise(judgments: Sequence[Judgment]) -> tuple[dict, list[dict]]:
                 continue
             kappa, single = cohens_kappa([by_reviewer[r1][k] for k in shared], [by_reviewer[r2][k] for k in shared])
             agreement[f"{r1} & {r2}"] = {"items": len(shared), "kappa": round(kappa, 4), "single_category": int(single)}
+    return agreement, len(reviewers)
 
+
+def summarise(judgments: Sequence[Judgment]) -> tuple[dict, list[dict]]:
+    """(metrics, plot rows) from judgments in file order."""
+    latest, duplicates = latest_per_item(judgments)
+    items = list(latest.values())
+    pairs, plot = pair_win_rates(items)
+    agreement, reviewers = reviewer_agreement(items)
     metrics = {
         "judgments": len(items),
         "duplicates": duplicates,
-        "reviewers": len(reviewers),
+        "reviewers": reviewers,
         "questions": len({j.question_id for j in items}),
         "pairs": pairs,
-        "unsafe": unsafe,
+        "unsafe": unsafe_rates(items),
         "agreement": agreement,
     }
     return metrics, plot
