@@ -1,12 +1,12 @@
 """The clinician review files: one JSON object per line, appended durably, read strictly.
 
-Shared by the review app (``mediagent.commands.review_app``, which appends judgments and cached answers) and
-the ``review`` stage (which turns judgments into metrics). Both files are append-only
-JSONL: every record is written with one ``write`` of a whole line, flushed and fsynced
-before the writer moves on, so a crash can lose at most the record being written. A
-crash in the middle of that write leaves a last line without its newline; the next
-``append_jsonl`` cuts that fragment off (logged) before appending, so the file never
-carries a half record into the metrics.
+Shared by the review app (``mediagent.commands.review_app``, through
+``mediagent.blind_review``, which appends judgments and cached answers) and the ``review``
+stage (which turns judgments into metrics). Both files are append-only JSONL: every record
+is written with one ``write`` of a whole line, flushed and fsynced before the writer moves
+on, so a crash can lose at most the record being written. A crash in the middle of that
+write leaves a last line without its newline; the next ``append_jsonl`` cuts that fragment
+off (logged) before appending, so the file never carries a half record into the metrics.
 
 A judgment line::
 

@@ -492,7 +492,7 @@ def test_tensor_parallel_needs_the_gpus(project):
 
 def test_parallel_flags_reach_the_vllm_command(repo_params, tiny_base, adapter):
     from mediagent.artifacts import check_adapter
-    from mediagent.commands.serve import build_command
+    from mediagent.vllm_command import build_command
 
     params = with_overrides(repo_params, model={"dir": str(tiny_base.parent), "base": "tiny"})
     a = check_adapter(adapter, params.model, None)
@@ -508,7 +508,7 @@ def test_merged_missing_fails_before_vllm(project):
 
 def test_command_and_env(repo_params, tiny_base, adapter, tmp_path):
     from mediagent.artifacts import Merged, check_adapter
-    from mediagent.commands.serve import ServeError, build_command, lora_modules, server_env
+    from mediagent.vllm_command import ServeError, build_command, lora_modules, server_env
 
     params = with_overrides(repo_params, model={"dir": str(tiny_base.parent)})
     a = check_adapter(adapter, params.model)

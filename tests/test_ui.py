@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mediagent.commands.review_app import ASSETS, LANGUAGES, ab_order, page_language
+from mediagent.blind_review import ab_order
+from mediagent.commands.review_app import ASSETS, LANGUAGES, page_language
 
 # The serve tests' module-scoped fixtures: one tiny base + adapter and one vLLM server here.
 from tests.test_serve import API_KEY, adapter, free_port, project, server, stage_env  # noqa: F401
@@ -644,7 +645,7 @@ def test_judgments_do_not_depend_on_the_page_language(review_app, browser_zh):
 
 
 def test_ab_order_is_seeded_per_question_and_balanced():
-    from mediagent.commands.review_app import ab_order
+    from mediagent.blind_review import ab_order
 
     orders = [ab_order(0, f"q{i}", ("medqa", "base")) for i in range(200)]
     assert all(set(o) == {"base", "medqa"} for o in orders)
@@ -654,7 +655,8 @@ def test_ab_order_is_seeded_per_question_and_balanced():
 
 
 def test_bind_host_and_test_split_checks(tmp_path):
-    from mediagent.commands.review_app import UIError, check_bind_host, load_questions
+    from mediagent.blind_review import UIError, load_questions
+    from mediagent.commands.review_app import check_bind_host
 
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_bind_host(host, allow_remote=False)
@@ -705,7 +707,11 @@ def test_message_tables_match_and_cover_every_key_the_page_uses():
         assert en[key].strip() and CJK.search(zh[key]), key
     html = (ASSETS / "index.html").read_text(encoding="utf-8")
     script = (ASSETS / "app.js").read_text(encoding="utf-8")
-    app_source = (ASSETS.parent / "review_app.py").read_text(encoding="utf-8")
+    # The codes the server sends: the app's own and the blind review's (mediagent/blind_review.py).
+    app_source = "".join(
+        path.read_text(encoding="utf-8")
+        for path in (ASSETS.parent / "review_app.py", ASSETS.parent.parent / "blind_review.py")
+    )
     in_html = set(re.findall(r'data-i18n(?:-placeholder|-title)?="([^"]+)"', html))
     in_script = set(re.findall(r'"((?:[a-z]+\.)+[a-z_]+)"', script))  # every key-like literal of the script
     from_server = {f"error.{code}" for code in re.findall(r'code="(\w+)"', app_source)}  # shown as error.<code>

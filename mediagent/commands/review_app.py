@@ -48,24 +48,18 @@ serving static files: no front-end build, no CDN, nothing fetched from the inter
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 from pydantic import BaseModel, Field
 
-from mediagent.chat_format import final_answer, last_question
+from mediagent.blind_review import Review, UIError
 from mediagent.client import ModelClient, ServerError
-from mediagent.errors import UserError, setup_logging
-from mediagent.fileio import read_jsonl
-from mediagent.judgments import CHOICES, ReviewFileError, append_jsonl, read_judgments, read_records
+from mediagent.errors import setup_logging
+from mediagent.judgments import ReviewFileError
 from mediagent.net import LOOPBACK_NAMES, is_loopback, local_url
 from mediagent.params import Params, load_params
 
@@ -83,20 +77,6 @@ CSP = (
 
 LANGUAGES = ("zh-CN", "en")  # the tables of review_app_assets/messages.json
 LANG_COOKIE = "mediagent_lang"  # set by the page's language switch (app.js)
-
-
-class UIError(UserError):
-    """Something to fix before or while serving the page; the message says what.
-
-    ``code`` and ``values`` name the message ``error.<code>`` of messages.json, so that the
-    page shows it in the reviewer's language; the English message stays for logs and API
-    clients. Errors raised before the page is served (bind address, test split) need no code.
-    """
-
-    def __init__(self, message: str, code: str = "", **values):
-        super().__init__(message)
-        self.code = code
-        self.values = values
 
 
 # ---------------------------------------------------------------- pure functions
@@ -123,35 +103,6 @@ def check_allow_hosts(names: tuple[str, ...]) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Question:
-    id: str
-    question: str
-    reference: str
-
-
-def load_questions(processed_dir: str | Path, limit: int) -> list[Question]:
-    """The first ``limit`` distinct questions of the test split, each with its first reference answer."""
-    path = Path(processed_dir) / "test.jsonl"
-    if not path.is_file():
-        raise UIError(f"{path}: not found; run `dvc repro process` to build the test split")
-    seen: dict[str, Question] = {}
-    for i, row in enumerate(read_jsonl(path), 1):
-        try:
-            question, answer = last_question(row["messages"]), final_answer(row["messages"])
-            qid = str(row["question_id"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UIError(
-                f"{path}:{i}: not a chat row of the process stage ({exc}); rerun `dvc repro process`"
-            ) from exc
-        seen.setdefault(qid, Question(qid, question, answer))
-        if len(seen) >= limit:
-            break
-    if not seen:
-        raise UIError(f"{path}: no questions; check process.test_ratio and rerun `dvc repro process`")
-    return list(seen.values())
-
-
 def page_language(accept_language: str | None, saved: str | None = None) -> str:
     """The page's language: ``saved`` (the reviewer's choice) when valid, else zh-CN when
     Accept-Language ranks a zh tag (zh, zh-CN, zh-TW, ...) above every en tag, else en."""
@@ -171,140 +122,6 @@ def page_language(accept_language: str | None, saved: str | None = None) -> str:
         if primary in ("zh", "en") and q > 0:
             ranked.append((-q, position, primary))
     return "zh-CN" if ranked and min(ranked)[2] == "zh" else "en"
-
-
-def ab_order(seed: int, question_id: str, pair: tuple[str, str]) -> tuple[str, str]:
-    """(model shown as A, model shown as B): a seeded coin per question and pair, whoever picked them."""
-    first, second = sorted(pair)
-    coin = random.Random(f"{seed}\0{question_id}\0{first}\0{second}").random()
-    return (first, second) if coin < 0.5 else (second, first)
-
-
-def md5_text(text: str) -> str:
-    return hashlib.md5(text.encode("utf-8")).hexdigest()
-
-
-# ---------------------------------------------------------------- review state
-
-
-class AnswerCache:
-    """Answers per (model, question id), loaded from and appended to ``review.answers_file``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._answers: dict[tuple[str, str], str] = {}
-        for number, obj in read_records(self.path):
-            if not all(isinstance(obj.get(k), str) for k in ("model", "question_id", "answer")):
-                raise ReviewFileError(
-                    f"{self.path}:{number}: needs string model, question_id and answer; fix or delete that line"
-                )
-            self._answers[(obj["model"], obj["question_id"])] = obj["answer"]
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    def get(self, model: str, question: Question, generate) -> str:
-        """The cached answer, or ``generate(model, question)`` once, saved before it is returned."""
-        key = (model, question.id)
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:  # two reviewers asking at once: one generation, both see it
-            if key not in self._answers:
-                text = generate(model, question)
-                append_jsonl(
-                    self.path,
-                    {
-                        "model": model,
-                        "question_id": question.id,
-                        "answer": text,
-                        "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                    },
-                )
-                self._answers[key] = text
-            return self._answers[key]
-
-
-class Review:
-    """Questions, A/B order, answers and judgments of the blind review."""
-
-    def __init__(self, params: Params, generate):
-        self.cfg = params.review
-        self.questions = load_questions(params.data.processed_dir, self.cfg.max_questions)
-        self.by_id = {q.id: q for q in self.questions}
-        self.answers = AnswerCache(self.cfg.answers_file)
-        self.generate = generate
-        self._write = threading.Lock()
-        read_judgments(self.cfg.judgments_file)  # a bad line stops the app at start, not mid-review
-
-    def judged(self, reviewer: str, pair: tuple[str, str]) -> set[str]:
-        """Question ids this reviewer already judged for this pair (read from the file: the record)."""
-        pair = tuple(sorted(pair))
-        return {
-            j.question_id for j in read_judgments(self.cfg.judgments_file) if j.reviewer == reviewer and j.pair == pair
-        }
-
-    def next_item(self, reviewer: str, pair: tuple[str, str]) -> dict:
-        done = self.judged(reviewer, pair)
-        todo = [q for q in self.questions if q.id not in done]
-        if not todo:
-            return {"done": True, "judged": len(done), "total": len(self.questions)}
-        q = todo[0]
-        model_a, model_b = ab_order(self.cfg.seed, q.id, pair)
-        return {
-            "done": False,
-            "question_id": q.id,
-            "question": q.question,
-            "reference": q.reference,
-            "answer_a": self.answers.get(model_a, q, self.generate),
-            "answer_b": self.answers.get(model_b, q, self.generate),
-            "position": len(done) + 1,
-            "total": len(self.questions),
-        }
-
-    def record(
-        self,
-        reviewer: str,
-        pair: tuple[str, str],
-        question_id: str,
-        choice: str,
-        unsafe_labels: list[str],
-        comment: str,
-    ) -> dict:
-        """Append one judgment (fsynced) and return it; a second judgment of the same item is refused."""
-        if question_id not in self.by_id:
-            raise UIError(
-                f"question {question_id!r} is not among the review questions",
-                code="unknown_question",
-                question=question_id,
-            )
-        if choice not in CHOICES or not set(unsafe_labels) <= {"A", "B"}:
-            raise UIError("choice must be A, B or tie and unsafe flags A and/or B", code="bad_choice")
-        q = self.by_id[question_id]
-        model_a, model_b = ab_order(self.cfg.seed, q.id, pair)
-        with self._write:
-            if question_id in self.judged(reviewer, pair):
-                shown = " vs ".join(sorted(pair))
-                raise UIError(
-                    f"{reviewer} already judged question {question_id} for {shown}",
-                    code="already_judged",
-                    reviewer=reviewer,
-                    question=question_id,
-                    pair=shown,
-                )
-            record = {
-                "reviewer": reviewer,
-                "question_id": question_id,
-                "model_a": model_a,
-                "model_b": model_b,
-                "choice": choice,
-                "winner": {"A": model_a, "B": model_b}.get(choice),
-                "unsafe": sorted({"A": model_a, "B": model_b}[label] for label in set(unsafe_labels)),
-                "comment": comment.strip(),
-                "seed": self.cfg.seed,
-                "answer_md5": {m: md5_text(self.answers.get(m, q, self.generate)) for m in (model_a, model_b)},
-                "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            append_jsonl(self.cfg.judgments_file, record)
-        return record
 
 
 # ---------------------------------------------------------------- model server access
@@ -363,7 +180,7 @@ def upstream_error(exc: Exception, url: str) -> dict:
 # ---------------------------------------------------------------- web app
 
 # Request bodies, at module level: with postponed annotations FastAPI resolves a route's
-# parameter types in the module's namespace, not in create_app's.
+# parameter types in the module's namespace, not in that of the function adding the route.
 
 
 class ArenaAsk(BaseModel):
@@ -392,9 +209,7 @@ class Judge(Pick):
 
 def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     """The FastAPI app: static page + JSON API. ``trusted_hosts`` None accepts any Host header."""
-    from fastapi import Cookie, FastAPI, Header, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from fastapi.staticfiles import StaticFiles
+    from fastapi import FastAPI
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     cfg = params.review
@@ -403,6 +218,17 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     app = FastAPI(title="MediAgent review", docs_url=None, redoc_url=None, openapi_url=None)
     if trusted_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
+    add_guards(app)
+    add_page(app)
+    add_arena_api(app, params, models, review)
+    add_review_api(app, models, review)
+    return app
+
+
+def add_guards(app) -> None:
+    """Security headers on every response; our errors as JSON bodies the page can show."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -421,8 +247,12 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
     async def file_error(_request, exc: ReviewFileError):
         return JSONResponse(error_body(str(exc), code="review_file", detail=str(exc)), status_code=500)
 
-    def upstream(exc: Exception) -> JSONResponse:
-        return JSONResponse(upstream_error(exc, models.url), status_code=502)
+
+def add_page(app) -> None:
+    """The page (in the language of the request) and its static files."""
+    from fastapi import Cookie, Header
+    from fastapi.responses import HTMLResponse, Response
+    from fastapi.staticfiles import StaticFiles
 
     page = (ASSETS / "index.html").read_text(encoding="utf-8")
 
@@ -440,6 +270,23 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
         return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=ASSETS), name="static")
+
+
+def upstream_response(exc: Exception, url: str):
+    """A failed request to the model server, as the page's 502."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(upstream_error(exc, url), status_code=502)
+
+
+def add_arena_api(app, params: Params, models: Models, review: Review) -> None:
+    """The page's config and the arena's streamed answers."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    cfg = params.review
+
+    def upstream(exc: Exception) -> JSONResponse:
+        return upstream_response(exc, models.url)
 
     @app.get("/api/config")
     def config():
@@ -481,6 +328,13 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
 
+
+def add_review_api(app, models: Models, review: Review) -> None:
+    """The blind review: the next item for a reviewer and pair, and recording a judgment."""
+
+    def upstream(exc: Exception):
+        return upstream_response(exc, models.url)
+
     @app.post("/api/review/next")
     def review_next(pick: Pick):
         try:
@@ -502,8 +356,6 @@ def create_app(params: Params, models: Models, trusted_hosts: list[str] | None):
             raise
         except Exception as exc:
             return upstream(exc)
-
-    return app
 
 
 def main(

@@ -38,137 +38,25 @@ adapter (the template it was trained with), so requests are formatted exactly as
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
-import json
+import functools
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import click
 
-from mediagent.artifacts import Adapter, Merged, check_adapter, check_merged, vllm_rank
-from mediagent.errors import UserError, setup_logging
-from mediagent.experiments import materialise, resolve
-from mediagent.loading import check_model_dir, dtype_name, gpu_available, gpu_count, resolve_dtype
+from mediagent.artifacts import Adapter, Merged
+from mediagent.errors import setup_logging
+from mediagent.loading import dtype_name, gpu_available, gpu_count, resolve_dtype
 from mediagent.memory import log_plan
 from mediagent.net import is_loopback, local_url
 from mediagent.params import VLLM_LORA_RANKS, Params, load_params
-from mediagent.vllm_engine import base_env, cpu_env, lora_target_modules
+from mediagent.runtime_lora import load_adapter, unload_adapter
+from mediagent.served_models import describe, rank_limit, served_models
+from mediagent.vllm_command import ServeError, build_command, server_env
+from mediagent.vllm_process import check_port, run_server
 
 log = logging.getLogger(__name__)
-
-VLLM_SERVER = "vllm.entrypoints.launchers.api_server.entry"
-STOP_GRACE_S = 30  # vLLM drains requests and stops its engine on SIGTERM; then SIGKILL
-
-
-class ServeError(UserError):
-    """Something to fix before the server can start; the message says what."""
-
-
-def lora_modules(adapters: Sequence[Adapter], alias: str) -> list[str]:
-    """``--lora-modules`` entries: each adapter by lineage name, the first also by alias."""
-    if not adapters:
-        return []
-    names = [a.name for a in adapters] + [alias]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ServeError(
-            f"two served models would be called {', '.join(dupes)}: pass each adapter once, "
-            f"and keep serve.alias different from every lineage name"
-        )
-    return [f"{a.name}={a.path}" for a in adapters] + [f"{alias}={adapters[0].path}"]
-
-
-def build_command(
-    params: Params,
-    adapters: Sequence[Adapter],
-    merged: Merged | None,
-    host: str,
-    port: int,
-    gpu: bool = False,
-    max_lora_rank: int | None = None,
-    runtime_lora: bool = False,
-    python: str = sys.executable,
-    tensor_parallel: int = 1,
-    data_parallel: int = 1,
-) -> list[str]:
-    """The vLLM server command line. The API key is not in it (see ``server_env``).
-
-    With ``runtime_lora`` the LoRA slots are sized for adapters loaded later:
-    ``serve.runtime_max_loras`` more slots and rank ``serve.runtime_max_lora_rank`` (unless
-    ``max_lora_rank`` overrides it), adapting the modules of ``slot_targets``.
-    """
-    serve = params.serve
-    if merged is not None:
-        if adapters:
-            raise ServeError("--merged serves the merged model alone; drop --adapter")
-        model_dir, names = merged.path, [merged.name, serve.alias]
-        template = merged.chat_template
-    else:
-        model_dir, names = params.model.path.resolve(), [serve.base_name]
-        template = adapters[0].chat_template if adapters else None
-    if template is None:
-        template = model_dir / "chat_template.jinja"
-    dtype = dtype_name(resolve_dtype(params.model, gpu))
-    cmd = [
-        python,
-        "-m",
-        VLLM_SERVER,
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        *names,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(serve.max_model_len),
-        "--dtype",
-        dtype,
-        "--chat-template",
-        str(template),
-    ]
-    if params.model.trust_remote_code:
-        cmd.append("--trust-remote-code")
-    if runtime_lora and merged is not None:
-        raise ServeError("--runtime-lora loads adapters of the base; the merged model takes none: drop --merged")
-    if adapters or runtime_lora:
-        if max_lora_rank is not None:
-            rank = max_lora_rank
-        elif runtime_lora:
-            rank = serve.runtime_max_lora_rank
-        else:
-            rank = vllm_rank(max(a.rank for a in adapters))
-        modules = lora_modules(adapters, serve.alias)
-        cmd += [
-            "--enable-lora",
-            "--max-lora-rank",
-            str(rank),
-            # One slot per module name (the alias is a module of its own to vLLM), so
-            # requests to any of them share a batch instead of swapping adapters.
-            "--max-loras",
-            str(len(modules) + (serve.runtime_max_loras if runtime_lora else 0)),
-        ]
-        targets = slot_targets(params, adapters, runtime_lora)
-        if targets:
-            cmd += ["--lora-target-modules", *targets]
-        if modules:
-            cmd += ["--lora-modules", *modules]
-    # vLLM's own scale-out: shards of one model over GPUs (TP) and replicas (DP).
-    if tensor_parallel > 1:
-        cmd += ["--tensor-parallel-size", str(tensor_parallel)]
-    if data_parallel > 1:
-        cmd += ["--data-parallel-size", str(data_parallel)]
-    return cmd
 
 
 def check_parallel(tensor_parallel: int, data_parallel: int, gpus: int) -> None:
@@ -200,20 +88,6 @@ def check_open_host(host: str, api_key: str | None, allow_no_auth: bool) -> None
     )
 
 
-def slot_targets(params: Params, adapters: Sequence[Adapter], runtime_lora: bool) -> list[str] | None:
-    """The modules the server's LoRA slots adapt (None: every layer vLLM supports).
-
-    For runtime loading that is also every module the train stage adapts
-    (``lora.target_modules``), so an adapter trained later fits the slots.
-    """
-    targets = lora_target_modules(adapters) if adapters else []
-    if targets is None:
-        return None
-    if runtime_lora:
-        targets = sorted({*targets, *params.lora.target_modules})
-    return targets or None
-
-
 def check_runtime_lora(host: str, api_key: str | None) -> None:
     """Runtime loading makes the server read any path a caller names: loopback or a key only."""
     if not is_loopback(host) and not api_key:
@@ -224,165 +98,87 @@ def check_runtime_lora(host: str, api_key: str | None) -> None:
         )
 
 
-def experiment_adapters(params: Params, names: Sequence[str], max_lora_rank: int | None) -> list[Adapter]:
-    """The adapters of these DVC experiments, checked like any adapter and named by experiment."""
-    return [
-        dataclasses.replace(
-            check_adapter(materialise(e, params.serve.experiments_dir), params.model, max_lora_rank), name=e.name
-        )
-        for e in resolve(names)
-    ]
-
-
-def server_env(
-    params: Params,
+def check_options(
+    host: str,
     api_key: str | None,
-    gpu: bool,
-    environ: Mapping[str, str],
-    cpus: Sequence[int],
-    runtime_lora: bool = False,
-) -> dict[str, str]:
-    """The server's environment: offline hub, quiet logs, the API key, CPU threading and KV cache.
-
-    The key goes through ``VLLM_API_KEY`` rather than ``--api-key`` so that it does not
-    show in ``ps``. Variables already set by the user win, except the two that decide
-    who may do what: the key, and runtime LoRA updating (on only with ``runtime_lora``).
-    """
-    env = {**environ, **base_env(environ)}
-    env.pop("VLLM_API_KEY", None)
-    env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)
-    if api_key:
-        env["VLLM_API_KEY"] = api_key
+    max_lora_rank: int | None,
+    runtime_lora: bool,
+    allow_no_auth: bool,
+    tensor_parallel: int,
+    data_parallel: int,
+) -> None:
+    """The options alone: a rank vLLM accepts, who may reach the server, the GPUs TP x DP need."""
+    if max_lora_rank is not None and max_lora_rank not in VLLM_LORA_RANKS:
+        raise ServeError(f"--max-lora-rank {max_lora_rank}: vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
     if runtime_lora:
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    if not gpu:
-        env.update(cpu_env(params.serve.cpu_kv_cache_gib, environ, cpus))
-    return env
+        check_runtime_lora(host, api_key)
+    check_open_host(host, api_key, allow_no_auth)
+    check_parallel(tensor_parallel, data_parallel, gpu_count())
 
 
-def check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port / PORT=") from exc
+def print_dry_run(env: dict[str, str], cmd: list[str]) -> None:
+    """The variables the server would get beyond ours (the key masked), then its command line."""
+    changed = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items() if os.environ.get(k) != v}
+    click.echo(" ".join(f"{k}={v}" for k, v in sorted(changed.items())))
+    click.echo(" ".join(cmd))
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
-    """Poll ``/health`` (no auth needed) until 200; fail if vLLM exits or times out."""
-    start = time.monotonic()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise ServeError(f"vLLM exited with code {code} before it was ready; its log is above")
-        try:
-            with opener.open(f"{url}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return time.monotonic() - start
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() - start > timeout_s:
-            raise ServeError(f"vLLM not ready after {timeout_s:.0f} s (serve.startup_timeout_s)")
-        time.sleep(1.0)
+def log_start(
+    params: Params,
+    served: Sequence[Adapter],
+    merged_model: Merged | None,
+    url: str,
+    gpu: bool,
+    api_key: str | None,
+    runtime_lora: bool,
+) -> None:
+    """What is about to be served, from where, and who may call it."""
+    if merged_model is not None:
+        log.info(
+            "serving merged model %s from %s (%s) as %s, %s",
+            merged_model.name,
+            merged_model.path,
+            describe(merged_model),
+            merged_model.name,
+            params.serve.alias,
+        )
+    else:
+        log.info("serving base %s from %s as %r", params.model.base, params.model.path, params.serve.base_name)
+        for i, a in enumerate(served):
+            alias = f" (alias {params.serve.alias!r})" if i == 0 else ""
+            log.info("  LoRA %s%s rank %d from %s: %s", a.name, alias, a.rank, a.path, describe(a))
+    if runtime_lora:
+        log.warning(
+            "runtime LoRA loading is on (%s): callers of the API can load adapters from any path here",
+            "bearer key required" if api_key else "loopback only",
+        )
+    log.info(
+        "starting vLLM on %s (%s, %s); this takes a while ...",
+        url,
+        "GPU" if gpu else "CPU",
+        "bearer key required" if api_key else "no auth",
+    )
 
 
-class _Stop(BaseException):
-    """Raised from the signal handler so that any blocking wait unwinds to cleanup."""
-
-
-def _descendants(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def stop_group(proc: subprocess.Popen, known: list, grace_s: float = STOP_GRACE_S) -> None:
-    """Stop vLLM: SIGTERM to its leader (graceful), then SIGKILL to whatever is left.
-
-    ``known`` are descendants seen earlier: one that left the process group or was
-    orphaned is still found and killed.
-    """
-    import psutil
-
-    procs = {p.pid: p for p in [*known, *_descendants(proc.pid)]}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        log.warning("vLLM did not stop within %d s; killing it", grace_s)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=5 if proc.poll() is not None else 0)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the leader's pid
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    if proc.poll() is None:
-        proc.wait(timeout=5)
-
-
-def run_server(
-    cmd: list[str], env: dict[str, str], url: str, timeout_s: float, on_ready: Callable[[float], None]
-) -> int:
-    """Run vLLM until it exits or we are told to stop; return its exit code (0 when stopped)."""
-    known: list = []
-    proc: subprocess.Popen | None = None
-    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {s: signal.getsignal(s) for s in stops}
-
-    def _raise(signum, _frame):
-        raise _Stop(signum)
-
-    def cleanup() -> None:
-        if proc is not None:
-            stop_group(proc, known)
-
-    # Handlers first: a signal that arrived right after the start would otherwise kill us
-    # and orphan vLLM. vLLM gets its own session, so a terminal's Ctrl-C reaches it once,
-    # through stop_group, instead of racing in its engine and worker processes.
-    for s in stops:
-        signal.signal(s, _raise)
-    atexit.register(cleanup)
-    try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        on_ready(wait_ready(proc, url, timeout_s))
-        known.extend(_descendants(proc.pid))
-        return proc.wait()
-    except (_Stop, KeyboardInterrupt):
-        log.info("stopping vLLM ...")
-        return 0
-    finally:
-        for s in stops:  # a second Ctrl-C must not cut the cleanup short (it is bounded)
-            signal.signal(s, signal.SIG_IGN)
-        cleanup()
-        atexit.unregister(cleanup)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        log.info("vLLM stopped")
-
-
-def describe(adapter: Adapter | Merged) -> str:
-    """One line of lineage for the log: what was trained on what."""
-    lin = adapter.lineage
-    base = lin.get("base") or {}
-    data = lin.get("data") or {}
-    bits = [
-        f"base {base.get('id')}@{base.get('revision')}",
-        f"train data md5 {str(data.get('train_md5'))[:8]}",
-        f"git {str(lin.get('git_commit'))[:10]}",
-    ]
-    metrics = lin.get("metrics") or {}
-    bits += [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
-    return ", ".join(bits)
+def announce_ready(
+    params: Params,
+    served: Sequence[Adapter],
+    merged_model: Merged | None,
+    url: str,
+    api_key: str | None,
+    seconds: float,
+) -> None:
+    """The one line a person waits for: where the API is and the model names it answers to."""
+    names = (
+        [merged_model.name, params.serve.alias]
+        if merged_model
+        else ([params.serve.base_name, *[a.name for a in served], params.serve.alias])
+    )
+    click.echo(
+        f"ready after {seconds:.0f} s: {url}/v1  models: {', '.join(names)}"
+        f"{'  (Authorization: Bearer <API_KEY>)' if api_key else ''}  Ctrl-C stops",
+        err=True,
+    )
 
 
 def main(
@@ -416,25 +212,10 @@ def main(
     """
     host = host or params.serve.host
     port = port or params.serve.port
-    if max_lora_rank is not None and max_lora_rank not in VLLM_LORA_RANKS:
-        raise ServeError(f"--max-lora-rank {max_lora_rank}: vLLM accepts {', '.join(map(str, VLLM_LORA_RANKS))}")
-    if runtime_lora:
-        check_runtime_lora(host, api_key)
-    check_open_host(host, api_key, allow_no_auth)
-    check_parallel(tensor_parallel, data_parallel, gpu_count())
-    # Runtime loading fixes the rank limit up front; every adapter must fit it.
-    limit = max_lora_rank if max_lora_rank is not None or not runtime_lora else params.serve.runtime_max_lora_rank
-    if merged:
-        if adapters or experiments:
-            raise ServeError("--merged serves the merged model alone; drop --adapter/ADAPTER and --exp/EXP")
-        served: list[Adapter] = []
-        merged_model = check_merged(params.merge.output_dir, params.model)
-    else:
-        check_model_dir(params.model.path)
-        served = [check_adapter(p, params.model, limit) for p in (adapters or [params.train.output_dir])]
-        if experiments:
-            served += experiment_adapters(params, experiments, limit)
-        merged_model = None
+    check_options(host, api_key, max_lora_rank, runtime_lora, allow_no_auth, tensor_parallel, data_parallel)
+    served, merged_model = served_models(
+        params, adapters, merged, experiments, rank_limit(params, max_lora_rank, runtime_lora)
+    )
     gpu = gpu_available()
     log_plan(params, "serve", log, dtype_name(resolve_dtype(params.model, gpu)))
     cmd = build_command(
@@ -451,149 +232,15 @@ def main(
     )
     env = server_env(params, api_key, gpu, os.environ, sorted(os.sched_getaffinity(0)), runtime_lora)
     if dry_run:
-        changed = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in env.items() if os.environ.get(k) != v}
-        click.echo(" ".join(f"{k}={v}" for k, v in sorted(changed.items())))
-        click.echo(" ".join(cmd))
+        print_dry_run(env, cmd)
         return
     check_port(host, port)
-
     url = local_url(host, port)
-    if merged_model is not None:
-        log.info(
-            "serving merged model %s from %s (%s) as %s, %s",
-            merged_model.name,
-            merged_model.path,
-            describe(merged_model),
-            merged_model.name,
-            params.serve.alias,
-        )
-    else:
-        log.info("serving base %s from %s as %r", params.model.base, params.model.path, params.serve.base_name)
-        for i, a in enumerate(served):
-            alias = f" (alias {params.serve.alias!r})" if i == 0 else ""
-            log.info("  LoRA %s%s rank %d from %s: %s", a.name, alias, a.rank, a.path, describe(a))
-    if runtime_lora:
-        log.warning(
-            "runtime LoRA loading is on (%s): callers of the API can load adapters from any path here",
-            "bearer key required" if api_key else "loopback only",
-        )
-    log.info(
-        "starting vLLM on %s (%s, %s); this takes a while ...",
-        url,
-        "GPU" if gpu else "CPU",
-        "bearer key required" if api_key else "no auth",
-    )
-
-    def on_ready(seconds: float) -> None:
-        names = (
-            [merged_model.name, params.serve.alias]
-            if merged_model
-            else ([params.serve.base_name, *[a.name for a in served], params.serve.alias])
-        )
-        click.echo(
-            f"ready after {seconds:.0f} s: {url}/v1  models: {', '.join(names)}"
-            f"{'  (Authorization: Bearer <API_KEY>)' if api_key else ''}  Ctrl-C stops",
-            err=True,
-        )
-
+    log_start(params, served, merged_model, url, gpu, api_key, runtime_lora)
+    on_ready = functools.partial(announce_ready, params, served, merged_model, url, api_key)
     code = run_server(cmd, env, url, params.serve.startup_timeout_s, on_ready)
     if code != 0:
         raise ServeError(f"vLLM exited with code {code}; its log is above")
-
-
-# ---------------------------------------------------------------- runtime loading: the client side
-
-
-def server_call(url: str, route: str, body: dict, api_key: str | None, timeout_s: float = 300) -> tuple[int, str]:
-    """POST JSON to the running server; (status, body text). Never through an http_proxy."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(), headers=headers, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(req, timeout=timeout_s) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ServeError(
-            f"no server answers at {url} ({reason}): start one with `make serve RUNTIME_LORA=1`, "
-            f"or pass its --port / PORT="
-        ) from exc
-
-
-def _server_error(code: int, text: str, url: str) -> ServeError:
-    """A refusal by the server, in words: the route missing means runtime loading is off."""
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError:
-        body = {}
-    if code in (404, 405) and body.get("detail") in ("Not Found", "Method Not Allowed"):
-        return ServeError(
-            f"the server at {url} has runtime LoRA loading off: restart it with "
-            f"`make serve RUNTIME_LORA=1` (--runtime-lora)"
-        )
-    if code == 401:
-        return ServeError(f"the server at {url} refused the API key: set API_KEY to the key it was started with")
-    message = (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) else None
-    return ServeError(f"the server at {url} answered HTTP {code}: {message or text.strip()[:500]}")
-
-
-def load_adapter(
-    params: Params,
-    exp: str | None = None,
-    adapter: str | None = None,
-    name: str | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    api_key: str | None = None,
-    max_lora_rank: int | None = None,
-) -> tuple[str, Adapter]:
-    """Check an adapter as the server would at start-up, then have the running server load it.
-
-    Args:
-        exp / adapter: a DVC experiment's name, or an adapter directory (exactly one).
-        name: the model name clients use (default: the experiment's name, else the lineage name).
-        max_lora_rank: the server's --max-lora-rank if it was started with one
-            (default ``serve.runtime_max_lora_rank``, what ``--runtime-lora`` uses).
-    Returns:
-        The served name and the checked adapter.
-    """
-    if bool(exp) == bool(adapter):
-        raise ServeError("load takes one of --exp NAME (EXP=) or --adapter DIR (ADAPTER=)")
-    limit = max_lora_rank if max_lora_rank is not None else params.serve.runtime_max_lora_rank
-    path = materialise(resolve([exp])[0], params.serve.experiments_dir) if exp else adapter
-    a = check_adapter(path, params.model, limit)
-    slots = slot_targets(params, [], runtime_lora=True)
-    if slots and (a.target_modules is None or not set(a.target_modules) <= set(slots)):
-        extra = (
-            "modules named by a pattern"
-            if a.target_modules is None
-            else ", ".join(sorted(set(a.target_modules) - set(slots)))
-        )
-        raise ServeError(
-            f"adapter {a.name} ({a.path}) adapts {extra}, but the server's LoRA slots adapt only "
-            f"lora.target_modules ({', '.join(slots)}): vLLM would serve those weights as the base; "
-            f"retrain within lora.target_modules, or add them there and restart the server"
-        )
-    name = name or exp or a.name
-    url = local_url(host or params.serve.host, port or params.serve.port)
-    code, text = server_call(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(a.path)}, api_key)
-    if code != 200:
-        raise _server_error(code, text, url)
-    return name, a
-
-
-def unload_adapter(
-    params: Params, name: str, host: str | None = None, port: int | None = None, api_key: str | None = None
-) -> None:
-    """Have the running server drop the adapter served as ``name``; requests to it then get 404."""
-    url = local_url(host or params.serve.host, port or params.serve.port)
-    code, text = server_call(url, "/v1/unload_lora_adapter", {"lora_name": name}, api_key)
-    if code != 200:
-        raise _server_error(code, text, url)
 
 
 # ---------------------------------------------------------------- command line
