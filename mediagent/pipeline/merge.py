@@ -48,7 +48,7 @@ from mediagent.chat_format import ChatFormat, resolve_template
 from mediagent.errors import UserError, run_stage
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
 from mediagent.loading import check_model_dir, load_model, load_tokenizer
-from mediagent.params import ModelParams, Params
+from mediagent.params import MergeParams, ModelParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,36 @@ def merge_lineage(lineage: dict, adapter_dir: Path, dtype: torch.dtype, params: 
     }
 
 
+def check_merge_parity(stats: dict, dtype: torch.dtype, merge: MergeParams, quantization: str | None) -> float:
+    """Log and check the merged model's parity with base + adapter; returns the bound it met.
+
+    With `quantization` (an adapter trained on a 4-bit base) the merged model is also checked
+    against the adapter on that base, and stats["quantized"] gets its bound and quantization.
+    """
+    bound = parity_bound(stats["reference_max_abs_logit"], dtype, merge.tolerance, merge.relative_tolerance)
+    log.info(
+        "parity (%s): max |diff| %.3g, mean %.3g over %d sequences (%d tokens), bound %.3g",
+        str(dtype).removeprefix("torch."),
+        stats["max_abs_diff"],
+        stats["mean_abs_diff"],
+        stats["prompts"],
+        stats["tokens"],
+        bound,
+    )
+    check_parity(stats, bound, dtype)
+    if quantization is not None:
+        stats["quantized"]["bound"] = check_quantized_parity(stats, merge.quantized_relative_tolerance)
+        stats["quantized"]["quantization"] = quantization
+        log.info(
+            "merged vs adapter on the %s base: max |diff| %.3g, mean %.3g, bound %.3g",
+            quantization,
+            stats["quantized"]["max_abs_diff"],
+            stats["quantized"]["mean_abs_diff"],
+            stats["quantized"]["bound"],
+        )
+    return bound
+
+
 def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None = None) -> None:
     base_dir = params.model.path
     adapter_dir = Path(params.train.output_dir)
@@ -311,29 +341,7 @@ def main(params: Params, after_reload: Callable[[torch.nn.Module], None] | None 
             after_reload,
             reference_4bit,
         )
-        bound = parity_bound(
-            stats["reference_max_abs_logit"], dtype, params.merge.tolerance, params.merge.relative_tolerance
-        )
-        log.info(
-            "parity (%s): max |diff| %.3g, mean %.3g over %d sequences (%d tokens), bound %.3g",
-            str(dtype).removeprefix("torch."),
-            stats["max_abs_diff"],
-            stats["mean_abs_diff"],
-            stats["prompts"],
-            stats["tokens"],
-            bound,
-        )
-        check_parity(stats, bound, dtype)
-        if reference_4bit is not None:
-            stats["quantized"]["bound"] = check_quantized_parity(stats, params.merge.quantized_relative_tolerance)
-            stats["quantized"]["quantization"] = quantization
-            log.info(
-                "merged vs adapter on the %s base: max |diff| %.3g, mean %.3g, bound %.3g",
-                quantization,
-                stats["quantized"]["max_abs_diff"],
-                stats["quantized"]["mean_abs_diff"],
-                stats["quantized"]["bound"],
-            )
+        bound = check_merge_parity(stats, dtype, params.merge, quantization if reference_4bit is not None else None)
         write_json(tmp / "lineage.json", merge_lineage(lineage, adapter_dir, dtype, params))
         shards = len(list(tmp.glob("*.safetensors")))
     write_json(

@@ -19,7 +19,6 @@ and padded to their own longest example, so little compute goes into padding.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -27,34 +26,38 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mediagent.chat_format import ChatFormat, resolve_template
+from mediagent.checkpoints import (
+    RUN_FILE,
+    STAGING,
+    base_identity,
+    clear_checkpoints,
+    discard_stale_checkpoints,
+    params_hash,
+    resumable_checkpoint,
+    run_fingerprint,
+)
+from mediagent.distributed import barrier, describe_parallelism
 from mediagent.errors import UserError, run_stage
 from mediagent.fileio import atomic_path, md5_file, read_jsonl, write_json
-from mediagent.job_size import STEP_LINE, format_size, format_time, gpu_kind, job_size, wall_time
+from mediagent.job_size import format_size, format_time, gpu_kind, job_size, wall_time
 from mediagent.loading import check_model_dir, dtype_name, load_model, load_tokenizer, resolve_dtype
 from mediagent.loss import use_chunked_loss
 from mediagent.memory import format_choice, log_plan, measured_peak_bytes, plan_training
 from mediagent.params import LoraParams, Params, ParamsError
+from mediagent.trainer import make_trainer, trainer_callbacks
 from mediagent.training_config import lora_config, training_arguments
 
 log = logging.getLogger(__name__)
 
-# The run record next to the checkpoints: which params/data they belong to.
-RUN_FILE = "run.json"
-# Where every rank saves the final adapter before the main process publishes it.
-STAGING = "final"
 # Modules LoRA must not touch: vLLM cannot load adapters that train embeddings or the head,
 # and with tied embeddings (Qwen3 <= 4B) the head *is* the embedding matrix.
 FORBIDDEN_TARGETS = ("embed_tokens", "lm_head")
-# Whole-file hashing of the base for the resume fingerprint stops being cheap above this;
-# bigger checkpoints are identified by file names, sizes and mtimes instead.
-HASH_BASE_WEIGHTS_BELOW = 1 << 30
 
 
 # ---------------------------------------------------------------- inputs and checks
@@ -137,50 +140,7 @@ def encode_split(
     return features, stats
 
 
-# ---------------------------------------------------------------- identity of a run
-
-
-def _md5_json(obj: Any) -> str:
-    return hashlib.md5(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def params_hash(params: Params) -> str:
-    """md5 over the params that define the adapter (lora, train, which base)."""
-    return _md5_json(
-        {
-            "lora": dataclasses.asdict(params.lora),
-            "train": dataclasses.asdict(params.train),
-            "model": {"base": params.model.base, "revision": params.model.revision},
-        }
-    )
-
-
-def base_identity(path: Path) -> dict[str, Any]:
-    """What identifies the base checkpoint's content, as cheaply as its size allows."""
-    weights = sorted(path.glob("*.safetensors"))
-    ident: dict[str, Any] = {"config_md5": md5_file(path / "config.json")}
-    if sum(f.stat().st_size for f in weights) < HASH_BASE_WEIGHTS_BELOW:
-        ident["weights"] = {f.name: md5_file(f) for f in weights}
-    else:  # conservative: a re-downloaded copy (new mtime) discards old checkpoints
-        ident["weights"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weights}
-    return ident
-
-
-def run_fingerprint(
-    params: Params, data_md5: dict[str, str], base: dict[str, Any], world_size: int, plan: dict[str, Any] | None = None
-) -> str:
-    """Checkpoints are resumable only by a run with this same fingerprint."""
-    return _md5_json(
-        {
-            "model": dataclasses.asdict(params.model),
-            "lora": dataclasses.asdict(params.lora),
-            "train": dataclasses.asdict(params.train),
-            "data": data_md5,
-            "base": base,
-            "world_size": world_size,  # batches per step and optimizer shards depend on it
-            "plan": plan,  # micro-batching and a 4-bit base change what a checkpoint holds
-        }
-    )
+# ---------------------------------------------------------------- provenance
 
 
 def git_commit() -> str:
@@ -232,215 +192,7 @@ def lineage(
     }
 
 
-# ---------------------------------------------------------------- checkpoints (resume)
-
-
-def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """checkpoint-N dirs, oldest first, that were fully written (trainer_state.json is saved last)."""
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    found.sort(key=lambda p: int(p.name.split("-", 1)[1]))
-    return [p for p in found if (p / "trainer_state.json").is_file()]
-
-
-def clear_checkpoints(ckpt_dir: Path) -> None:
-    """Remove what this stage put in the checkpoint dir (and nothing else a user may keep there)."""
-    if not ckpt_dir.is_dir():
-        return
-    for p in list(ckpt_dir.glob("checkpoint-*")) + [ckpt_dir / STAGING]:
-        if p.is_dir():
-            shutil.rmtree(p)
-    (ckpt_dir / RUN_FILE).unlink(missing_ok=True)
-    if not any(ckpt_dir.iterdir()):
-        ckpt_dir.rmdir()
-
-
-def discard_stale_checkpoints(ckpt_dir: Path, fingerprint: str) -> None:
-    """Keep only checkpoints a run with this fingerprint can resume from (main process only).
-
-    Checkpoints of other params/data (or without a run record) are removed, with the
-    reason logged; a checkpoint cut off mid-write is removed so the one before it is used.
-    """
-    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
-        return
-    record = _read_record(ckpt_dir)
-    complete = _complete_checkpoints(ckpt_dir)
-    if complete and record.get("fingerprint") == fingerprint:
-        for p in sorted(ckpt_dir.glob("checkpoint-*")):
-            if p.is_dir() and p not in complete:
-                log.warning("removing incomplete %s (interrupted while saving)", p.name)
-                shutil.rmtree(p)
-        return
-    why = (
-        "no complete checkpoint"
-        if not complete
-        else "no run record"
-        if not record
-        else "they come from other params or data"
-    )
-    log.info("discarding old checkpoints in %s: %s", ckpt_dir, why)
-    clear_checkpoints(ckpt_dir)
-
-
-def resumable_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The latest complete checkpoint of a run with this fingerprint, or None."""
-    complete = _complete_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-    if complete and _read_record(ckpt_dir).get("fingerprint") == fingerprint:
-        return complete[-1]
-    return None
-
-
-def _read_record(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / RUN_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-# ---------------------------------------------------------------- trainer
-
-
-def fsdp_on_cpu(accelerator) -> bool:
-    """Turn accelerate's FSDP on for CPU processes launched with an FSDP config; True if it did.
-
-    accelerate (1.15) enables its FSDP plugin for GPU-like devices only: launched on CPUs
-    (ACCELERATE_USE_CPU=true) with configs/accelerate/fsdp.yaml it would silently train
-    plain data-parallel. torch's FSDP2 runs on CPU over gloo, so the plugin is switched
-    on here; wrapping, gathering and checkpoints are then accelerate's and transformers'
-    own FSDP code, as on GPUs, which is what rehearsing a multi-GPU run on CPUs is for.
-    """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    from mediagent import compat
-
-    state = accelerator.state
-    if (
-        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
-        or state.distributed_type != DistributedType.MULTI_CPU
-    ):
-        return False
-    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* settings the launcher exported
-    if plugin.fsdp_version != 2:
-        raise UserError(
-            "fsdp_version 1 cannot run on CPU processes (torch's FSDP1 needs a GPU): "
-            "use configs/accelerate/fsdp.yaml as shipped (fsdp_version: 2)"
-        )
-    state.fsdp_plugin = plugin
-    compat.set_distributed_type(state, DistributedType.FSDP)
-    return True
-
-
-def _engine(trainer) -> str:
-    """accelerate's distributed type as a plain name: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED."""
-    return str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-
-
-def check_engine(trainer) -> None:
-    """Fail when the launch asked for FSDP or DeepSpeed and accelerate quietly set up
-    something else (it falls back to plain data parallel where it cannot run them)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
-        raise UserError(f"the accelerate config asks for FSDP, but accelerate set up {_engine(trainer)}")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not trainer.is_deepspeed_enabled:
-        raise UserError(
-            f"the accelerate config asks for DeepSpeed, but accelerate set up {_engine(trainer)} "
-            "(accelerate turns DeepSpeed off under ACCELERATE_USE_CPU / --cpu: drop it, DeepSpeed "
-            "finds the CPU itself)"
-        )
-
-
-def describe_parallelism(trainer) -> str:
-    """What the launch actually did, e.g. 'FSDP2, 344 of 344 parameter tensors sharded over 2 processes'."""
-    world_size = trainer.args.world_size
-    if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
-        from torch.distributed.tensor import DTensor
-
-        params = list(trainer.model_wrapped.parameters())
-        sharded = sum(isinstance(p, DTensor) for p in params)
-        return f"FSDP2, {sharded} of {len(params)} parameter tensors sharded over {world_size} processes"
-    if trainer.is_deepspeed_enabled:
-        return f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}, {world_size} processes"
-    return f"{_engine(trainer)}, {world_size} process{'es' if world_size > 1 else ''}"
-
-
-def make_trainer(**kwargs):
-    """A transformers.Trainer that also counts real vs padded tokens of the batches it trains on."""
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class EpochSeededLengthSampler(LengthGroupedSampler):
-        """Batches grouped by length in an order drawn from (seed, epoch) alone.
-
-        The stock sampler draws from the global RNG, which a resumed run restores to its
-        checkpoint's state rather than the epoch's start: the resumed run would skip the
-        first batches of another order and end with another adapter."""
-
-        def __init__(self, sampler: LengthGroupedSampler, seed: int):
-            super().__init__(sampler.batch_size, lengths=sampler.lengths)
-            self.seed = seed
-            self.set_epoch(0)
-
-        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at each epoch's start
-            self.generator = torch.Generator().manual_seed(self.seed + epoch)
-
-    class _Trainer(Trainer):
-        real_tokens = 0
-        batch_tokens = 0
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler) is LengthGroupedSampler:
-                return EpochSeededLengthSampler(sampler, self.args.data_seed)
-            return sampler
-
-        def create_accelerator_and_postprocess(self):
-            super().create_accelerator_and_postprocess()
-            if fsdp_on_cpu(self.accelerator):
-                self.is_fsdp_enabled = True
-            check_engine(self)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs["attention_mask"]
-            self.real_tokens += int(mask.sum())
-            self.batch_tokens += mask.numel()
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    return _Trainer(**kwargs)
-
-
-def _callbacks(dvclive_dir: str, resume: bool):
-    """dvclive curves (train/eval loss at the trainer's global step) and a one-line eval log."""
-    from transformers import TrainerCallback
-    from transformers.integrations import DVCLiveCallback
-
-    from dvclive import Live
-
-    class StepDVCLive(DVCLiveCallback):
-        # The stock callback advances one dvclive step per log call; pinning the step to the
-        # trainer's global step puts train and eval loss on one x axis and lets a resumed run
-        # continue its curves.
-        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-            if state.is_world_process_zero and self.live is not None:
-                self.live.step = state.global_step
-            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
-
-    class EvalLine(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if state.is_world_process_zero and metrics:
-                log.info("eval step %d: eval_loss %.4f", state.global_step, metrics["eval_loss"])
-
-    class StepLine(TrainerCallback):
-        # one line per logged step with the seconds since this run's first step began (the
-        # evaluation before it left out): `mediagent preflight --measure` times steps by it
-        start = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = self.start or time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                log.info(STEP_LINE, state.global_step, logs["loss"], time.perf_counter() - self.start)
-
-    # save_dvc_exp=False: outside `dvc exp run` dvclive would otherwise create its own
-    # experiment commits; dvcyaml=False: the pipeline's dvc.yaml already declares the plots.
-    live = Live(dir=dvclive_dir, resume=resume, save_dvc_exp=False, dvcyaml=False, report=None)
-    return [StepDVCLive(live=live, log_model=False), EvalLine(), StepLine()]
+# ---------------------------------------------------------------- results
 
 
 def run_metrics(history: list[dict], trainer_train_loss: float) -> dict[str, float]:
@@ -470,11 +222,6 @@ def publish_adapter(staging: Path, output_dir: Path, lineage_record: dict) -> No
         (tmp / "lineage.json").write_text(
             json.dumps(lineage_record, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------- the stage
@@ -525,44 +272,38 @@ def launch(params: Params) -> None:
         )
 
 
-def main(params: Params) -> None:
-    from transformers import DataCollatorForSeq2Seq, set_seed
-
-    if params.launch.config and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
-        launch(params)
-        return
-    train = params.train
-    check_model_dir(params.model.path)
-    train_path, val_path = data_files(params)
-    dtype = resolve_dtype(params.model)
-    log_plan(params, "train", log, dtype_name(dtype))  # before anything is loaded
-    choice = plan_training(params, dtype_name(dtype))  # stops here, with the table, if nothing fits
-    plan = choice["plan"]
-    args = training_arguments(train, dtype, plan)  # also sets up the process group under accelerate
-    is_main = args.should_save
-    if not is_main:
-        log.setLevel(logging.WARNING)
-    log.info("%s", format_choice(choice))
+def log_params(params: Params, dtype: torch.dtype, world_size: int) -> None:
+    """The resolved params, once, as one JSON line."""
     log.info(
         "params: %s",
         json.dumps(
             {
                 "model": dataclasses.asdict(params.model),
                 "lora": dataclasses.asdict(params.lora),
-                "train": dataclasses.asdict(train),
+                "train": dataclasses.asdict(params.train),
                 "dtype": str(dtype),
-                "world_size": args.world_size,
+                "world_size": world_size,
             },
             ensure_ascii=False,
             sort_keys=True,
         ),
     )
 
+
+def load_chat_tokenizer(params: Params) -> tuple[Any, ChatFormat]:
+    """The base's tokenizer with the chat template to train on, and the format it renders."""
     tokenizer = load_tokenizer(params.model.path, params.model.trust_remote_code)
     # the adapter carries the format it was trained on (saved with its tokenizer)
     tokenizer.chat_template = resolve_template(params.model.chat_template, params.model.chat_template_kwargs, tokenizer)
     fmt = ChatFormat.of(tokenizer)
     log.info("chat format: %s (model.chat_template=%s)", fmt, params.model.chat_template)
+    return tokenizer, fmt
+
+
+def load_lora_model(params: Params, dtype: torch.dtype, plan: dict[str, Any]):
+    """The base as the plan loads it (4-bit, chunked loss) with fresh LoRA weights attached."""
+    from transformers import set_seed
+
     model = load_model(params.model.path, params.model, dtype, quantization=plan["quantization"])
     if plan["quantization"] != "none":
         from peft import prepare_model_for_kbit_training
@@ -581,14 +322,18 @@ def main(params: Params) -> None:
     problems = target_module_problems(model, params.lora)
     if problems:
         raise ParamsError("invalid params for this base model:\n  - " + "\n  - ".join(problems))
-    set_seed(train.seed)  # LoRA A matrices are initialised randomly
-    model = attach_lora(model, params.lora)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable params: %s / %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    set_seed(params.train.seed)  # LoRA A matrices are initialised randomly
+    return attach_lora(model, params.lora)
 
-    train_set, train_stats = encode_split(fmt, read_jsonl(train_path), train.max_seq_length, str(train_path), is_main)
+
+def encode_data(
+    params: Params, fmt: ChatFormat, paths: tuple[Path, Path], plan: dict[str, Any], world_size: int, progress: bool
+) -> tuple[tuple[list[dict], SplitStats], tuple[list[dict], SplitStats]]:
+    """The encoded train and val splits with their stats; logs the job's size (and time on a known GPU)."""
+    train, (train_path, val_path) = params.train, paths
+    train_set, train_stats = encode_split(fmt, read_jsonl(train_path), train.max_seq_length, str(train_path), progress)
     val_rows = read_jsonl(val_path)[: train.max_eval_examples]
-    val_set, val_stats = encode_split(fmt, val_rows, train.max_seq_length, str(val_path), is_main)
+    val_set, val_stats = encode_split(fmt, val_rows, train.max_seq_length, str(val_path), progress)
     log.info(
         "train examples: %d used, %d truncated to %d tokens, %d dropped (no answer left)",
         train_stats.examples,
@@ -602,28 +347,109 @@ def main(params: Params) -> None:
         f"{train_path}, as encoded",
         train,
         plan,
-        args.world_size,
+        world_size,
     )
     log.info("%s", format_size(size))
     kind = gpu_kind(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
     if kind:  # the preflight's estimate for this GPU; elsewhere `mediagent preflight --measure` times steps
         config = json.loads((params.model.path / "config.json").read_text(encoding="utf-8"))
-        log.info("%s", format_time(wall_time(size, config, plan["gradient_checkpointing"], kind, args.world_size)))
+        log.info("%s", format_time(wall_time(size, config, plan["gradient_checkpointing"], kind, world_size)))
     if not train_set or not val_set:
         raise UserError(
             f"no usable examples in {train_path if not train_set else val_path}: "
             f"raise train.max_seq_length ({train.max_seq_length}) or check the process stage"
         )
+    return (train_set, train_stats), (val_set, val_stats)
+
+
+def resume_point(ckpt_dir: Path, fingerprint: str, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), after the main process discarded stale ones."""
+    if is_main:
+        discard_stale_checkpoints(ckpt_dir, fingerprint, log)
+    barrier()
+    return resumable_checkpoint(ckpt_dir, fingerprint)
+
+
+def start_run(ckpt_dir: Path, fingerprint: str, resume_from: Path | None, is_main: bool) -> None:
+    """Record the fingerprint next to a fresh run's checkpoints, or say which one a run resumes from."""
+    if resume_from is None:
+        if is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_json(ckpt_dir / RUN_FILE, {"fingerprint": fingerprint})
+    else:
+        log.info("resuming from %s (same params and data)", resume_from.name)
+    barrier()
+
+
+def stage_metrics(
+    trainer, output, counts: tuple[int, int], stats: dict[str, SplitStats], choice: dict[str, Any]
+) -> dict[str, Any]:
+    """<train.metrics_file>: losses, steps, (trainable, total) parameter counts, split stats, padding,
+    the memory plan and the measured peak."""
+    trainable, total = counts
+    return {
+        **run_metrics(trainer.state.log_history, output.training_loss),
+        "steps": trainer.state.global_step,
+        "trainable_params": trainable,
+        "total_params": total,
+        **{f"train_{k}": v for k, v in dataclasses.asdict(stats["train"]).items()},
+        **{f"val_{k}": v for k, v in dataclasses.asdict(stats["val"]).items()},
+        "nonpad_fraction": trainer.real_tokens / trainer.batch_tokens if trainer.batch_tokens else None,
+        "plan": choice["plan"],
+        "budget_bytes": choice["budget_bytes"],
+        "estimate_bytes": choice["estimate_bytes"],
+        "peak_bytes": measured_peak_bytes(),
+        # which GPUs this run was given (`mediagent sweep` sets one group per worker)
+        "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
+    }
+
+
+def save_adapter(trainer, ckpt_dir: Path, is_main: bool) -> Path:
+    """Save the trained adapter into the staging dir under ckpt_dir, from every process; returns that dir."""
+    # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the main process
+    # then publishes the adapter atomically with its lineage.
+    staging = ckpt_dir / STAGING
+    if is_main and staging.exists():  # left by a run killed while publishing
+        shutil.rmtree(staging)
+    barrier()
+    trainer.save_model(str(staging))
+    barrier()
+    return staging
+
+
+def main(params: Params) -> None:
+    from transformers import DataCollatorForSeq2Seq
+
+    if params.launch.config and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
+        launch(params)
+        return
+    train = params.train
+    check_model_dir(params.model.path)
+    train_path, val_path = data_files(params)
+    dtype = resolve_dtype(params.model)
+    log_plan(params, "train", log, dtype_name(dtype))  # before anything is loaded
+    choice = plan_training(params, dtype_name(dtype))  # stops here, with the table, if nothing fits
+    plan = choice["plan"]
+    args = training_arguments(train, dtype, plan)  # also sets up the process group under accelerate
+    is_main = args.should_save
+    if not is_main:
+        log.setLevel(logging.WARNING)
+    log.info("%s", format_choice(choice))
+    log_params(params, dtype, args.world_size)
+
+    tokenizer, fmt = load_chat_tokenizer(params)
+    model = load_lora_model(params, dtype, plan)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable params: %s / %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    (train_set, train_stats), (val_set, val_stats) = encode_data(
+        params, fmt, (train_path, val_path), plan, args.world_size, is_main
+    )
 
     data_md5 = {"train_md5": md5_file(train_path), "val_md5": md5_file(val_path)}
     ckpt_dir = Path(train.checkpoint_dir)
     fingerprint = run_fingerprint(params, data_md5, base_identity(params.model.path), args.world_size, plan)
-    if is_main:
-        discard_stale_checkpoints(ckpt_dir, fingerprint)
-    _barrier()
-    resume_from = resumable_checkpoint(ckpt_dir, fingerprint)
+    resume_from = resume_point(ckpt_dir, fingerprint, is_main)
     args.eval_on_start = resume_from is None
-
     trainer = make_trainer(
         model=model,
         args=args,
@@ -632,48 +458,20 @@ def main(params: Params) -> None:
         processing_class=tokenizer,
         # pads each batch to its own longest example; padded label positions get -100
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
-        callbacks=_callbacks(train.dvclive_dir, resume=resume_from is not None) if is_main else [],
+        callbacks=trainer_callbacks(train.dvclive_dir, resume=resume_from is not None, log=log) if is_main else [],
     )
-    if resume_from is None:
-        if is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_json(ckpt_dir / RUN_FILE, {"fingerprint": fingerprint})
-    else:
-        log.info("resuming from %s (same params and data)", resume_from.name)
-    _barrier()
+    start_run(ckpt_dir, fingerprint, resume_from, is_main)
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     log.info("parallelism: %s", describe_parallelism(trainer))
+    metrics = stage_metrics(trainer, output, (trainable, total), {"train": train_stats, "val": val_stats}, choice)
 
-    metrics = {
-        **run_metrics(trainer.state.log_history, output.training_loss),
-        "steps": trainer.state.global_step,
-        "trainable_params": trainable,
-        "total_params": total,
-        **{f"train_{k}": v for k, v in dataclasses.asdict(train_stats).items()},
-        **{f"val_{k}": v for k, v in dataclasses.asdict(val_stats).items()},
-        "nonpad_fraction": trainer.real_tokens / trainer.batch_tokens if trainer.batch_tokens else None,
-        "plan": plan,
-        "budget_bytes": choice["budget_bytes"],
-        "estimate_bytes": choice["estimate_bytes"],
-        "peak_bytes": measured_peak_bytes(),
-        # which GPUs this run was given (`mediagent sweep` sets one group per worker)
-        "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
-    }
-
-    # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the main process
-    # then publishes the adapter atomically with its lineage.
-    staging = ckpt_dir / STAGING
-    if is_main and staging.exists():  # left by a run killed while publishing
-        shutil.rmtree(staging)
-    _barrier()
-    trainer.save_model(str(staging))
-    _barrier()
+    staging = save_adapter(trainer, ckpt_dir, is_main)
     if is_main:
         publish_adapter(staging, Path(train.output_dir), lineage(params, data_md5, metrics, plan, args.world_size))
         write_json(train.metrics_file, metrics)
         clear_checkpoints(ckpt_dir)
         log.info("adapter written to %s: %s", train.output_dir, json.dumps(metrics, sort_keys=True))
-    _barrier()
+    barrier()
 
 
 if __name__ == "__main__":
