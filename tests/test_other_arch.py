@@ -10,18 +10,16 @@ the prompt the server builds is the one training used, token for token.
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mediagent.chat_format import IGNORE_INDEX, ChatFormat, conversation
 from mediagent.loading import load_tokenizer
 from mediagent.memory import Arch, param_counts
 from tests.adapter_kit import SYSTEM, pipeline_params, write_processed
-from tests.test_serve import API_KEY, running_server, vllm_skip_reason
+from tests.test_serve import serving_run, vllm_skip_reason
 
 BASE_ID = "test/tiny-gemma3"
 QUESTION = "头疼怎么办？"
@@ -134,23 +132,9 @@ def test_the_served_prompt_is_the_trained_one(pipeline, gemma_base, tmp_path):
     if reason:
         pytest.skip(reason)
     params, root = pipeline
-    project = tmp_path / "project"
-    project.mkdir()
-    # json round trip: tuples -> lists, which safe_dump writes
-    (project / "params.yaml").write_text(
-        yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True), encoding="utf-8"
-    )
-    name = json.loads((root / "adapter" / "lineage.json").read_text())["name"]
-    with running_server(project, [], tmp_path / "serve.log", name, API_KEY=API_KEY) as srv:
+    with serving_run(params, root, tmp_path) as srv:
         messages = conversation(SYSTEM, QUESTION)
-        body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
-        req = urllib.request.Request(
-            f"{srv.url}/tokenize",
-            data=body,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            served = json.loads(r.read())["tokens"]
+        served = srv.prompt_ids(messages)
         fmt = ChatFormat.of(load_tokenizer(root / "adapter"))
         assert served == fmt.prompt_ids(messages)
         reply = srv.client().chat.completions.create(model="medqa", messages=messages, max_tokens=8, temperature=0)

@@ -140,6 +140,31 @@ class Server:
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
+    def prompt_ids(self, messages: list[dict], model: str = "medqa") -> list[int]:
+        """The token ids the server builds for these messages (vLLM's /tokenize, chat template applied)."""
+        body = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/tokenize",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["tokens"]
+
+
+@contextlib.contextmanager
+def serving_run(params, root: Path, tmp_path: Path):
+    """`mediagent serve` on a pipeline run's outputs (its params written as a project's params.yaml)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    # json round trip: tuples -> lists, which safe_dump writes
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True), encoding="utf-8"
+    )
+    name = json.loads((root / "adapter" / "lineage.json").read_text())["name"]
+    with running_server(project, [], tmp_path / "serve.log", name, API_KEY=API_KEY) as srv:
+        yield srv
+
 
 @contextlib.contextmanager
 def running_server(cwd: Path, args: list[str], log: Path, adapter_name: str, **env: str):

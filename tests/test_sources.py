@@ -526,10 +526,8 @@ def test_mixed_sources_train_merge_and_evaluate(mixed_run):
 def test_mixed_run_serves_a_multi_turn_dialogue_as_trained(mixed_run, tmp_path):
     """The mixed run's adapter behind `mediagent serve`: a held-out dialogue's earlier turns
     reach the model as the training template rendered them, token for token."""
-    import urllib.request
-
     from mediagent.chat_format import prompt_messages
-    from tests.test_serve import API_KEY, running_server, vllm_skip_reason
+    from tests.test_serve import serving_run, vllm_skip_reason
 
     reason = vllm_skip_reason()
     if reason:
@@ -537,22 +535,8 @@ def test_mixed_run_serves_a_multi_turn_dialogue_as_trained(mixed_run, tmp_path):
     params, root = mixed_run
     dialogue = next(r for r in read_jsonl(root / "processed" / "test.jsonl") if len(r["messages"]) > 3)
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt_messages(dialogue["messages"])]
-    project = tmp_path / "project"
-    project.mkdir()
-    # json round trip: tuples -> lists, which safe_dump writes
-    (project / "params.yaml").write_text(
-        yaml.safe_dump(json.loads(json.dumps(params.to_dict())), allow_unicode=True), encoding="utf-8"
-    )
-    name = json.loads((root / "adapter" / "lineage.json").read_text())["name"]
-    with running_server(project, [], tmp_path / "serve.log", name, API_KEY=API_KEY) as srv:
-        body = json.dumps({"model": "medqa", "messages": messages, "add_generation_prompt": True}).encode()
-        req = urllib.request.Request(
-            f"{srv.url}/tokenize",
-            data=body,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            served = json.loads(r.read())["tokens"]
+    with serving_run(params, root, tmp_path) as srv:
+        served = srv.prompt_ids(messages)
         assert served == ChatFormat.of(load_tokenizer(root / "adapter")).prompt_ids(messages)
         assert sum(m["role"] == "assistant" for m in messages) == 2  # two earlier answers as context
         reply = srv.client().chat.completions.create(model="medqa", messages=messages, max_tokens=8, temperature=0)
