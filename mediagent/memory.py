@@ -17,9 +17,10 @@ The training process's bytes (weights, LoRA, activations, logits) come from
   from ``test_candidates.jsonl`` when it exists (tokens estimated from characters at
   0.66 tokens per character, measured on cMedQA2 answers with Qwen's tokenizer).
 
-Not counted: the framework itself (CUDA context and kernels, ~0.5-1 GB per GPU; on CPU
-the interpreter and libraries, ~0.5 GB of RSS), allocator fragmentation and
-temporary buffers of a single op. Checked in tests/test_preflight.py against
+Not counted in the model estimate: the framework itself (CUDA context and kernels, ~0.5-1
+GB per GPU; on CPU the interpreter and libraries, ~0.4-0.65 GiB of RSS), which plans add
+as RUNTIME_BYTES by device; allocator fragmentation and temporary buffers of a single op,
+which MARGIN keeps free. Checked in tests/test_preflight.py against
 LLaMA-Factory's published table and against the measured peak RSS of a CPU training run.
 """
 
@@ -45,9 +46,12 @@ from mediagent.model_size import (  # noqa: F401 (re-exported: importers name th
 from mediagent.params import Params, with_overrides
 
 TOKENS_PER_CHAR = 0.66  # Qwen tokenizer on cMedQA2 answers (data/sample and the real sample)
-# Not in the estimate: the CUDA context and kernels (~0.5-1 GB per GPU), or on a CPU the
-# interpreter and libraries (~0.5-1 GB of RSS). A plan must fit estimate + this.
-RUNTIME_BYTES = GIB
+# What the model estimate leaves out, by the device the stage trains on; a plan must fit
+# estimate + this. cuda: the CUDA context and kernels, ~0.5-1 GB per GPU. cpu: the
+# interpreter and libraries: the train stage's imports are 403 MiB of RSS, 665 MiB with
+# Qwen's tokenizer loaded. A whole GiB on a CPU made the rehearsal's small model's estimate
+# 1.6x its measured peak; 0.5 GiB puts it and Gemma 3 270M within 0.85-1.15 (docs/rehearsal.md).
+RUNTIME_BYTES = {"cuda": GIB, "cpu": GIB // 2}
 # Kept free of any budget: the allocator's fragmentation and one op's temporaries. A
 # "24 GB" A10 reports 22.5 GiB to CUDA; 24 GiB x 0.9 = 21.6 GiB is what a plan may use.
 MARGIN = 0.10
@@ -73,6 +77,13 @@ def budget_bytes(params: Params) -> tuple[int, str]:
     import psutil
 
     return int(psutil.virtual_memory().available), "available RAM (no GPU)"
+
+
+def training_device() -> str:
+    """The device the train stage runs on here: ``cuda`` or ``cpu`` (keys of RUNTIME_BYTES)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def usable_bytes(budget: int) -> int:
@@ -111,9 +122,14 @@ def _why_nothing_fits(options: list[dict], room: int, allow: bool, smallest: dic
 
 
 def choose_plan(
-    config: dict, params: Params, budget: int, dtype: str | None = None, allow_quantization: bool | None = None
+    config: dict,
+    params: Params,
+    budget: int,
+    dtype: str | None = None,
+    allow_quantization: bool | None = None,
+    device: str = "cuda",
 ) -> dict:
-    """The first plan, in ORDER, whose estimate (+ RUNTIME_BYTES) fits ``usable_bytes(budget)``.
+    """The first plan, in ORDER, whose estimate (+ RUNTIME_BYTES[device]) fits ``usable_bytes(budget)``.
 
     Knobs params fix stay fixed: an int ``train.micro_batch_size``, a bool
     ``train.gradient_checkpointing``, ``train.loss`` and ``model.quantization``; ``auto``
@@ -121,6 +137,7 @@ def choose_plan(
     ``plan`` (the TrainingArguments values), plus ``options``: what each alternative needs.
     """
     arch, t = Arch.from_config(config), params.train
+    runtime = RUNTIME_BYTES[device]
     dtype = dtype or resolve_dtype_name(params.model.dtype)
     allow = t.allow_quantization if allow_quantization is None else allow_quantization
     room = usable_bytes(budget)
@@ -133,7 +150,7 @@ def choose_plan(
             train_plan(
                 arch, params, dtype, 4 if quant == "nf4" else None, gc, micro_batch=micro, chunked_loss=loss_chunked
             )["peak"]
-            + RUNTIME_BYTES
+            + runtime
         )
 
     def as_plan(quant: str, gc: bool, micro: int, loss_chunked: bool = chunked) -> dict:
@@ -159,6 +176,8 @@ def choose_plan(
     result = {
         "model": config.get("_name_or_path") or params.model.base,
         "dtype": dtype,
+        "device": device,
+        "runtime_bytes": runtime,
         "budget_bytes": budget,
         "usable_bytes": room,
         "fits": chosen is not None,
@@ -183,7 +202,8 @@ def format_choice(choice: dict) -> str:
             f"\n  chosen: micro-batch {p['per_device_train_batch_size']} x "
             f"{p['gradient_accumulation_steps']} accumulation steps, gradient checkpointing "
             f"{'on' if p['gradient_checkpointing'] else 'off'}, {'chunked' if p['chunked_loss'] else 'full'} loss, "
-            f"quantization {p['quantization']}: ~{_gib(choice['estimate_bytes'])} with runtime"
+            f"quantization {p['quantization']}: ~{_gib(choice['estimate_bytes'])} with "
+            f"{_gib(choice['runtime_bytes'])} {choice['device']} runtime"
         )
     else:
         head += f"\n  {choice['needs']}"
@@ -311,7 +331,7 @@ def table(params: Params, gpus=(24, 48, 80), plan_gb: int = 24) -> str:
     head = (
         f"LoRA r={params.lora.r} on {len(params.lora.target_modules)} modules, bf16, {loss} loss, batch "
         f"{t.per_device_train_batch_size}, {t.max_seq_length} tokens, eval batch {t.per_device_eval_batch_size}; "
-        f"estimate + {RUNTIME_BYTES // GIB} GiB runtime against {1 - MARGIN:.0%} of the card. yes = fits at the "
+        f"estimate + {RUNTIME_BYTES['cuda'] // GIB} GiB runtime against {1 - MARGIN:.0%} of the card. yes = fits at the "
         f"full batch, GC = only with gradient checkpointing, no = not at the full batch. The last column is "
         f"the plan `mediagent preflight --memory-gb {plan_gb}` chooses: micro-batch x accumulation steps "
         f"(same effective batch), GC, NF4 = 4-bit base (QLoRA, needs train.allow_quantization)"
@@ -333,7 +353,7 @@ def table(params: Params, gpus=(24, 48, 80), plan_gb: int = 24) -> str:
         )
         cells = []
         for g in gpus:
-            room = usable_bytes(g * GIB) - RUNTIME_BYTES
+            room = usable_bytes(g * GIB) - RUNTIME_BYTES["cuda"]
             cells.append("yes" if tp["peak_no_gc"] <= room else "GC" if tp["peak_gc"] <= room else "no")
         choice = choose_plan(config, at, plan_gb * GIB, "bfloat16", allow_quantization=True)
         rows.append(
@@ -362,7 +382,7 @@ def plan_training(params: Params, dtype: str) -> dict:
     """The train stage's memory plan for its base and budget; stop, with the table, if none fits."""
     config = json.loads((params.model.path / "config.json").read_text(encoding="utf-8"))
     budget, source = budget_bytes(params)
-    choice = choose_plan(config, params, budget, dtype)
+    choice = choose_plan(config, params, budget, dtype, device=training_device())
     choice["budget_source"] = source
     if not choice["fits"]:
         raise UserError(

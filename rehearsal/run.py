@@ -347,7 +347,7 @@ def budget_forcing_micro_batches(repo: Path, base_dir: Path, overrides: dict) ->
     arch = memory.Arch.from_config(config)
     need = {
         m: memory.train_plan(arch, params, "bfloat16", micro_batch=m, gradient_checkpointing=False)["peak"]
-        + memory.RUNTIME_BYTES
+        + memory.RUNTIME_BYTES[memory.training_device()]
         for m in (batch, batch // 2)
     }
     if not need[batch // 2] < need[batch]:
@@ -530,7 +530,7 @@ def rehearse(work: Path, report: dict, source: str = "huggingface") -> None:
                 f"train.memory_budget {overrides['train.memory_budget']} GiB should force micro-batches "
                 f"of half the batch, the plan was {plan}"
             )
-        estimate = train_metrics["estimate_bytes"]  # peak + the 1 GiB the plan reserves for the runtime
+        estimate = train_metrics["estimate_bytes"]  # peak + what the plan reserves for the runtime
         report["preflight"] = {
             "train_memory_budget_gib": overrides["train.memory_budget"],
             "train_measured_peak_bytes": peak.peak,  # RSS of the stage's process tree, polled

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from mediagent import memory as pf
+from mediagent.commands.preflight import main as preflight_main
 from mediagent.params import with_overrides
 from tests.adapter_kit import candidates, sample_pairs
 from tests.conftest import ROOT
@@ -359,6 +360,7 @@ def test_qwen3_8b_fits_one_24gb_gpu_without_quantization():
     assert got["model"] == "Qwen/Qwen3-8B" and got["budget_bytes"] == 24 * 2**30 and got["fits"] is True
     assert got["plan"]["quantization"] == "none" and got["plan"]["chunked_loss"] is True
     assert got["estimate_bytes"] <= 22 * 2**30  # the runtime included
+    assert (got["device"], got["runtime_bytes"]) == ("cuda", 2**30)  # priced as the GPU it names
     plan = got["plan"]  # the effective batch is the params' own
     assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 8
 
@@ -370,6 +372,21 @@ def test_qwen3_14b_on_24gb_needs_quantization_and_says_so():
     allowed = _preflight_json("BASE=Qwen/Qwen3-14B", "MEMORY_GB=24", "ALLOW_QUANTIZATION=1")
     assert allowed["fits"] is True and allowed["plan"]["quantization"] == "nf4"
     assert allowed["estimate_bytes"] <= 0.9 * 24 * 2**30
+
+
+def test_runtime_reserve_follows_the_device(repo_params, tiny_base, capsys):
+    """The same plan costs 1 GiB more on a GPU (CUDA context) and 0.5 GiB more on a CPU
+    (interpreter and libraries) than the model estimate; this machine's preflight prices
+    the device the train stage would run on here."""
+    config = pf.qwen3_config("Qwen3-0.6B")
+    gpu = pf.choose_plan(config, repo_params, 80 * 2**30, "bfloat16", device="cuda")
+    cpu = pf.choose_plan(config, repo_params, 80 * 2**30, "bfloat16", device="cpu")
+    assert gpu["plan"] == cpu["plan"]
+    assert gpu["estimate_bytes"] - cpu["estimate_bytes"] == 2**30 - 2**29
+    assert "0.50 GiB cpu runtime" in pf.format_choice(cpu)
+    preflight_main(with_overrides(repo_params, model={"dir": str(tiny_base.parent)}), as_json=True)
+    here = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert here["device"] == pf.training_device() and here["runtime_bytes"] == pf.RUNTIME_BYTES[here["device"]]
 
 
 def test_plan_order_and_explicit_values_win(repo_params):

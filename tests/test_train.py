@@ -307,7 +307,7 @@ def test_plan_picks_smaller_micro_batches_for_a_small_budget(workdir, repo_param
         m: memory.train_plan(
             memory.Arch.from_config(config), params, "float32", micro_batch=m, gradient_checkpointing=False
         )["peak"]
-        + memory.RUNTIME_BYTES
+        + memory.RUNTIME_BYTES[memory.training_device()]
         for m in (8, 4, 2)
     }
     # between what 2 and 4 sequences need: the plan must pick 2 x 4

@@ -31,6 +31,7 @@ from mediagent.memory import (
     plan,
     qwen3_config,
     table,
+    training_device,
 )
 from mediagent.params import Params, load_params, with_overrides
 from mediagent.step_timing import run_steps
@@ -133,9 +134,12 @@ def main(
     if memory_gb is not None:
         params = with_overrides(params, train={"memory_budget": memory_gb})
     budget, source = budget_bytes(params)
-    # A machine you do not have: price it as the GPU it would be (bf16); else this machine's dtype.
-    dtype = dtype or ("bfloat16" if memory_gb is not None or base is not None else None)
-    choice = choose_plan(config, params, budget, dtype, allow_quantization)
+    # A machine you do not have: price it as the GPU it would be (bf16, CUDA runtime); else
+    # this machine, as the train stage would run here.
+    elsewhere = memory_gb is not None or base is not None
+    dtype = dtype or ("bfloat16" if elsewhere else None)
+    device = "cuda" if elsewhere else training_device()
+    choice = choose_plan(config, params, budget, dtype, allow_quantization, device)
     if base is None:
         p = plan(config, params, choice["dtype"])
         for stage in ("evaluate", "serve"):
@@ -150,6 +154,8 @@ def main(
         keys = (
             "model",
             "dtype",
+            "device",
+            "runtime_bytes",
             "budget_bytes",
             "usable_bytes",
             "fits",
