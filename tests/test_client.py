@@ -9,31 +9,21 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from mediagent.client import NO_THINKING, ModelClient, ServerError
 from mediagent.errors import UserError
+from tests.openai_standin import OpenAIHandler
 
 KEY = "sk-test"
 MODELS = ("medqa", "base")
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(OpenAIHandler):
     """/v1/models and /v1/chat/completions (whole or streamed) as vLLM answers them; 401
     without the key, 404 for a model it does not serve. Request bodies go to ``server.bodies``."""
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, body: dict, status: int = 200) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def authorized(self) -> bool:
         if self.headers.get("Authorization") == f"Bearer {KEY}":
@@ -43,12 +33,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.authorized():
-            self.reply(
-                {
-                    "object": "list",
-                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"} for m in MODELS],
-                }
-            )
+            self.reply_models(MODELS)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -66,38 +51,10 @@ class Handler(BaseHTTPRequestHandler):
                 },
                 404,
             )
-        pieces = ["发烧", "先量", "体温。"]
-        if body.get("stream"):  # server-sent events, then [DONE]; HTTP/1.0: the close ends it
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for piece in ["", *pieces]:  # vLLM's first chunk carries the role, no text
-                chunk = {
-                    "id": "c1",
-                    "object": "chat.completion.chunk",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
-                }
-                self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            return
-        self.reply(
-            {
-                "id": "c1",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(pieces)},
-                        "finish_reason": "length",
-                    }
-                ],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-            }
-        )
+        # vLLM's first streamed chunk carries the role, no text
+        pieces = ["", "发烧", "先量", "体温。"]
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        self.reply_chat(body, pieces, finish_reason="length", usage=usage)
 
 
 @pytest.fixture()

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.openai_standin import OpenAIHandler
 from tests.test_serve import free_port, stage_env
 from tests.test_ui import by_id, chrome, chromium, select, wait  # noqa: F401 (chromium: a fixture)
 
@@ -53,27 +54,14 @@ class Server(ThreadingHTTPServer):
         return self.server_address[1]
 
 
-class ModelServer(BaseHTTPRequestHandler):
+class ModelServer(OpenAIHandler):
     """/llm/v1/models and /llm/v1/chat/completions (whole or streamed), as vLLM answers them."""
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, body: dict, status: int = 200) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         self.server.paths.append(self.path)
         if self.path != "/llm/v1/models":
             return self.reply({"error": "not found"}, 404)
-        self.reply(
-            {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"} for m in MODELS]}
-        )
+        self.reply_models(MODELS)
 
     def do_POST(self):
         self.server.paths.append(self.path)
@@ -81,30 +69,7 @@ class ModelServer(BaseHTTPRequestHandler):
         if self.path != "/llm/v1/chat/completions":
             return self.reply({"error": "not found"}, 404)
         text = f"{body['model']} 的回答：{body['messages'][-1]['content']}"
-        if body.get("stream"):  # server-sent events, two pieces, then [DONE]; HTTP/1.0: the close ends it
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for piece in (text[:4], text[4:]):
-                chunk = {
-                    "id": "c1",
-                    "object": "chat.completion.chunk",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
-                }
-                self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            return
-        self.reply(
-            {
-                "id": "c1",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            }
-        )
+        self.reply_chat(body, [text[:4], text[4:]])  # streamed: two pieces
 
 
 def proxy_handler(app_port: int):
