@@ -93,19 +93,20 @@ def hub(hub_checkpoint, monkeypatch):
         yield server
 
 
-def _files(root: Path) -> list[Path]:
+def files_under(root: Path) -> list[Path]:
     """Every file under root: a failed download must leave none (no partial model dir, no temp)."""
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
 
 
-def _model(tmp_path, revision=COMMIT):
+def hub_model(tmp_path, revision=COMMIT, source="huggingface"):
+    """model params for REPO at revision from a hub (huggingface or modelscope), into tmp_path/models."""
     from mediagent.params import ModelParams
 
     return ModelParams(
         base=REPO,
         revision=revision,
         dir=str(tmp_path / "models"),
-        source="huggingface",
+        source=source,
         dtype="bfloat16",
         trust_remote_code=False,
         quantization="none",
@@ -118,7 +119,7 @@ def _model(tmp_path, revision=COMMIT):
 def test_hub_download_fetches_the_needed_files_once(tmp_path, hub, hub_checkpoint):
     from mediagent.pipeline.base_model import FETCH_RECORD, provision
 
-    model = _model(tmp_path)
+    model = hub_model(tmp_path)
     path = provision(model, None)
     wanted = sorted(p.name for p in hub_checkpoint.iterdir())
     assert sorted(hub.downloads) == wanted  # each file once, nothing else
@@ -141,9 +142,9 @@ def test_unknown_revision_fails_clearly_and_writes_nothing(tmp_path, hub):
     from mediagent.pipeline.base_model import provision
 
     with pytest.raises(BaseModelError, match=r"model.revision.*Nothing was written") as err:
-        provision(_model(tmp_path, revision="f" * 40), None)
+        provision(hub_model(tmp_path, revision="f" * 40), None)
     assert "RevisionNotFoundError" in str(err.value)
-    assert not _files(tmp_path / "models")
+    assert not files_under(tmp_path / "models")
 
 
 def test_dropped_connection_fails_and_leaves_no_partial_dir(tmp_path, hub):
@@ -151,8 +152,8 @@ def test_dropped_connection_fails_and_leaves_no_partial_dir(tmp_path, hub):
 
     hub.drop.add("model-00002-of-00003.safetensors")
     with pytest.raises(BaseModelError, match="could not download"):
-        provision(_model(tmp_path), None)
-    assert not _files(tmp_path / "models")
+        provision(hub_model(tmp_path), None)
+    assert not files_under(tmp_path / "models")
 
 
 def test_corrupted_shard_is_detected_by_name(tmp_path, hub):
@@ -160,5 +161,5 @@ def test_corrupted_shard_is_detected_by_name(tmp_path, hub):
 
     hub.corrupt.add("model-00003-of-00003.safetensors")
     with pytest.raises(BaseModelError, match=r"model-00003-of-00003.safetensors: downloaded bytes do not match"):
-        provision(_model(tmp_path), None)
-    assert not _files(tmp_path / "models")
+        provision(hub_model(tmp_path), None)
+    assert not files_under(tmp_path / "models")

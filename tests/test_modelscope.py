@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from mediagent.loading import BaseModelError
+from tests.test_base import REPO, files_under, hub_model
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
-REPO = "rehearsal/Qwen3-8B-small"
+SOURCE = "modelscope"
 NOT_FETCHED = ("README.md", "pytorch_model.bin")
 
 
@@ -46,32 +47,10 @@ def ms(ms_checkpoint, tmp_path, monkeypatch):
         yield server
 
 
-def _model(tmp_path, revision=COMMIT):
-    from mediagent.params import ModelParams
-
-    return ModelParams(
-        base=REPO,
-        revision=revision,
-        dir=str(tmp_path / "models"),
-        source="modelscope",
-        dtype="bfloat16",
-        trust_remote_code=False,
-        quantization="none",
-        gguf="",
-        chat_template="auto",
-        chat_template_kwargs={"enable_thinking": False},
-    )
-
-
-def _files(root: Path) -> list[Path]:
-    """Every file under root: a failed download must leave none (no partial model dir, no temp)."""
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
 def test_fetches_the_needed_files_verified_and_once(tmp_path, ms, ms_checkpoint):
     from mediagent.pipeline.base_model import FETCH_RECORD, provision
 
-    model = _model(tmp_path)
+    model = hub_model(tmp_path, COMMIT, SOURCE)
     path = provision(model, None)
     wanted = sorted(p.name for p in ms_checkpoint.iterdir() if p.name not in NOT_FETCHED)
     assert sorted(ms.downloads) == wanted  # each file once; no README, no pickle weights
@@ -102,10 +81,10 @@ def test_unknown_revision_fails_clearly_and_writes_nothing(tmp_path, ms):
     # "main" is Hugging Face's default branch; on ModelScope it is unknown, and the hub lists
     # no files for it with HTTP 200 (the client alone would "download" an empty folder).
     with pytest.raises(BaseModelError, match=r"model.revision 'main' was not found.*branches and tags: master") as err:
-        provision(_model(tmp_path, revision="main"), None)
+        provision(hub_model(tmp_path, "main", SOURCE), None)
     assert "Nothing was written" in str(err.value)
     assert ms.downloads == []
-    assert not _files(tmp_path / "models")
+    assert not files_under(tmp_path / "models")
 
 
 def test_dropped_connection_names_the_file_and_leaves_nothing(tmp_path, ms, monkeypatch):
@@ -118,9 +97,9 @@ def test_dropped_connection_names_the_file_and_leaves_nothing(tmp_path, ms, monk
     shard = "model-00002-of-00003.safetensors"
     ms.drop.add(shard)
     with pytest.raises(BaseModelError, match=rf"{shard}: .*could not download {REPO}@{COMMIT} from ModelScope"):
-        provision(_model(tmp_path), None)
+        provision(hub_model(tmp_path, COMMIT, SOURCE), None)
     assert ms.downloads.count(shard) == 2  # the client resumed once, then gave up
-    assert not _files(tmp_path / "models")
+    assert not files_under(tmp_path / "models")
 
 
 def test_corrupted_shard_of_the_right_size_is_named(tmp_path, ms):
@@ -129,8 +108,8 @@ def test_corrupted_shard_of_the_right_size_is_named(tmp_path, ms):
     shard = "model-00003-of-00003.safetensors"
     ms.corrupt.add(shard)
     with pytest.raises(BaseModelError, match=rf"{shard}: .*Hash mismatch for {shard}"):
-        provision(_model(tmp_path), None)
-    assert not _files(tmp_path / "models")
+        provision(hub_model(tmp_path, COMMIT, SOURCE), None)
+    assert not files_under(tmp_path / "models")
 
 
 def test_own_check_catches_a_file_changed_after_the_client(tmp_path, ms_checkpoint):
