@@ -298,6 +298,18 @@ def test_files_from_a_local_folder(tmp_path, zips, repo_params):
     assert not list(out.glob(".*.part"))
 
 
+def data_from(source: Path, project: Path) -> subprocess.CompletedProcess:
+    """`mediagent data --from source` in project, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "mediagent", "data", "--from", str(source)],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_files_from_a_local_zip_through_the_command(tmp_path, zips, repo_params):
     data, blobs = zips
     upload = tmp_path / "cmedqa2-upload.zip"  # as a browser download or an OSS object: the zips in a folder
@@ -309,14 +321,7 @@ def test_files_from_a_local_zip_through_the_command(tmp_path, zips, repo_params)
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text(encoding="utf-8"))
     params["download"].update(mirrors=[_closed_port_url()], out_dir="data/raw", files=blobs)
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    out = subprocess.run(
-        [sys.executable, "-m", "mediagent", "data", "--from", str(upload)],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = data_from(upload, project)
     assert out.returncode == 0, out.stderr
     raw = project / "data" / "raw"
     assert {n: git_blob_id(raw / n) for n in (DEV, TEST)} == blobs
@@ -326,14 +331,7 @@ def test_files_from_a_local_zip_through_the_command(tmp_path, zips, repo_params)
     with zipfile.ZipFile(missing, "w") as zf:
         zf.writestr(DEV, data[DEV])
     (raw / TEST).unlink()
-    out = subprocess.run(
-        [sys.executable, "-m", "mediagent", "data", "--from", str(missing)],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = data_from(missing, project)
     assert out.returncode == 1
     assert f"{missing}: holds no {TEST}" in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
