@@ -16,6 +16,17 @@ from typing import Any, Literal
 # at serving time, so it is rejected up front.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
+
+def below(section: str, values: object, minimums: dict[str, tuple[int, str]]) -> list[str]:
+    """``<section>.<field>: must be >= <least><tail>`` for each field below its least value;
+    ``minimums`` maps field -> (least, tail), the tail a unit or a reason."""
+    return [
+        f"{section}.{name}: must be >= {least}{tail}"
+        for name, (least, tail) in minimums.items()
+        if getattr(values, name) < least
+    ]
+
+
 # TrainingArguments' lr_scheduler_type and optim (within the installed transformers' choices: a test);
 # optimizers that train a LoRA on our devices (the 8-bit ones need bitsandbytes' GPU kernels).
 Scheduler = Literal[
@@ -80,19 +91,21 @@ class ProcessParams:
     train_on: Literal["all_turns", "last_turn"] = "all_turns"  # multi-turn; optional: keeps the DVC params hash
 
     def problems(self) -> list[str]:
-        out = []
-        if self.limit < 0:
-            out.append("process.limit: must be >= 0 (0 = all rows)")
+        out = below(
+            "process",
+            self,
+            {
+                "limit": (0, " (0 = all rows)"),
+                "num_negatives": (1, ""),
+                "max_candidate_questions": (0, " (0 = all test questions)"),
+            },
+        )
         if not 0 <= self.val_ratio < 1 or not 0 <= self.test_ratio < 1 or self.val_ratio + self.test_ratio >= 1:
             out.append("process.val_ratio/test_ratio: each in [0, 1) and their sum below 1")
         if self.min_question_chars > self.max_question_chars:
             out.append("process.min_question_chars: larger than process.max_question_chars")
         if self.min_answer_chars > self.max_answer_chars:
             out.append("process.min_answer_chars: larger than process.max_answer_chars")
-        if self.num_negatives < 1:
-            out.append("process.num_negatives: must be >= 1")
-        if self.max_candidate_questions < 0:
-            out.append("process.max_candidate_questions: must be >= 0 (0 = all test questions)")
         if self.min_question_chars < 1 or self.min_answer_chars < 1:
             out.append("process.min_question_chars/min_answer_chars: must be >= 1 (empty texts are always dropped)")
         return out
@@ -205,23 +218,27 @@ class TrainParams:
     dvclive_dir: str
 
     def problems(self) -> list[str]:
-        out = []
-        if self.max_seq_length < 16:
-            out.append("train.max_seq_length: must be >= 16 tokens")
-        if self.learning_rate <= 0:
-            out.append("train.learning_rate: must be > 0")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            out.append("train.max_steps / train.num_train_epochs: one must be > 0")
-        for name in (
+        ones = (
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
             "save_total_limit",
             "max_eval_examples",
-        ):
-            if getattr(self, name) < 1:
-                out.append(f"train.{name}: must be >= 1")
+        )
+        out = below(
+            "train",
+            self,
+            {
+                "max_seq_length": (16, " tokens"),
+                **{n: (1, "") for n in ones},
+                **{n: (0, "") for n in ("adam_epsilon", "weight_decay", "max_grad_norm")},
+            },
+        )
+        if self.learning_rate <= 0:
+            out.append("train.learning_rate: must be > 0")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            out.append("train.max_steps / train.num_train_epochs: one must be > 0")
         for name, least in (("warmup_steps", 0), ("eval_steps", 1), ("save_steps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not (
@@ -242,11 +259,6 @@ class TrainParams:
             out.append(f"train.memory_budget: {self.memory_budget!r} must be auto or a size in GiB (e.g. 24)")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             out.append("train.adam_beta1/adam_beta2: each in [0, 1)")
-        out += [
-            f"train.{n}: must be >= 0"
-            for n in ("adam_epsilon", "weight_decay", "max_grad_norm")
-            if getattr(self, n) < 0
-        ]
         paths = {"output_dir": self.output_dir, "checkpoint_dir": self.checkpoint_dir, "dvclive_dir": self.dvclive_dir}
         for a, b in ((a, b) for a in paths for b in paths if a < b):
             pa, pb = Path(paths[a]), Path(paths[b])
@@ -267,9 +279,7 @@ class MergeParams:
     metrics_file: str
 
     def problems(self) -> list[str]:
-        out = []
-        if self.parity_prompts < 1:
-            out.append("merge.parity_prompts: must be >= 1 (the parity check needs a sequence)")
+        out = below("merge", self, {"parity_prompts": (1, " (the parity check needs a sequence)")})
         if not self.tolerance > 0:
             out.append("merge.tolerance: must be > 0")
         if not 0 < self.relative_tolerance < 1:
@@ -299,19 +309,18 @@ class EvalParams:
     plots_dir: str
 
     def problems(self) -> list[str]:
-        out = []
-        if self.bootstrap_resamples < 100:
-            out.append("eval.bootstrap_resamples: must be >= 100 (percentile intervals need a few hundred)")
-        if self.max_questions < 0:
-            out.append("eval.max_questions: must be >= 0 (0 = the whole test split)")
-        if self.max_generations < 1:
-            out.append("eval.max_generations: must be >= 1 (BLEU/ROUGE need an answer)")
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                out.append(f"eval.{name}: must be >= 1")
-        if self.max_seq_length < 16:
-            out.append("eval.max_seq_length: must be >= 16 tokens")
-        return out
+        return below(
+            "eval",
+            self,
+            {
+                "bootstrap_resamples": (100, " (percentile intervals need a few hundred)"),
+                "max_questions": (0, " (0 = the whole test split)"),
+                "max_generations": (1, " (BLEU/ROUGE need an answer)"),
+                "max_new_tokens": (1, ""),
+                "batch_size": (1, ""),
+                "max_seq_length": (16, " tokens"),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -328,22 +337,24 @@ class ServeParams:
     runtime_max_lora_rank: int  # --max-lora-rank with --runtime-lora: later adapters must fit
 
     def problems(self) -> list[str]:
-        out = []
+        out = below(
+            "serve",
+            self,
+            {
+                "runtime_max_loras": (1, " (one slot per adapter loaded at runtime)"),
+                "max_model_len": (16, " tokens"),
+                "cpu_kv_cache_gib": (1, ""),
+            },
+        )
         if self.runtime_max_lora_rank not in VLLM_LORA_RANKS:
             out.append(
                 f"serve.runtime_max_lora_rank: {self.runtime_max_lora_rank} must be one of vLLM's ranks "
                 f"{', '.join(map(str, VLLM_LORA_RANKS))}"
             )
-        if self.runtime_max_loras < 1:
-            out.append("serve.runtime_max_loras: must be >= 1 (one slot per adapter loaded at runtime)")
         if not self.experiments_dir:
             out.append("serve.experiments_dir: must name a folder (git-ignored, e.g. models/experiments)")
         if not 0 < self.port < 65536:
             out.append(f"serve.port: {self.port} must be in 1..65535")
-        if self.max_model_len < 16:
-            out.append("serve.max_model_len: must be >= 16 tokens")
-        if self.cpu_kv_cache_gib < 1:
-            out.append("serve.cpu_kv_cache_gib: must be >= 1")
         if not self.alias or self.alias == self.base_name:
             out.append(f"serve.alias: {self.alias!r} must be non-empty and differ from serve.base_name")
         return out
@@ -363,13 +374,15 @@ class ReviewParams:
     temperature: float
 
     def problems(self) -> list[str]:
-        out = []
-        if self.max_questions < 1:
-            out.append("review.max_questions: must be >= 1")
-        if self.max_tokens < 1:
-            out.append("review.max_tokens: must be >= 1")
-        if self.temperature < 0:
-            out.append("review.temperature: must be >= 0 (0 = greedy, the same answer every time)")
+        out = below(
+            "review",
+            self,
+            {
+                "max_questions": (1, ""),
+                "max_tokens": (1, ""),
+                "temperature": (0, " (0 = greedy, the same answer every time)"),
+            },
+        )
         if len({self.judgments_file, self.answers_file, self.metrics_file, self.plots_file}) < 4:
             out.append("review.judgments_file/answers_file/metrics_file/plots_file: must be four different files")
         return out

@@ -52,6 +52,30 @@ def test_unknown_keys_and_bad_values_are_all_reported(repo_params):
     assert "train.learning_rate: expected float" in msg
 
 
+def test_values_below_their_least_are_each_named_with_why(repo_params):
+    with pytest.raises(ParamsError) as err:
+        with_overrides(
+            repo_params,
+            process={"limit": -1, "num_negatives": 0},
+            train={"max_seq_length": 8, "logging_steps": 0, "weight_decay": -0.1},
+            eval={"bootstrap_resamples": 10, "batch_size": 0},
+            serve={"max_model_len": 15},
+        )
+    problems = str(err.value).splitlines()
+    for line in (
+        "process.limit: must be >= 0 (0 = all rows)",
+        "process.num_negatives: must be >= 1",
+        "train.max_seq_length: must be >= 16 tokens",
+        "train.logging_steps: must be >= 1",
+        "train.weight_decay: must be >= 0",
+        "eval.bootstrap_resamples: must be >= 100 (percentile intervals need a few hundred)",
+        "eval.batch_size: must be >= 1",
+        "serve.max_model_len: must be >= 16 tokens",
+    ):
+        assert any(p.strip().endswith(line) for p in problems), (line, problems)
+    assert not any("eval.max_questions" in p or "serve.cpu_kv_cache_gib" in p for p in problems)
+
+
 def test_missing_and_unknown_sections(repo_params):
     raw = repo_params.to_dict()
     del raw["train"]
