@@ -50,7 +50,7 @@ TOKENS_PER_CHAR = 0.66  # Qwen tokenizer on cMedQA2 answers (data/sample and the
 # estimate + this. cuda: the CUDA context and kernels, ~0.5-1 GB per GPU. cpu: the
 # interpreter and libraries: the train stage's imports are 403 MiB of RSS, 665 MiB with
 # Qwen's tokenizer loaded. A whole GiB on a CPU made the rehearsal's small model's estimate
-# 1.6x its measured peak; 0.5 GiB puts it and Gemma 3 270M within 0.85-1.15 (docs/rehearsal.md).
+# 1.6x its measured peak; with 0.5 GiB it is 1.075x (docs/rehearsal.md).
 RUNTIME_BYTES = {"cuda": GIB, "cpu": GIB // 2}
 # Kept free of any budget: the allocator's fragmentation and one op's temporaries. A
 # "24 GB" A10 reports 22.5 GiB to CUDA; 24 GiB x 0.9 = 21.6 GiB is what a plan may use.
