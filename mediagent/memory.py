@@ -121,6 +121,17 @@ def _why_nothing_fits(options: list[dict], room: int, allow: bool, smallest: dic
     return fits_with_quantization, needs
 
 
+def _plan_values(t, quant: str, gc: bool, micro: int, chunked: bool) -> dict:
+    """The TrainingArguments values of a plan: micro-batches of ``micro``, the effective batch kept."""
+    return {
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps * (t.per_device_train_batch_size // micro),
+        "gradient_checkpointing": gc,
+        "chunked_loss": chunked,
+        "quantization": quant,
+    }
+
+
 def choose_plan(
     config: dict,
     params: Params,
@@ -141,7 +152,6 @@ def choose_plan(
     dtype = dtype or resolve_dtype_name(params.model.dtype)
     allow = t.allow_quantization if allow_quantization is None else allow_quantization
     room = usable_bytes(budget)
-    batch = t.per_device_train_batch_size
     micros, gcs, quants = _search_space(params)
     chunked = t.loss == "chunked"
 
@@ -154,13 +164,7 @@ def choose_plan(
         )
 
     def as_plan(quant: str, gc: bool, micro: int, loss_chunked: bool = chunked) -> dict:
-        return {
-            "per_device_train_batch_size": micro,
-            "gradient_accumulation_steps": t.gradient_accumulation_steps * (batch // micro),
-            "gradient_checkpointing": gc,
-            "chunked_loss": loss_chunked,
-            "quantization": quant,
-        }
+        return _plan_values(t, quant, gc, micro, loss_chunked)
 
     allowed_quants = [q for q in quants if q == params.model.quantization or allow]
     fitting = ((q, g, m) for q in allowed_quants for g in gcs for m in micros if estimate(q, g, m) <= room)
