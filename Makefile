@@ -88,7 +88,7 @@ plots: install
 	$(MEDIAGENT) plots $(if $(OUT),--out $(OUT))
 
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 # The fast tier (docs/testing.md): no vLLM, browser, DVC run or end-to-end training.
 # ruff: lint rules and formatting from pyproject.toml; CI runs this before the tests.

@@ -145,10 +145,11 @@ def _probe_modelscope_retries() -> bool:
 
 @dataclass(frozen=True)
 class QueueState:
-    """DVC's experiment queue of one repository: its working folder, queued and failed entries."""
+    """DVC's experiment queue of one repository: its working folder, queued, running and failed entries."""
 
     wdir: str
     queued: int
+    active: int  # taken by a worker, not finished
     failed: frozenset[str]  # stash revisions of failed experiments
 
 
@@ -165,6 +166,7 @@ def dvc_queue_state(repo_root: str | Path | None = None) -> QueueState:
         return QueueState(
             queue.wdir,
             len(list(queue.iter_queued())),
+            len(list(queue.iter_active())),
             frozenset(result.entry.stash_rev for result in queue.iter_failed()),
         )
 
@@ -176,7 +178,7 @@ def _probe_celery_queue() -> bool:
 
     return (
         hasattr(Experiments, "celery_queue")
-        and all(hasattr(LocalCeleryQueue, name) for name in ("iter_queued", "iter_failed", "wdir"))
+        and all(hasattr(LocalCeleryQueue, name) for name in ("iter_queued", "iter_active", "iter_failed", "wdir"))
         and "entry" in QueueDoneResult._fields
         and "stash_rev" in QueueEntry.__dataclass_fields__
     )
@@ -198,6 +200,26 @@ def _probe_worker_name() -> bool:
         'hashlib.sha256(self.wdir.encode("utf-8")).hexdigest()[:6]' in source
         and 'f"dvc-exp-{wdir_hash}-{num}@localhost"' in source
     )
+
+
+def dvc_queue_clean(repo_root: str | Path | None = None) -> None:
+    """Clear the spent messages (replies, control commands) out of the queue's broker folder.
+
+    What `dvc queue start`'s first worker does as it exits (``--clean``). Done here once every
+    worker has exited instead: a worker that cleans while another is still up can delete the
+    shutdown command meant for it, and that worker never exits. ``celery_queue.celery`` is
+    DVC's internal Celery app (dvc-task's ``FSApp``); nothing public cleans it.
+    """
+    from dvc.repo import Repo
+
+    with Repo(repo_root) as repo:
+        repo.experiments.celery_queue.celery.clean()
+
+
+def _probe_queue_clean() -> bool:
+    from dvc_task.app.filesystem import FSApp
+
+    return callable(getattr(FSApp, "clean", None))
 
 
 def experiment_refs(scm) -> list[tuple[str, str, str]]:
@@ -240,6 +262,7 @@ CHECKED: dict[str, Checked] = {
     "cpu_lora_op_modules": Checked("vllm", ">=0.32,<0.33", _probe_cpu_lora_ops),
     "modelscope_download_module": Checked("modelscope_hub", ">=0.5,<0.6", _probe_modelscope_retries),
     "dvc_queue_state": Checked("dvc", ">=3.67,<3.68", _probe_celery_queue),
+    "dvc_queue_clean": Checked("dvc", ">=3.67,<3.68", _probe_queue_clean),
     "dvc_worker_name": Checked("dvc", ">=3.67,<3.68", _probe_worker_name),
     "experiment_refs": Checked("dvc", ">=3.67,<3.68", _probe_exp_refs),
 }
