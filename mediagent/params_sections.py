@@ -274,7 +274,7 @@ class MergeParams:
     parity_prompts: int
     tolerance: float
     relative_tolerance: float  # 16-bit bases: bound = this x max |reference logit|
-    quantized_relative_tolerance: float  # 4-bit-trained adapters: merged vs adapter on the 4-bit base
+    quantized_rounding_factor: float  # 4-bit-trained adapters: bound = this x the base's own 4-bit rounding
     max_shard_size: str  # safetensors shard size (transformers' save_pretrained)
     metrics_file: str
 
@@ -284,8 +284,10 @@ class MergeParams:
             out.append("merge.tolerance: must be > 0")
         if not 0 < self.relative_tolerance < 1:
             out.append("merge.relative_tolerance: must be in (0, 1)")
-        if not 0 < self.quantized_relative_tolerance < 1:
-            out.append("merge.quantized_relative_tolerance: must be in (0, 1)")
+        if not self.quantized_rounding_factor >= 1:
+            out.append(
+                "merge.quantized_rounding_factor: must be >= 1 (merged vs 4-bit never beats the rounding itself)"
+            )
         return out
 
 

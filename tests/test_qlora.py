@@ -51,11 +51,18 @@ def test_nf4_trains_merges_evaluates_and_serves(tmp_path, sample_data, tiny_base
     assert m["dtype"] == "float32" and m["max_abs_diff"] <= m["tolerance"] == params.merge.tolerance
     q = m["quantized"]  # and against the adapter on the 4-bit base it was trained on
     assert q["quantization"] == "nf4" and 0 < q["max_abs_diff"] <= q["bound"]
-    assert q["bound"] == pytest.approx(params.merge.quantized_relative_tolerance * m["reference_max_abs_logit"])
+    # the bound is a multiple of what NF4 rounding alone does to the untuned base, this run
+    assert 0 < q["base_rounding"] and q["bound"] == pytest.approx(
+        params.merge.quantized_rounding_factor * q["base_rounding"]
+    )
+    with pytest.raises(merge.ParityError, match="quantized_rounding_factor"):
+        merge.check_quantized_parity(
+            {"quantized": {**q, "max_abs_diff": q["bound"] * 1.01}}, params.merge.quantized_rounding_factor
+        )
     print(
         f"QLoRA merge parity: merged vs base+adapter {m['max_abs_diff']:.3g}; merged vs adapter on NF4 base "
-        f"max {q['max_abs_diff']:.3g} mean {q['mean_abs_diff']:.3g} (bound {q['bound']:.3g}, "
-        f"max |logit| {m['reference_max_abs_logit']:.3g})"
+        f"max {q['max_abs_diff']:.3g} mean {q['mean_abs_diff']:.3g} (bound {q['bound']:.3g}); NF4 rounding of the "
+        f"untuned base {q['base_rounding']:.3g}; max |logit| {m['reference_max_abs_logit']:.3g}"
     )
     config = json.loads((root / "merged" / "config.json").read_text())
     assert "quantization_config" not in config  # never the 4-bit weights
